@@ -1,0 +1,210 @@
+"""Turn a diffusers UNet / DiT into a Mixture of Low-rank Experts, and back.
+
+model = inject_mole(unet, [face, hand], MoLEConfig(gating="both"))
+print(model)            # wrapped layers show as MoLELayer(base=Linear(...), experts=[face(r=256), hand(r=256)])
+opt = AdamW(gate_parameters(model), lr=1e-5)
+remove_mole(model)      # the original modules and requires_grad flags, bit for bit
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import MoLEConfig
+from .experts import ExpertLoadError, ExpertWeights, layers_fingerprint, resolve_layers, validate_expert_name
+from .layers import MoLELayer, check_wrappable
+from .layers.lora import LoraPair
+from .targets import TARGETS, Backbone, compile_targets, detect_backbone, is_target
+
+logger = logging.getLogger(__name__)
+
+
+class MoLEInjectError(ValueError):
+    """The experts cannot be put into this model as asked; the message names the expert, layer and fix."""
+
+
+@dataclass
+class ExpertInfo:
+    name: str
+    source: str
+    fingerprint: str
+    ranks: list[int]
+    num_layers: int
+
+
+@dataclass
+class MoLEState:
+    """What inject_mole did to a model; kept on the model as ``model.mole_state``."""
+
+    config: MoLEConfig
+    backbone: Backbone
+    experts: list[ExpertInfo]
+    layer_paths: list[str]
+    original_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+
+def _as_named(experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights]) -> list[ExpertWeights]:
+    if isinstance(experts, ExpertWeights):
+        experts = [experts]
+    if isinstance(experts, Mapping):
+        out = []
+        for key, ex in experts.items():
+            if key != ex.name:
+                raise MoLEInjectError(f"experts[{key!r}] holds an expert named {ex.name!r}; use the same name")
+            out.append(ex)
+        experts = out
+    experts = list(experts)
+    if not experts:
+        raise MoLEInjectError("experts is empty; MoLE needs at least one expert (e.g. load_expert(path, 'face'))")
+    seen = set()
+    for ex in experts:
+        if not isinstance(ex, ExpertWeights):
+            raise MoLEInjectError(f"experts must be ExpertWeights (see mole.load_expert); got {type(ex).__name__}")
+        validate_expert_name(ex.name)
+        if ex.name in seen:
+            raise MoLEInjectError(f"two experts are named {ex.name!r}; every expert needs its own name")
+        seen.add(ex.name)
+    return experts
+
+
+def inject_mole(
+    model: nn.Module,
+    experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights] | ExpertWeights,
+    config: MoLEConfig | None = None,
+    backbone: Backbone | str | None = None,
+) -> nn.Module:
+    """Wrap every target layer that any expert covers in a MoLELayer, in place; return the model.
+
+    Afterwards only gate parameters require grad. Every expert key must name a target module of the model,
+    else nothing is changed and the error names the key.
+    """
+    config = config or MoLEConfig()
+    if has_mole(model):
+        raise MoLEInjectError("model already has MoLE layers; call remove_mole(model) before injecting again")
+    experts = _as_named(experts)
+    backbone = Backbone(backbone) if backbone is not None else detect_backbone(model)
+    patterns = config.targets if config.targets is not None else TARGETS[backbone]
+    compiled = compile_targets(patterns)
+
+    # Resolve and validate everything before touching the model (no partial injection).
+    per_layer: dict[str, dict[str, LoraPair]] = {}
+    fingerprints = {}
+    for ex in experts:
+        resolved = resolve_layers(ex, model)
+        fingerprints[ex.name] = layers_fingerprint(resolved)  # by module path: kohya and peft copies agree
+        for path, pair in resolved.items():
+            if not is_target(path, compiled):
+                raise MoLEInjectError(
+                    f"expert {ex.name!r} has weights for {path!r}, which is not a MoLE target of backbone "
+                    f"{backbone.value!r}; pass MoLEConfig(targets=[...]) with a pattern that includes it"
+                )
+            per_layer.setdefault(path, {})[ex.name] = pair
+    modules = dict(model.named_modules())
+    for path in per_layer:
+        try:
+            check_wrappable(modules[path], path)
+        except ValueError as exc:
+            raise MoLEInjectError(str(exc)) from None
+
+    state = MoLEState(
+        config=config,
+        backbone=backbone,
+        experts=[
+            ExpertInfo(ex.name, ex.source, fingerprints[ex.name], sorted(ex.ranks), len(ex.layers)) for ex in experts
+        ],
+        layer_paths=sorted(per_layer),
+        original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+    )
+    names = [ex.name for ex in experts]
+    model.requires_grad_(False)
+    for path in state.layer_paths:
+        parent, attr = _parent(model, path)
+        layer = MoLELayer(modules[path], names, per_layer[path], config, path=path)
+        setattr(parent, attr, layer)
+    model.mole_state = state
+    uncovered = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and is_target(n, compiled)
+        and n.rsplit(".", 1)[-1] != "base"
+        and n not in per_layer
+    ]
+    logger.info(
+        "MoLE: wrapped %d layers with experts %s (gating=%s); %d target layers have no expert weights",
+        len(state.layer_paths),
+        names,
+        config.gating.value,
+        len(uncovered),
+    )
+    return model
+
+
+def remove_mole(model: nn.Module) -> nn.Module:
+    """Put every wrapped layer's original module back and restore requires_grad flags; return the model."""
+    state = mole_state(model)
+    for path, layer in list(mole_layers(model).items()):
+        parent, attr = _parent(model, path)
+        setattr(parent, attr, layer.base)
+    for name, p in model.named_parameters():
+        if name in state.original_requires_grad:
+            p.requires_grad_(state.original_requires_grad[name])
+    del model.mole_state
+    return model
+
+
+def has_mole(model: nn.Module) -> bool:
+    return hasattr(model, "mole_state") or any(isinstance(m, MoLELayer) for m in model.modules())
+
+
+def mole_state(model: nn.Module) -> MoLEState:
+    state = getattr(model, "mole_state", None)
+    if state is None:
+        raise MoLEInjectError(f"{type(model).__name__} has no MoLE layers; call inject_mole(model, experts) first")
+    return state
+
+
+def mole_layers(model: nn.Module) -> dict[str, MoLELayer]:
+    """The wrapped layers by module path, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoLELayer)}
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of mixture mode (stage 3): every layer's gates."""
+    return [p for layer in mole_layers(model).values() for p in layer.gates.parameters()]
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """Choose the fused GEMM path (default) or the naive per-expert reference in every layer."""
+    for layer in mole_layers(model).values():
+        layer.fused = fused
+
+
+def expert_pairs(model: nn.Module, name: str) -> dict[str, LoraPair]:
+    """The named expert's factors in every wrapped layer that has them (module path -> LoraPair)."""
+    state = mole_state(model)
+    if name not in state.expert_names:
+        raise ExpertLoadError(f"model has no expert {name!r}; its experts are {state.expert_names}")
+    out = {}
+    for path, layer in mole_layers(model).items():
+        pair = layer.expert(name)
+        if pair is not None:
+            out[path] = pair
+    return out
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def count_parameters(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

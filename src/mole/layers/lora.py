@@ -1,0 +1,65 @@
+"""One low-rank expert's weights for one layer: E(x) = B (A x) * alpha / rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoraPair:
+    """Low-rank factors of one expert at one layer.
+
+    down: A, shape (rank, d_in)   (1x1 conv factors are stored squeezed)
+    up:   B, shape (d_out, rank)
+    alpha: the LoRA alpha; the expert's output is scaled by alpha / rank.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    def __post_init__(self) -> None:
+        self.down = _squeeze_1x1(self.down, "down (lora_A / lora_down)")
+        self.up = _squeeze_1x1(self.up, "up (lora_B / lora_up)")
+        if self.down.ndim != 2 or self.up.ndim != 2:
+            raise ValueError(
+                f"LoRA factors must be 2-D (or 1x1 conv); got down {tuple(self.down.shape)}, up {tuple(self.up.shape)}"
+            )
+        if self.down.shape[0] != self.up.shape[1]:
+            raise ValueError(
+                f"LoRA rank mismatch: down has rank {self.down.shape[0]} (shape {tuple(self.down.shape)}) "
+                f"but up has rank {self.up.shape[1]} (shape {tuple(self.up.shape)})"
+            )
+        self.alpha = float(self.alpha)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update B A * scale, shape (d_out, d_in)."""
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
+def _squeeze_1x1(w: torch.Tensor, what: str) -> torch.Tensor:
+    if w.ndim == 4:
+        if w.shape[2:] != (1, 1):
+            raise ValueError(
+                f"{what} is a {tuple(w.shape[2:])} conv kernel; MoLE wraps Linear and 1x1 Conv2d layers only"
+            )
+        return w[:, :, 0, 0]
+    return w

@@ -1,0 +1,286 @@
+"""The MoLE layer: a frozen base layer F plus E frozen low-rank experts mixed by learnable gates.
+
+    s   = sigmoid(X @ phi + b)                    (n, E)  local gate, per token
+    g   = sigmoid(mean_n(X) @ w + c)              (E,)    global gate, per sample
+    Y_i = g_i * E_i(X * s_i),  E_i = B_i A_i * alpha_i / r_i
+    X'  = F(X) + sum_i Y_i
+
+Since E_i is linear, E_i(X * s_i) = s_i * E_i(X): the fused path runs every expert's A and the gate projections
+in one GEMM over X, scales the low-rank activations by s * g * alpha / r, and runs every expert's B in a second
+GEMM that also adds F(X). `forward_naive` computes the formula above literally, expert by expert; it is the
+reference the fused path is tested against.
+
+Axis names used in shape comments: b batch, n tokens, d input features, o output features, e experts,
+r stacked rank rows of all experts (R = sum of the experts' ranks at this layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Gating, GlobalSource, MoLEConfig
+from .gates import MoLEGates
+from .lora import LoraPair
+
+SUPPORTED_BASE = (nn.Linear, nn.Conv2d)
+
+
+def check_wrappable(module: nn.Module, path: str) -> None:
+    """Raise a ValueError naming `path` when `module` cannot be wrapped."""
+    if isinstance(module, nn.Conv2d):
+        bad = []
+        if tuple(module.kernel_size) != (1, 1):
+            bad.append(f"kernel_size={tuple(module.kernel_size)}")
+        if tuple(module.stride) != (1, 1):
+            bad.append(f"stride={tuple(module.stride)}")
+        if module.groups != 1:
+            bad.append(f"groups={module.groups}")
+        if tuple(module.dilation) != (1, 1):
+            bad.append(f"dilation={tuple(module.dilation)}")
+        pad = module.padding
+        if pad not in (0, (0, 0), "valid"):
+            bad.append(f"padding={pad!r}")
+        if bad:
+            raise ValueError(
+                f"module {path!r} is a Conv2d with {', '.join(bad)}; MoLE wraps only 1x1, stride-1, "
+                "ungrouped, unpadded convolutions. Remove it from the targets."
+            )
+    elif not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"module {path!r} is a {type(module).__name__}; MoLE wraps nn.Linear and 1x1 nn.Conv2d only. "
+            "Remove it from the targets."
+        )
+
+
+class MoLELayer(nn.Module):
+    """Wraps one nn.Linear or 1x1 nn.Conv2d (kept as `.base`, untouched) with named low-rank experts and gates."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        expert_names: Sequence[str],
+        experts: Mapping[str, LoraPair],
+        config: MoLEConfig,
+        path: str = "",
+    ) -> None:
+        super().__init__()
+        check_wrappable(base, path)
+        if not expert_names:
+            raise ValueError(f"layer {path!r}: a MoLE layer needs at least one expert name")
+        unknown = sorted(set(experts) - set(expert_names))
+        if unknown:
+            raise ValueError(
+                f"layer {path!r}: experts {unknown} are not among the layer's expert names {list(expert_names)}"
+            )
+        if not any(experts.get(n) is not None for n in expert_names):
+            raise ValueError(f"layer {path!r}: none of the experts {list(expert_names)} has weights for this layer")
+        self.base = base
+        self.path = path
+        self.is_conv = isinstance(base, nn.Conv2d)
+        self.in_features = base.in_channels if self.is_conv else base.in_features
+        self.out_features = base.out_channels if self.is_conv else base.out_features
+        self.expert_names: tuple[str, ...] = tuple(expert_names)
+        self.gating: Gating = config.gating
+        self.global_source: GlobalSource = config.global_source
+        self.fused = True  # False routes forward() through forward_naive()
+        self.recorder = None  # set by mole.recording.record_gates
+
+        ref = base.weight
+        downs, ups, ranks, scales = [], [], [], []
+        for name in self.expert_names:
+            pair = experts.get(name)
+            if pair is None:  # this expert has no weights here: rank 0, contributes nothing
+                ranks.append(0)
+                scales.append(0.0)
+                continue
+            if pair.in_features != self.in_features or pair.out_features != self.out_features:
+                raise ValueError(
+                    f"layer {path!r}: expert {name!r} has shape (in {pair.in_features}, out {pair.out_features}) "
+                    f"but the base layer is (in {self.in_features}, out {self.out_features}); "
+                    "the expert was trained for another model"
+                )
+            downs.append(pair.down.detach().to(device=ref.device, dtype=ref.dtype))
+            ups.append(pair.up.detach().to(device=ref.device, dtype=ref.dtype))
+            ranks.append(pair.rank)
+            scales.append(pair.scale)
+        self.ranks: tuple[int, ...] = tuple(ranks)
+        self.alphas: tuple[float, ...] = tuple(s * r for s, r in zip(scales, ranks))
+        # Stacked factors: rows of lora_A / columns of lora_B are grouped expert by expert in expert_names order.
+        self.lora_A = nn.Parameter(torch.cat(downs, 0), requires_grad=False)  # (r, d)
+        self.lora_B = nn.Parameter(torch.cat(ups, 1), requires_grad=False)  # (o, r)
+        owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))  # (r,) expert of each row
+        self.register_buffer("rank_owner", owner.to(ref.device), persistent=False)
+        self.register_buffer(
+            "expert_scale", torch.tensor(scales, dtype=torch.float32, device=ref.device), persistent=False
+        )  # (e,) alpha_i / r_i
+        active = [r for r in ranks if r > 0]
+        self._uniform_rank = active[0] if len(active) == len(ranks) and len(set(active)) == 1 else 0
+        self.gates = MoLEGates(
+            len(self.expert_names),
+            self.in_features,
+            self.out_features,
+            config.gating,
+            config.global_source,
+            config.gate_init,
+            dtype=ref.dtype,
+            device=ref.device,
+        )
+        self._aug_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `layer.weight` (dtype checks, fusing) sees the base's
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def expert(self, name: str) -> LoraPair | None:
+        """The named expert's factors at this layer (views of the stacked weights), or None if it has none here."""
+        if name not in self.expert_names:
+            raise KeyError(f"layer {self.path!r} has no expert {name!r}; experts are {list(self.expert_names)}")
+        i = self.expert_names.index(name)
+        if self.ranks[i] == 0:
+            return None
+        start = sum(self.ranks[:i])
+        rows = slice(start, start + self.ranks[i])
+        return LoraPair(self.lora_A[rows], self.lora_B[:, rows], self.alphas[i])
+
+    def extra_repr(self) -> str:
+        experts = ", ".join(f"{n}(r={r})" for n, r in zip(self.expert_names, self.ranks))
+        return f"experts=[{experts}], gating={self.gating.value}, fused={self.fused}"
+
+    # ------------------------------------------------------------------ shapes
+    def _to_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """View x as (b, n, d) tokens; return the tokens and a function mapping (b, n, o) back to F(x)'s layout."""
+        if self.is_conv:
+            if x.ndim != 4:
+                raise ValueError(f"layer {self.path!r}: a Conv2d input must be (b, c, h, w), got {tuple(x.shape)}")
+            b, _, h, w = x.shape
+            return x.flatten(2).transpose(1, 2), lambda y: y.transpose(1, 2).reshape(b, -1, h, w)
+        if x.ndim < 2:
+            raise ValueError(f"layer {self.path!r}: input must have a batch axis, got shape {tuple(x.shape)}")
+        if x.ndim == 2:  # (b, d): one token per sample
+            return x[:, None, :], lambda y: y[:, 0, :]
+        lead = x.shape[:-1]
+        return x.reshape(x.shape[0], -1, x.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
+
+    # ------------------------------------------------------------------ fused path
+    def _augmented_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """[A; phi; w] stacked on the output axis, shape (r + e_local + e_global, d), so one GEMM computes all."""
+        parts = [self.lora_A]
+        if self.gating.uses_local:
+            parts.append(self.gates.local_weight)
+        if self.gating.uses_global and self.global_source is GlobalSource.INPUT:
+            parts.append(self.gates.global_weight)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+            return torch.cat([p.to(dtype) for p in parts], 0)
+        # Inference: the stack only changes when a part does (in-place updates bump _version).
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts) + (dtype,)
+        if self._aug_cache is None or self._aug_cache[0] != key:
+            with torch.no_grad():
+                self._aug_cache = (key, torch.cat([p.to(dtype) for p in parts], 0))
+        return self._aug_cache[1]
+
+    def _expand_rows(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h (b, n, r) times the per-expert coefficient coef (b, n|1, e), broadcast to each expert's rank rows."""
+        r = self._uniform_rank
+        if r:
+            b, n, rows = h.shape
+            return (h.view(b, n, -1, r) * coef.unsqueeze(-1)).view(b, n, rows)
+        return h * coef.index_select(-1, self.rank_owner)
+
+    def _global_from_expert_output(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Official variant, computed without forming each expert's output:
+        logit_i = w_i . mean_n(scale_i * B_i h_i) + c_i = scale_i * (B_i^T w_i) . mean_n(h_i) + c_i."""
+        w_rows = self.gates.global_weight.to(dtype).index_select(0, self.rank_owner)  # (r, o)
+        v = (self.lora_B.t() * w_rows).sum(-1)  # (r,)  B_i^T w_i for every row
+        row_scale = self.expert_scale.to(dtype).index_select(0, self.rank_owner)  # (r,)
+        pooled = h.mean(1) * (v * row_scale)  # (b, r)
+        logits = h.new_zeros(h.shape[0], self.num_experts).index_add(1, self.rank_owner, pooled)  # (b, e)
+        return torch.sigmoid(logits + self.gates.global_bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.forward_naive(x)
+        out = self.base(x)
+        tokens, restore = self._to_tokens(x)  # (b, n, d)
+        dtype = tokens.dtype
+        rows = self.lora_A.shape[0]
+        e = self.num_experts
+        z = F.linear(tokens, self._augmented_weight(dtype))  # (b, n, r + e_local + e_global)
+        h = z[..., :rows]  # (b, n, r) low-rank activations of every expert
+        coef = self.expert_scale.to(dtype)  # (e,)
+        local = glob = None
+        col = rows
+        if self.gating.uses_local:
+            local = torch.sigmoid(z[..., col : col + e] + self.gates.local_bias.to(dtype))  # (b, n, e)
+            coef = coef * local
+            col += e
+        if self.gating.uses_global:
+            if self.global_source is GlobalSource.INPUT:  # mean_n(X) @ w == mean_n(X @ w)
+                glob = torch.sigmoid(z[..., col : col + e].mean(1) + self.gates.global_bias.to(dtype))  # (b, e)
+            else:
+                glob = self._global_from_expert_output(h, dtype)
+            coef = coef * glob[:, None, :]
+        if coef.ndim == 1:
+            coef = coef.view(1, 1, e)
+        if self.recorder is not None:
+            self.recorder.record(self, local, glob, x)
+        hc = self._expand_rows(coef, h)  # (b, n, r)
+        if not self.is_conv and out.is_contiguous():
+            o = self.out_features
+            y = torch.addmm(out.reshape(-1, o), hc.reshape(-1, rows), self.lora_B.t())  # F(X) + sum_i Y_i
+            return y.view(out.shape)
+        return out + restore(F.linear(hc, self.lora_B))
+
+    # ------------------------------------------------------------------ reference path
+    def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's formula, one expert at a time: F(X) + sum_i g_i * E_i(X * s_i)."""
+        out = self.base(x)
+        tokens, restore = self._to_tokens(x)  # (b, n, d)
+        dtype = tokens.dtype
+        gates = self.gates
+        total = torch.zeros(*tokens.shape[:2], self.out_features, dtype=dtype, device=tokens.device)
+        locals_, globals_ = [], []
+        for i, name in enumerate(self.expert_names):
+            pair = self.expert(name)
+            s_i = g_i = None
+            if self.gating.uses_local:
+                s_i = torch.sigmoid(tokens @ gates.local_weight[i].to(dtype) + gates.local_bias[i].to(dtype))  # (b, n)
+            if self.gating.uses_global and self.global_source is GlobalSource.INPUT:
+                g_i = torch.sigmoid(tokens.mean(1) @ gates.global_weight[i].to(dtype) + gates.global_bias[i].to(dtype))
+            if pair is None:
+                if self.gating.uses_global and g_i is None:  # no expert output to pool: the logit is the bias alone
+                    g_i = torch.sigmoid(gates.global_bias[i].to(dtype)).expand(tokens.shape[0])
+                locals_.append(s_i)
+                globals_.append(g_i)
+                continue
+            y_i = _lora(pair, tokens * s_i[..., None] if s_i is not None else tokens)  # (b, n, o)
+            if self.gating.uses_global and g_i is None:  # official variant: pool the expert's own scaled output
+                pooled = _lora(pair, tokens).mean(1)  # (b, o)
+                g_i = torch.sigmoid(pooled @ gates.global_weight[i].to(dtype) + gates.global_bias[i].to(dtype))
+            if g_i is not None:
+                y_i = y_i * g_i[:, None, None]
+            total = total + y_i
+            locals_.append(s_i)
+            globals_.append(g_i)
+        if self.recorder is not None:
+            local = torch.stack(locals_, -1) if self.gating.uses_local else None
+            glob = torch.stack(globals_, -1) if self.gating.uses_global else None
+            self.recorder.record(self, local, glob, x)
+        return out + restore(total)
+
+
+def _lora(pair: LoraPair, x: torch.Tensor) -> torch.Tensor:
+    """E(x) = B (A x) * alpha / r for x (..., d) -> (..., o)."""
+    return (x @ pair.down.t()) @ pair.up.t() * pair.scale

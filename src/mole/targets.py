@@ -1,0 +1,84 @@
+"""Which layers of each backbone MoLE may wrap, and how to tell the backbones apart.
+
+Module paths are diffusers' (e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+from torch import nn
+
+
+class Backbone(str, enum.Enum):
+    SD15 = "sd15"  # UNet2DConditionModel, conv proj_in/proj_out
+    SD21 = "sd21"  # UNet2DConditionModel, linear projections (use_linear_projection=True)
+    SDXL = "sdxl"  # UNet2DConditionModel with text_time added conditioning
+    PIXART = "pixart"  # PixArtTransformer2DModel (PixArt-alpha / sigma), a DiT
+    GENERIC = "generic"  # any other model: every attention / feed-forward Linear inside a transformer block
+
+
+# Spatial transformers of the SD UNets: attention q/k/v/out, both feed-forward Linears, proj_in/proj_out.
+_UNET_TRANSFORMER = (
+    r"^(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\."
+    r"(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))$"
+)
+# DiT blocks (PixArt-alpha, DiT): self/cross attention and the feed-forward.
+_DIT_BLOCKS = r"^transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))$"
+# Anything attention- or MLP-like inside a block list (fits SD3 / Flux joint and single blocks).
+_GENERIC = (
+    r"(?:^|\.)(?:transformer_blocks|single_transformer_blocks|blocks)\.\d+\..*"
+    r"(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|proj_mlp|proj_out|ff\.net\.(?:0\.proj|2)"
+    r"|ff_context\.net\.(?:0\.proj|2))$"
+)
+
+TARGETS: dict[Backbone, tuple[str, ...]] = {
+    Backbone.SD15: (_UNET_TRANSFORMER,),
+    Backbone.SD21: (_UNET_TRANSFORMER,),
+    Backbone.SDXL: (_UNET_TRANSFORMER,),
+    Backbone.PIXART: (_DIT_BLOCKS,),
+    Backbone.GENERIC: (_GENERIC,),
+}
+
+
+def detect_backbone(model: nn.Module) -> Backbone:
+    """Name the backbone from the model class and its config (works for tiny test configs too)."""
+    cls = type(model).__name__
+    get = lambda key: _config_value(model, key)  # noqa: E731
+    if cls == "UNet2DConditionModel":
+        if get("addition_embed_type") == "text_time":
+            return Backbone.SDXL
+        return Backbone.SD21 if get("use_linear_projection") else Backbone.SD15
+    if cls in ("PixArtTransformer2DModel", "DiTTransformer2DModel"):
+        return Backbone.PIXART
+    return Backbone.GENERIC
+
+
+def _config_value(model: nn.Module, key: str) -> object:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if isinstance(config, dict):  # diffusers' FrozenDict
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def compile_targets(patterns: tuple[str, ...]) -> list[re.Pattern[str]]:
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"targets pattern {p!r} is not a valid regular expression: {exc}") from None
+    return compiled
+
+
+def is_target(path: str, patterns: list[re.Pattern[str]]) -> bool:
+    return any(p.search(path) for p in patterns)
+
+
+def target_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Paths of the Linear / Conv2d modules of `model` the patterns select (the layers an expert may cover)."""
+    compiled = compile_targets(patterns)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and is_target(n, compiled)]
