@@ -108,11 +108,23 @@ def inject_mole(
                 )
             per_layer.setdefault(path, {})[ex.name] = pair
     modules = dict(model.named_modules())
-    for path in per_layer:
+    for path, pairs in per_layer.items():
+        module = modules[path]
         try:
-            check_wrappable(modules[path], path)
+            check_wrappable(module, path)
         except ValueError as exc:
             raise MoLEInjectError(str(exc)) from None
+        d_in, d_out = (
+            (module.in_channels, module.out_channels)
+            if isinstance(module, nn.Conv2d)
+            else (module.in_features, module.out_features)
+        )
+        for name, pair in pairs.items():
+            if (pair.in_features, pair.out_features) != (d_in, d_out):
+                raise MoLEInjectError(
+                    f"expert {name!r} has shape (in {pair.in_features}, out {pair.out_features}) at {path!r}, "
+                    f"but the model's layer is (in {d_in}, out {d_out}); the expert was trained for another base model"
+                )
 
     state = MoLEState(
         config=config,
