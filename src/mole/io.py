@@ -81,7 +81,7 @@ def _signature_distance(a: Sequence[float], b: Sequence[float]) -> float:
 def _model_name(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = config.get("_name_or_path") if isinstance(config, dict) else getattr(config, "_name_or_path", None)
-    return name or None
+    return str(name) if name else None  # from_pretrained may store a Path
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -105,7 +105,7 @@ def build_manifest(model: nn.Module, base_model: str | None = None, embedded: bo
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
         "base_model": {
-            "name": base_model or _model_name(model) or type(model).__name__,
+            "name": str(base_model) if base_model else (_model_name(model) or type(model).__name__),
             "class": type(model).__name__,
             "backbone": state.backbone.value,
             "structure_sha256": structure_hash(model),
@@ -287,6 +287,13 @@ def load_mole(
                 f"{state.config.gating.value}/{state.config.global_source.value}"
             )
         check_base(model, manifest, source, strict_base)
+        ours = {e.name: e.fingerprint for e in state.experts}
+        for info in manifest["experts"]:
+            if ours[info["name"]] != info["fingerprint"]:
+                raise MoLEFileError(
+                    f"expert {info['name']!r} in the model differs from the one {source} was trained with "
+                    f"(fingerprint {ours[info['name']][:12]} vs {info['fingerprint'][:12]}); inject the original expert"
+                )
     else:
         check_base(model, manifest, source, strict_base)
         chosen = _choose_experts(model, manifest, tensors, experts, source)

@@ -34,8 +34,11 @@ class LayerRecord:
 class GateRecorder:
     """Collects LayerRecords; `steps[t][layer_path]` is what layer `layer_path` did in model call t."""
 
-    def __init__(self, expert_names: list[str], keep_local: bool, latent_hw: tuple[int, int] | None) -> None:
+    def __init__(
+        self, expert_names: list[str], layer_paths: list[str], keep_local: bool, latent_hw: tuple[int, int] | None
+    ) -> None:
         self.expert_names = expert_names
+        self.layer_paths = layer_paths  # model order; views list layers in this order, whatever the call order
         self.keep_local = keep_local
         self.latent_hw = latent_hw
         self.steps: list[dict[str, LayerRecord]] = []
@@ -73,7 +76,7 @@ class GateRecorder:
         """(steps, layers, b, e) global gates of every layer that has them, layers in model order."""
         per_step = []
         for step in self.steps:
-            gates = [r.global_gate for r in step.values() if r.global_gate is not None]
+            gates = [step[p].global_gate for p in self.layer_paths if p in step and step[p].global_gate is not None]
             if not gates:
                 raise ValueError("no global gates were recorded; the gating mode has none (gating='local')")
             per_step.append(torch.stack(gates))
@@ -148,7 +151,7 @@ def record_gates(
     latent_hw: the latent height and width, to lay linear layers' tokens out as maps (conv layers know theirs).
     """
     layers = mole_layers(model)
-    rec = GateRecorder(mole_state(model).expert_names, keep_local, latent_hw)
+    rec = GateRecorder(mole_state(model).expert_names, list(layers), keep_local, latent_hw)
     handle = model.register_forward_pre_hook(rec._new_step)
     for layer in layers.values():
         layer.recorder = rec

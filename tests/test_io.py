@@ -1,0 +1,195 @@
+"""Saving and loading gates + manifest; every mismatch is an error naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import out_of, two_experts
+from mole import (
+    MoLEConfig,
+    MoLEFileError,
+    inject_mole,
+    load_mole,
+    mole_layers,
+    mole_state,
+    read_mole_file,
+    save_mole,
+)
+from mole.io import structure_hash
+from mole.tiny import random_expert, tiny_unet, unet_inputs
+
+
+def trained_like(model, config=None, seed=0):
+    """Inject two experts and move the gates away from their init, as training would."""
+    inject_mole(model, two_experts(model, std=0.2), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in mole_layers(model).values():
+            for p in layer.gates.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_round_trip_into_a_fresh_model_with_embedded_experts(tmp_path, backbone):
+    model, inputs = backbone
+    trained_like(model)
+    expected = out_of(model, inputs)
+    path = save_mole(model, tmp_path / "mole.safetensors", base_model="tiny/base")
+    manifest, tensors = read_mole_file(path)
+    assert manifest["base_model"]["name"] == "tiny/base"
+    assert [e["name"] for e in manifest["experts"]] == ["face", "hand"]
+    assert manifest["config"]["gating"] == "both" and manifest["versions"]["torch"] == torch.__version__
+    assert len(manifest["layers"]) == len(mole_layers(model))
+
+    fresh = type(model).from_config(model.config).eval()
+    fresh.load_state_dict(
+        {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k and ".gates." not in k}
+    )
+    load_mole(fresh, path)
+    assert mole_state(fresh).expert_names == ["face", "hand"]
+    assert torch.equal(out_of(fresh, inputs), expected)
+    for path_, layer in mole_layers(fresh).items():
+        for name, p in layer.gates.named_parameters():
+            assert torch.equal(p, tensors[f"gates.{path_}.{name}"])
+
+
+def test_gates_only_file_needs_the_experts(tmp_path, sd15):
+    model, inputs = sd15
+    trained_like(model)
+    expected = out_of(model, inputs)
+    path = save_mole(model, tmp_path / "gates.safetensors", include_experts=False)
+    with safe_open(str(path), "pt") as f:
+        assert not any(k.startswith("experts.") for k in f.keys())
+    fresh = tiny_unet("sd15").eval()
+    with pytest.raises(MoLEFileError, match=r"expert 'face' is missing.*load_expert"):
+        load_mole(fresh, path)
+    assert not mole_layers(fresh)
+    load_mole(fresh, path, experts=two_experts(fresh, std=0.2))
+    assert torch.equal(out_of(fresh, inputs), expected)
+
+
+def test_a_different_expert_under_the_same_name_is_refused(tmp_path, sd15):
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "gates.safetensors", include_experts=False)
+    fresh = tiny_unet("sd15").eval()
+    wrong = [random_expert(fresh, "face", seed=99), random_expert(fresh, "hand", seed=2, std=0.1)]
+    with pytest.raises(MoLEFileError, match=r"expert 'face' passed from random:99 differs"):
+        load_mole(fresh, path, experts=wrong)
+
+
+def test_loading_into_an_injected_model_maps_experts_by_name(tmp_path, sd15):
+    model, inputs = sd15
+    trained_like(model)
+    expected = out_of(model, inputs)
+    path = save_mole(model, tmp_path / "m.safetensors")
+    fresh = tiny_unet("sd15").eval()
+    face, hand = two_experts(fresh, std=0.2)
+    inject_mole(fresh, [hand, face])  # other order: rows must follow the names, not positions
+    assert not torch.allclose(out_of(fresh, inputs), expected)
+    load_mole(fresh, path)
+    torch.testing.assert_close(out_of(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+    other = tiny_unet("sd15").eval()
+    inject_mole(other, [random_expert(other, "face", seed=42), hand])
+    with pytest.raises(MoLEFileError, match=r"expert 'face' in the model differs"):
+        load_mole(other, path)
+
+
+def test_wrong_architecture_names_both_models(tmp_path, sd15):
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "m.safetensors", base_model="runwayml/stable-diffusion-v1-5")
+    other = tiny_unet("sd21").eval()
+    with pytest.raises(MoLEFileError, match=r"'runwayml/stable-diffusion-v1-5'.*sd15.*different architecture"):
+        load_mole(other, path)
+
+
+def test_same_architecture_other_weights_is_refused_unless_asked(tmp_path, sd15):
+    model, inputs = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "m.safetensors", base_model="base-a")
+    other = tiny_unet("sd15", seed=1).eval()
+    assert structure_hash(other) == structure_hash(model)
+    with pytest.raises(MoLEFileError, match=r"'base-a'.*weights.*differ.*strict_base=False"):
+        load_mole(other, path)
+    load_mole(other, path, strict_base=False)
+    assert len(mole_layers(other)) == len(mole_layers(model))
+
+
+def test_half_precision_copy_of_the_base_is_accepted(tmp_path, sd15):
+    model, inputs = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "m.safetensors")
+    half = tiny_unet("sd15").to(torch.bfloat16).eval()
+    load_mole(half, path)
+    assert next(iter(mole_layers(half).values())).lora_A.dtype == torch.bfloat16
+
+
+def test_missing_and_misshapen_gate_keys_are_named(tmp_path, sd15):
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "m.safetensors")
+    manifest, tensors = read_mole_file(path)
+    meta = {"mole_manifest": json.dumps(manifest)}
+    victim = sorted(k for k in tensors if k.startswith("gates."))[0]
+
+    dropped = {k: v for k, v in tensors.items() if k != victim}
+    save_file(dropped, str(tmp_path / "dropped.safetensors"), metadata=meta)
+    fresh = tiny_unet("sd15").eval()
+    with pytest.raises(MoLEFileError, match=rf"missing keys \['{victim}'\]"):
+        load_mole(fresh, tmp_path / "dropped.safetensors")
+    assert not mole_layers(fresh) and not hasattr(fresh, "mole_state")  # rolled back, no partial load
+
+    bent = dict(tensors)
+    bent[victim] = torch.zeros(3, 3)
+    save_file(bent, str(tmp_path / "bent.safetensors"), metadata=meta)
+    with pytest.raises(MoLEFileError, match=rf"{victim} has shape \(3, 3\), the model expects"):
+        load_mole(fresh, tmp_path / "bent.safetensors")
+
+
+def test_gating_mode_mismatch_and_non_mole_files(tmp_path, sd15):
+    model, _ = sd15
+    trained_like(model, MoLEConfig(gating="local"))
+    path = save_mole(model, tmp_path / "m.safetensors")
+    other = tiny_unet("sd15").eval()
+    inject_mole(other, two_experts(other, std=0.2), MoLEConfig(gating="global"))
+    with pytest.raises(MoLEFileError, match="gating=local/input, the model has global/input"):
+        load_mole(other, path)
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(MoLEFileError, match="not a MoLE file"):
+        load_mole(tiny_unet("sd15"), tmp_path / "lora.safetensors")
+    with pytest.raises(MoLEFileError, match="does not exist"):
+        load_mole(tiny_unet("sd15"), tmp_path / "nothing.safetensors")
+
+
+def test_local_save_pretrained_directory_path(tmp_path):
+    """The path real users take: a base model from a local folder (as from the hub), MoLE weights beside it."""
+    from diffusers import UNet2DConditionModel
+
+    tiny_unet("sd15").save_pretrained(tmp_path / "base" / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "base", subfolder="unet").eval()
+    inputs = unet_inputs(unet, hw=(16, 12))
+    trained_like(unet)
+    expected = out_of(unet, inputs)
+    path = save_mole(unet, tmp_path / "mole.safetensors")
+    manifest, _ = read_mole_file(path)
+    assert manifest["base_model"]["name"] == str(tmp_path / "base")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "base", subfolder="unet").eval()
+    load_mole(again, path)
+    assert torch.equal(out_of(again, inputs), expected)
+
+
+def test_save_refuses_other_suffixes_and_writes_atomically(tmp_path, sd15):
+    model, _ = sd15
+    trained_like(model)
+    with pytest.raises(MoLEFileError, match=r"must end in \.safetensors"):
+        save_mole(model, tmp_path / "m.pt")
+    save_mole(model, tmp_path / "m.safetensors", dtype=torch.float16)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind
+    _, tensors = read_mole_file(tmp_path / "m.safetensors")
+    assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
