@@ -8,12 +8,14 @@ __version__ = "0.1.0"
 
 from .config import GateInit, Gating, GlobalSource, MoLEConfig, MoLEConfigError  # noqa: E402
 from .experts import (  # noqa: E402
+    ExpertFormat,
     ExpertLoadError,
     ExpertWeights,
     KeyNaming,
     expert_from_peft,
     expert_from_state_dict,
     load_expert,
+    save_expert,
 )
 from .inject import (  # noqa: E402
     MoLEInjectError,
@@ -35,6 +37,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "Backbone",
+    "ExpertFormat",
     "ExpertLoadError",
     "ExpertWeights",
     "GateInit",
@@ -63,6 +66,7 @@ __all__ = [
     "read_mole_file",
     "record_gates",
     "remove_mole",
+    "save_expert",
     "save_mole",
     "set_fused",
 ]

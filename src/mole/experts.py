@@ -281,6 +281,60 @@ def _check_pairs(downs: Mapping, ups: Mapping, source: str) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------------- writing
+class ExpertFormat(str, enum.Enum):
+    DIFFUSERS = "diffusers"  # <component>.<path>.lora_A.weight + lora_adapter_metadata: diffusers load_lora_weights
+    KOHYA = "kohya"  # lora_unet_<flat>.lora_down.weight / lora_up.weight / alpha: kohya, A1111, ComfyUI
+
+
+def save_expert(
+    expert: ExpertWeights,
+    path: str | Path,
+    fmt: ExpertFormat | str = ExpertFormat.DIFFUSERS,
+    component: str = "unet",
+) -> Path:
+    """Write an expert (keyed by module paths) as a LoRA safetensors file that other tools read too.
+
+    DIFFUSERS files carry r / lora_alpha in ``lora_adapter_metadata`` (alpha_pattern where layers differ), so
+    ``pipe.load_lora_weights`` and ``load_expert`` both read them. KOHYA files carry a per-layer alpha.
+    """
+    from safetensors.torch import save_file
+
+    fmt = ExpertFormat(fmt)
+    if expert.naming is not KeyNaming.DOTTED:
+        raise ExpertLoadError(f"expert {expert.name!r} is keyed by kohya names; inject it and use expert_pairs()")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ExpertLoadError(f"path={str(path)!r} must end in .safetensors")
+    sd: dict[str, torch.Tensor] = {}
+    metadata = {"format": "pt", "mole_expert": expert.name}
+    if fmt is ExpertFormat.KOHYA:
+        for key, pair in expert.layers.items():
+            down, up = pair.factors_for_file()
+            flat = "lora_unet_" + key.replace(".", "_")  # kohya names the denoiser lora_unet_, DiTs included
+            sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"] = down, up
+            sd[f"{flat}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)
+    else:
+        ranks = {p.rank for p in expert.layers.values()}
+        alphas = {k: p.alpha for k, p in expert.layers.items()}
+        common_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        rank = max(ranks, key=[p.rank for p in expert.layers.values()].count)
+        config = {
+            "r": rank,
+            "lora_alpha": common_alpha,
+            "target_modules": sorted(expert.layers),
+            "rank_pattern": {k: p.rank for k, p in expert.layers.items() if p.rank != rank},
+            "alpha_pattern": {k: a for k, a in alphas.items() if a != common_alpha},
+        }
+        for key, pair in expert.layers.items():
+            down, up = pair.factors_for_file()
+            sd[f"{component}.{key}.lora_A.weight"], sd[f"{component}.{key}.lora_B.weight"] = down, up
+        metadata["lora_adapter_metadata"] = json.dumps({f"{component}.{k}": v for k, v in config.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- peft in memory
 def expert_from_peft(model: nn.Module, adapter_name: str, name: str | None = None) -> ExpertWeights:
     """Copy an adapter out of a model that carries peft LoRA layers (PeftModel or diffusers ``add_adapter``).

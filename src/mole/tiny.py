@@ -123,5 +123,6 @@ def random_expert(
             torch.randn(rank, d_in, generator=g) * std,
             torch.randn(d_out, rank, generator=g) * std,
             alpha if alpha is not None else float(rank),
+            conv=isinstance(m, nn.Conv2d),
         )
     return ExpertWeights(name, layers, KeyNaming.KOHYA if kohya else KeyNaming.DOTTED, source=f"random:{seed}")

@@ -14,13 +14,16 @@ class LoraPair:
     down: A, shape (rank, d_in)   (1x1 conv factors are stored squeezed)
     up:   B, shape (d_out, rank)
     alpha: the LoRA alpha; the expert's output is scaled by alpha / rank.
+    conv: the layer is a 1x1 Conv2d (set automatically from 4-D factors); files written for it use 4-D factors.
     """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    conv: bool = False
 
     def __post_init__(self) -> None:
+        self.conv = self.conv or self.down.ndim == 4
         self.down = _squeeze_1x1(self.down, "down (lora_A / lora_down)")
         self.up = _squeeze_1x1(self.up, "up (lora_B / lora_up)")
         if self.down.ndim != 2 or self.up.ndim != 2:
@@ -49,6 +52,12 @@ class LoraPair:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def factors_for_file(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) as a LoRA file stores them: 4-D (r, d, 1, 1) / (o, r, 1, 1) for 1x1 convs."""
+        if self.conv:
+            return self.down[:, :, None, None].contiguous(), self.up[:, :, None, None].contiguous()
+        return self.down.contiguous(), self.up.contiguous()
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update B A * scale, shape (d_out, d_in)."""

@@ -31,7 +31,7 @@ SUPPORTED_BASE = (nn.Linear, nn.Conv2d)
 
 def check_wrappable(module: nn.Module, path: str) -> None:
     """Raise a ValueError naming `path` when `module` cannot be wrapped."""
-    if isinstance(module, nn.Conv2d):
+    if type(module) is nn.Conv2d:
         bad = []
         if tuple(module.kernel_size) != (1, 1):
             bad.append(f"kernel_size={tuple(module.kernel_size)}")
@@ -49,9 +49,11 @@ def check_wrappable(module: nn.Module, path: str) -> None:
                 f"module {path!r} is a Conv2d with {', '.join(bad)}; MoLE wraps only 1x1, stride-1, "
                 "ungrouped, unpadded convolutions. Remove it from the targets."
             )
-    elif not isinstance(module, nn.Linear):
+    elif type(module) is not nn.Linear:  # subclasses (peft, quantised layers) compute something else
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        hint = " (a peft LoRA layer: call unload_lora() / unload() first)" if "peft" in kind else ""
         raise ValueError(
-            f"module {path!r} is a {type(module).__name__}; MoLE wraps nn.Linear and 1x1 nn.Conv2d only. "
+            f"module {path!r} is a {kind}{hint}; MoLE wraps torch.nn.Linear and 1x1 torch.nn.Conv2d only. "
             "Remove it from the targets."
         )
 
