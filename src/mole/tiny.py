@@ -5,6 +5,10 @@ They are the embedded default of the demo and the fixtures of the tests: built f
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -126,3 +130,120 @@ def random_expert(
             conv=isinstance(m, nn.Conv2d),
         )
     return ExpertWeights(name, layers, KeyNaming.KOHYA if kohya else KeyNaming.DOTTED, source=f"random:{seed}")
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP byte-to-character table (the 256 symbols CLIP's BPE starts from)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer(folder: str | Path | None = None):
+    """A character-level CLIPTokenizer (514 tokens, no merges) built in place: the embedded default needs no files.
+
+    With `folder` holding vocab.json + merges.txt (e.g. ../shared/assets/clip_tokenizer), that tokenizer is loaded.
+    """
+    from transformers import CLIPTokenizer
+
+    if folder is not None:
+        folder = Path(folder)
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=77)
+
+
+def _tiny_clip_text(hidden: int, vocab: int, with_projection: bool = False, projection_dim: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
+    return CLIPTextModelWithProjection(cfg) if with_projection else CLIPTextModel(cfg)
+
+
+def tiny_vae(seed: int = 0):
+    """An AutoencoderKL with 4 latent channels and a downsampling factor of 2 (32 px images -> 16x16 latents)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=32,
+    )
+
+
+def tiny_pipeline(kind: Backbone | str = Backbone.SD15, tokenizer=None, seed: int = 0):
+    """A complete tiny diffusers pipeline (SD1.5, SD2.1 with v-prediction, SDXL; PixArt needs a T5 tokenizer)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    kind = Backbone(kind)
+    if kind is Backbone.PIXART:
+        if tokenizer is None:
+            raise ValueError("tiny PixArt needs a T5 tokenizer: pass tokenizer= (see ../shared/assets)")
+        return tiny_pixart_pipeline(tokenizer, seed)
+    tokenizer = tokenizer or tiny_clip_tokenizer()
+    vocab = len(tokenizer)
+    unet = tiny_unet(kind, seed=seed)
+    vae = tiny_vae(seed)
+    prediction = "v_prediction" if kind is Backbone.SD21 else "epsilon"
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    if kind is Backbone.SDXL:
+        te1 = _tiny_clip_text(32, vocab)
+        te2 = _tiny_clip_text(32, vocab, with_projection=True, projection_dim=32)
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+            unet=unet, scheduler=scheduler,
+        )  # fmt: skip
+    text = _tiny_clip_text(unet.config.cross_attention_dim, vocab)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def tiny_pixart_pipeline(tokenizer, seed: int = 0):
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    transformer = tiny_pixart(seed)
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=t5, vae=tiny_vae(seed), transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )  # fmt: skip
