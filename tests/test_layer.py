@@ -8,7 +8,7 @@ from torch import nn
 
 from mole import GateInit, LoraPair, MoLEConfig, MoLELayer
 
-GATINGS = ["local", "global", "both"]
+GATINGS = ["local", "global", "both", "none"]
 SOURCES = ["input", "expert_output"]
 
 
@@ -129,6 +129,18 @@ def test_sigmoid_gates_are_not_a_softmax():
     delta_two, delta_one = two(x) - base(x), one(x) - base(x)
     torch.testing.assert_close(delta_two, 2 * delta_one, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(delta_one, (x @ a.T @ b.T), rtol=1e-5, atol=1e-6)
+
+
+def test_no_gating_is_the_plain_sum_of_loras():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8)
+    layer = make_layer(base, (2, 3), gating="none")
+    assert list(layer.gates.parameters()) == []
+    x = torch.randn(2, 3, 8)
+    expected = base(x) + sum(
+        (x @ layer.expert(n).down.T @ layer.expert(n).up.T) * layer.expert(n).scale for n in layer.expert_names
+    )
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_gate_init_starts_every_gate_at_one_half():

@@ -32,6 +32,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import load_config, train
+
+    cfg = load_config(args.config, preset=args.preset, overrides=args.set or [])
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    result = train(cfg)
+    print(json.dumps({
+        "steps": result.steps, "start_step": result.start_step, "skipped_images": result.skipped_images,
+        "first_loss": result.losses[0] if result.losses else None,
+        "last_loss": result.losses[-1] if result.losses else None,
+        "probe_loss_first": result.probe_loss_first, "probe_loss_last": result.probe_loss_last,
+        "final": [str(p) for p in result.final], "checkpoints": [str(p) for p in result.checkpoints],
+        "gate_log": result.gate_log[-1:] ,
+    }, indent=2))  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mole", description="Mixture of Low-rank Experts for diffusion models")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -44,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=int, default=8, help="expert rank (default: 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    from .training.config import PRESETS
+
+    tr = sub.add_parser("train", help="train one MoLE stage (1 fine-tune, 2 expert, 3 mixture)")
+    tr.add_argument("--config", help="TOML file (see configs/)")
+    tr.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a stage")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    tr.set_defaults(func=_cmd_train)
 
     info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
     info.add_argument("file")

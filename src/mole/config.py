@@ -20,6 +20,7 @@ class Gating(str, enum.Enum):
     LOCAL = "local"  # per-token score s = sigmoid(X phi + b), shape n x E
     GLOBAL = "global"  # per-sample score g = sigmoid(Pool(.) w + c), shape E
     BOTH = "both"  # the full MoLE: g_i * E_i(X * s_i)
+    NONE = "none"  # no gates: X' = F(X) + sum_i E_i(X) (plain LoRA; stage-2 training, fixed-weight mixing)
 
     @property
     def uses_local(self) -> bool:
@@ -67,7 +68,7 @@ def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field_name: str) -> Any:
 class MoLEConfig:
     """How experts are mixed in every wrapped layer.
 
-    gating: which gates are used (local, global or both).
+    gating: which gates are used (local, global or both; none for plain LoRA experts).
     global_source: what the global gate pools (the paper's input X, or the official code's expert outputs).
     gate_init: initial values of the gate projections.
     targets: regular expressions over module paths that may be wrapped; None means the backbone's table

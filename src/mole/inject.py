@@ -213,6 +213,51 @@ def expert_pairs(model: nn.Module, name: str) -> dict[str, LoraPair]:
     return out
 
 
+def new_expert(
+    model: nn.Module,
+    name: str,
+    rank: int,
+    alpha: float | None = None,
+    targets: Sequence[str] | None = None,
+    seed: int = 0,
+) -> ExpertWeights:
+    """A fresh expert to train (stage 2): on every target layer, A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (peft's
+    default) and B = 0, so the model starts exactly at its base output."""
+    import torch
+
+    from .experts import KeyNaming
+    from .targets import target_modules
+
+    patterns = tuple(targets) if targets is not None else TARGETS[detect_backbone(model)]
+    paths = target_modules(model, patterns)
+    if not paths:
+        raise MoLEInjectError(f"no target layers found in {type(model).__name__} for patterns {list(patterns)}")
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path in paths:
+        m = model.get_submodule(path)
+        conv = isinstance(m, nn.Conv2d)
+        d_in, d_out = (m.in_channels, m.out_channels) if conv else (m.in_features, m.out_features)
+        bound = 1.0 / d_in**0.5
+        down = (torch.rand(rank, d_in, generator=g) * 2 - 1) * bound
+        layers[path] = LoraPair(down, torch.zeros(d_out, rank), float(alpha if alpha is not None else rank), conv=conv)
+    return ExpertWeights(name, layers, KeyNaming.DOTTED, source="new")
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every wrapped layer's stacked expert factors (lora_A, lora_B), e.g. to train experts (stage 2)."""
+    return [p for layer in mole_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+
+
+def extract_expert(model: nn.Module, name: str) -> ExpertWeights:
+    """The named expert as it is now in the model (e.g. after training), keyed by module path."""
+    from .experts import KeyNaming
+
+    pairs = {k: LoraPair(p.down.detach().clone(), p.up.detach().clone(), p.alpha, conv=p.conv)
+             for k, p in expert_pairs(model, name).items()}  # fmt: skip
+    return ExpertWeights(name, pairs, KeyNaming.DOTTED, source="trained")
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), attr

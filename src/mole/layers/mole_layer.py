@@ -155,7 +155,7 @@ class MoLELayer(nn.Module):
             return None
         start = sum(self.ranks[:i])
         rows = slice(start, start + self.ranks[i])
-        return LoraPair(self.lora_A[rows], self.lora_B[:, rows], self.alphas[i])
+        return LoraPair(self.lora_A[rows], self.lora_B[:, rows], self.alphas[i], conv=self.is_conv)
 
     def extra_repr(self) -> str:
         experts = ", ".join(f"{n}(r={r})" for n, r in zip(self.expert_names, self.ranks))
@@ -184,6 +184,8 @@ class MoLELayer(nn.Module):
             parts.append(self.gates.local_weight)
         if self.gating.uses_global and self.global_source is GlobalSource.INPUT:
             parts.append(self.gates.global_weight)
+        if len(parts) == 1:
+            return parts[0].to(dtype)
         if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
             return torch.cat([p.to(dtype) for p in parts], 0)
         # Inference: the stack only changes when a part does (in-place updates bump _version).
@@ -205,7 +207,7 @@ class MoLELayer(nn.Module):
         """Official variant, computed without forming each expert's output:
         logit_i = w_i . mean_n(scale_i * B_i h_i) + c_i = scale_i * (B_i^T w_i) . mean_n(h_i) + c_i."""
         w_rows = self.gates.global_weight.to(dtype).index_select(0, self.rank_owner)  # (r, o)
-        v = (self.lora_B.t() * w_rows).sum(-1)  # (r,)  B_i^T w_i for every row
+        v = (self.lora_B.to(dtype).t() * w_rows).sum(-1)  # (r,)  B_i^T w_i for every row
         row_scale = self.expert_scale.to(dtype).index_select(0, self.rank_owner)  # (r,)
         pooled = h.mean(1) * (v * row_scale)  # (b, r)
         logits = h.new_zeros(h.shape[0], self.num_experts).index_add(1, self.rank_owner, pooled)  # (b, e)
@@ -241,9 +243,9 @@ class MoLELayer(nn.Module):
         hc = self._expand_rows(coef, h)  # (b, n, r)
         if not self.is_conv and out.is_contiguous():
             o = self.out_features
-            y = torch.addmm(out.reshape(-1, o), hc.reshape(-1, rows), self.lora_B.t())  # F(X) + sum_i Y_i
+            y = torch.addmm(out.reshape(-1, o), hc.reshape(-1, rows), self.lora_B.to(dtype).t())  # F(X) + sum Y_i
             return y.view(out.shape)
-        return out + restore(F.linear(hc, self.lora_B))
+        return out + restore(F.linear(hc, self.lora_B.to(dtype)))
 
     # ------------------------------------------------------------------ reference path
     def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,4 +287,4 @@ class MoLELayer(nn.Module):
 
 def _lora(pair: LoraPair, x: torch.Tensor) -> torch.Tensor:
     """E(x) = B (A x) * alpha / r for x (..., d) -> (..., o)."""
-    return (x @ pair.down.t()) @ pair.up.t() * pair.scale
+    return (x @ pair.down.to(x.dtype).t()) @ pair.up.to(x.dtype).t() * pair.scale

@@ -1,0 +1,222 @@
+"""Captioned image folders: captions from .txt files, a jsonl/json manifest, or kohya's metadata json.
+
+Every random choice (crop, flip, caption dropout, batch order) is a function of (seed, epoch, index), so a resumed
+run sees exactly the batches the uninterrupted run would have seen, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".gif")
+
+
+class DataError(ValueError):
+    """The training data cannot be read as configured; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    caption: str
+
+
+def scan_samples(root: str | Path, manifest: str | Path | None = None) -> list[Sample]:
+    """List (image, caption) pairs.
+
+    manifest None: every image under `root` with a same-named .txt caption (images without one are counted and
+    skipped). manifest .jsonl: one {"file"|"image"|"path": ..., "caption"|"text": ...} per line. manifest .json: a
+    list of such records, or kohya's metadata {image_key: {"caption": ...}} (key: a path, or a file stem under root).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.path={str(root)!r} is not a folder")
+    if manifest is None:
+        samples, missing = [], 0
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+            txt = path.with_suffix(".txt")
+            if txt.is_file():
+                samples.append(Sample(path, txt.read_text(encoding="utf-8").strip()))
+            else:
+                missing += 1
+        if missing:
+            logger.warning("%d images under %s have no .txt caption and are skipped", missing, root)
+    else:
+        samples = _from_manifest(root, Path(manifest))
+    if not samples:
+        raise DataError(
+            f"no captioned images found under {str(root)!r}"
+            + (f" with manifest {str(manifest)!r}" if manifest else " (each image needs a same-named .txt file)")
+        )
+    return samples
+
+
+def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
+    if not manifest.is_file():
+        raise DataError(f"data.manifest={str(manifest)!r} does not exist")
+    text = manifest.read_text(encoding="utf-8")
+    if manifest.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{manifest}:{n} is not valid JSON ({exc})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{manifest} is not valid JSON ({exc})") from None
+        if isinstance(data, dict):  # kohya metadata: {image_key: {"caption": ...}}
+            records = [{"file": k, **(v if isinstance(v, dict) else {"caption": v})} for k, v in data.items()]
+        else:
+            records = data
+    stems = None
+    samples = []
+    for n, rec in enumerate(records, 1):
+        key = rec.get("file") or rec.get("image") or rec.get("path")
+        caption = rec.get("caption", rec.get("text"))
+        if key is None or caption is None:
+            raise DataError(f"{manifest}: record {n} needs a file and a caption, got keys {sorted(rec)}")
+        path = Path(key) if Path(key).is_absolute() else root / key
+        if not path.is_file():
+            candidates = [path.with_suffix(e) for e in IMAGE_EXTS if path.with_suffix(e).is_file()]
+            if not candidates:
+                stems = (
+                    stems
+                    if stems is not None
+                    else {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS}
+                )
+                candidates = [stems[Path(key).name]] if Path(key).name in stems else []
+            if not candidates:
+                raise DataError(f"{manifest}: record {n} names {key!r}, which is not an image under {root}")
+            path = candidates[0]
+        samples.append(Sample(path, str(caption).strip()))
+    return samples
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open any common image (grey, palette, CMYK, 16-bit, alpha) as 8-bit RGB; raises OSError/ValueError if bad."""
+    img = Image.open(path)
+    img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+class CaptionedImages(Dataset):
+    """Items are dicts: pixels (3, R, R) in [-1, 1], caption, index; or {"bad": True} for unreadable files."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.samples = samples
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = random.Random(hash((self.seed, epoch, index)))  # int tuples hash the same in every process
+        sample = self.samples[index]
+        try:
+            img = load_rgb(sample.path)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            logger.warning("skipping unreadable image %s (%s)", sample.path, exc)
+            return {"index": index, "bad": True}
+        r = self.resolution
+        w, h = img.size
+        if min(w, h) < 1:
+            return {"index": index, "bad": True}
+        s = r / min(w, h)
+        nw, nh = max(r, round(w * s)), max(r, round(h * s))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        if self.center_crop:
+            left, top = (nw - r) // 2, (nh - r) // 2
+        else:
+            left, top = rng.randint(0, nw - r), rng.randint(0, nh - r)
+        img = img.crop((left, top, left + r, top + r))
+        if self.random_flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        caption = "" if rng.random() < self.caption_dropout else sample.caption
+        return {"pixels": pixels, "caption": caption, "index": index, "bad": False}
+
+
+def collate(items: list[dict]) -> dict:
+    good = [it for it in items if not it["bad"]]
+    return {
+        "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
+        "captions": [it["caption"] for it in good],
+        "indices": [it["index"] for it in good],
+        "skipped": len(items) - len(good),
+    }
+
+
+class StepBatchSampler(Sampler):
+    """Yields this process's (index, epoch) keys for micro-step m, m+1, ... for ever.
+
+    The sample stream is the concatenation of per-epoch permutations (seeded by seed + epoch); micro-step m takes
+    positions [m*B*P, (m+1)*B*P), process p the p-th block of B. So the batches depend only on m, never on history.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
+                 seed: int = 0, start: int = 0) -> None:  # fmt: skip
+        if num_samples < 1:
+            raise DataError("the dataset is empty")
+        self.n, self.b, self.p, self.rank, self.seed, self.start = (
+            num_samples, batch_size, num_processes, process_index, seed, start
+        )  # fmt: skip
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs per sampler
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def batch(self, micro_step: int) -> list[tuple[int, int]]:
+        first = micro_step * self.b * self.p + self.rank * self.b
+        keys = []
+        for pos in range(first, first + self.b):
+            epoch, i = divmod(pos, self.n)
+            keys.append((self._perm(epoch)[i], epoch))
+        return keys
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        m = self.start
+        while True:
+            yield self.batch(m)
+            m += 1

@@ -1,0 +1,154 @@
+"""One interface over the diffusers pipelines MoLE trains and samples: SD1.5, SD2.1 (v-prediction), SDXL, PixArt-alpha.
+
+model = DiffusionModel.from_pretrained("path/or/hub-id")   # a diffusers pipeline folder
+latents = model.encode_images(pixels)                      # (b, 4, h/f, w/f), scaled
+cond = model.encode_text(captions)                         # whatever the denoiser needs
+pred = model.predict(noisy, t, cond)                       # epsilon or v, as the scheduler says
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .targets import Backbone, detect_backbone
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The base model cannot be loaded or is not a supported pipeline."""
+
+
+@dataclass
+class TextConditioning:
+    """Denoiser keyword arguments for one batch of captions."""
+
+    kwargs: dict[str, Any]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> TextConditioning:
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v
+
+        return TextConditioning({k: move(v) for k, v in self.kwargs.items()})
+
+
+class DiffusionModel:
+    """A diffusers pipeline plus what training needs: the denoiser, the VAE, text encoding and a DDPM scheduler."""
+
+    def __init__(self, pipe, name: str) -> None:
+        from diffusers import DDPMScheduler
+
+        self.pipe = pipe
+        self.name = name
+        self.denoiser: nn.Module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if self.denoiser is None:
+            raise ModelLoadError(f"{name}: the pipeline {type(pipe).__name__} has neither a unet nor a transformer")
+        self.backbone = detect_backbone(self.denoiser)
+        if self.backbone is Backbone.GENERIC:
+            raise ModelLoadError(
+                f"{name}: {type(self.denoiser).__name__} is not a supported backbone (SD1.5, SD2.1, SDXL, PixArt)"
+            )
+        self.vae = pipe.vae
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type: str = self.noise_scheduler.config.prediction_type
+        self.text_encoders = [
+            m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m
+        ]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> DiffusionModel:
+        """Load a diffusers pipeline from a hub id or a local save_pretrained folder."""
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"base model {str(path)!r} could not be loaded as a diffusers pipeline ({exc}); pass a hub id or a "
+                "folder written by pipeline.save_pretrained()"
+            ) from None
+        return cls(pipe, str(path))
+
+    @property
+    def is_unet(self) -> bool:
+        return self.backbone in (Backbone.SD15, Backbone.SD21, Backbone.SDXL)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str) -> DiffusionModel:
+        self.pipe.to(device)
+        return self
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """pixels (b, 3, H, W) in [-1, 1] -> scaled latents (b, c, H/f, W/f)."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = dist.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    # ------------------------------------------------------------------ text
+    def encode_text(self, captions: list[str], text_encoder: nn.Module | None = None) -> TextConditioning:
+        """Captions -> the denoiser's text conditioning. `text_encoder` replaces pipe.text_encoder (e.g. a
+        DDP-wrapped copy being trained in stage 1); gradients flow only if it requires grad."""
+        pipe = self.pipe
+        device = self.denoiser.device
+        if self.backbone in (Backbone.SD15, Backbone.SD21):
+            tok = pipe.tokenizer(
+                captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            )  # fmt: skip
+            encoder = text_encoder or pipe.text_encoder
+            hidden = encoder(tok.input_ids.to(device))[0]  # (b, 77, d)
+            return TextConditioning({"encoder_hidden_states": hidden})
+        with torch.no_grad():
+            if self.backbone is Backbone.SDXL:
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+                return TextConditioning({"encoder_hidden_states": embeds, "pooled": pooled})
+            embeds, mask, _, _ = pipe.encode_prompt(
+                captions, do_classifier_free_guidance=False, device=device, clean_caption=False
+            )
+            return TextConditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})
+
+    # ------------------------------------------------------------------ denoiser
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: TextConditioning,
+        denoiser: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's epsilon / v prediction (PixArt's learned variance channels are dropped)."""
+        denoiser = denoiser or self.denoiser
+        kw = dict(cond.kwargs)
+        if self.backbone is Backbone.SDXL:
+            pooled = kw.pop("pooled")
+            b, _, h, w = noisy.shape
+            f = self.vae_scale_factor
+            time_ids = torch.tensor([[h * f, w * f, 0, 0, h * f, w * f]], device=noisy.device, dtype=pooled.dtype)
+            kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)}
+            return denoiser(noisy, timesteps, **kw).sample
+        if self.is_unet:
+            return denoiser(noisy, timesteps, **kw).sample
+        out = denoiser(
+            noisy, timestep=timesteps, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **kw
+        ).sample
+        if out.shape[1] == 2 * noisy.shape[1]:  # learned sigma: keep the mean prediction
+            out = out.chunk(2, dim=1)[0]
+        return out

@@ -1,0 +1,114 @@
+"""Atomic training checkpoints: trainable weights, optimizer, LR schedule, step, resolved config.
+
+    output_dir/checkpoints/checkpoint-0000500/{trainable.safetensors, optimizer.pt, schedule.pt, state.json,
+                                               config.toml}
+A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint
+that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used to resume; the message names the folder and what is wrong."""
+
+
+def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """'<module key>/<param name>' -> tensor for every parameter that requires grad."""
+    return {
+        f"{key}/{name}": p.detach().cpu().contiguous()
+        for key, module in modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    config_toml: str,
+    extra: dict | None = None,
+    keep: int = 2,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:07d}"
+    tmp = folder / f".tmp-{PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(modules), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(schedule.state_dict(), tmp / "schedule.pt")
+    (tmp / "config.toml").write_text(config_toml)
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("checkpoint written: %s", final)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def resolve_resume(resume: str | None, folder: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(folder)
+        if not found:
+            logger.info("resume=latest: no checkpoint in %s yet, starting from step 0", folder)
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"resume={resume!r} is not a checkpoint folder (no state.json); use 'latest' or a path")
+    return path
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer, schedule) -> dict:
+    """Restore weights, optimizer and schedule in place; return state.json."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    expected = {
+        f"{key}/{name}": p
+        for key, module in modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit this run: missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} "
+            f"({len(unexpected)}); was it written by another stage or config?"
+        )
+    with torch.no_grad():
+        for key, p in expected.items():
+            if tensors[key].shape != p.shape:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[key])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    schedule.load_state_dict(torch.load(path / "schedule.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())

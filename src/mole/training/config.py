@@ -1,0 +1,331 @@
+"""Training configuration: nested dataclasses read from TOML, overridden from the command line, validated with
+messages that name the field, the value and the fix, and written back as TOML beside every checkpoint."""
+
+from __future__ import annotations
+
+import enum
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from ..config import GateInit, Gating, GlobalSource, MoLEConfigError
+
+
+class TrainConfigError(MoLEConfigError):
+    """A training option is invalid; the message names the field (dotted path), the value and the fix."""
+
+
+class Stage(enum.IntEnum):
+    FINETUNE = 1  # UNet (+ text encoder) on the human-centric set
+    EXPERT = 2  # one LoRA expert on one close-up set
+    MIXTURE = 3  # gates only, base and experts frozen
+
+
+class OptimizerName(str, enum.Enum):
+    ADAMW = "adamw"
+    LION = "lion"
+
+
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class MixedPrecision(str, enum.Enum):
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # image folder
+    manifest: str | None = None  # .jsonl / .json manifest (incl. kohya metadata json); None: .txt beside each image
+    resolution: int = 512  # square training size in pixels
+    center_crop: bool = True  # False: random crop
+    random_flip: bool = False
+    caption_dropout: float = 0.1  # probability of an empty caption (for classifier-free guidance)
+    num_workers: int = 0
+    cache_latents: bool = False  # encode each image once (needs center_crop and no random_flip)
+    cache_text: bool = False  # encode each caption once (needs a frozen text encoder)
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.ADAMW
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    schedule: LRSchedule = LRSchedule.CONSTANT
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ExpertTrainConfig:
+    name: str = "face"
+    rank: int = 256
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+
+
+@dataclass
+class MixtureTrainConfig:
+    experts: dict[str, str] = field(default_factory=dict)  # name -> LoRA file or folder
+    gating: Gating = Gating.BOTH
+    global_source: GlobalSource = GlobalSource.INPUT
+    gate_init: GateInit = GateInit.DEFAULT
+
+
+@dataclass
+class TrainConfig:
+    stage: Stage = Stage.MIXTURE
+    model: str = ""  # hub id or local diffusers pipeline folder
+    output_dir: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    expert: ExpertTrainConfig = field(default_factory=ExpertTrainConfig)
+    mixture: MixtureTrainConfig = field(default_factory=MixtureTrainConfig)
+    train_text_encoder: bool = True  # stage 1 only (SD1.5 / SD2.1)
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    mixed_precision: MixedPrecision = MixedPrecision.NO
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = 5.0  # None: plain MSE
+    noise_offset: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    tensorboard: bool = True  # when the tensorboard package is installed
+
+    def validate(self) -> TrainConfig:
+        def need(ok: bool, name: str, value: Any, fix: str) -> None:
+            if not ok:
+                raise TrainConfigError(f"{name}={value!r} is not valid: {fix}")
+
+        need(bool(self.model), "model", self.model, "set the base model (hub id or local pipeline folder)")
+        need(bool(self.data.path), "data.path", self.data.path, "set the training image folder")
+        need(self.max_steps >= 1, "max_steps", self.max_steps, "use at least 1")
+        need(self.batch_size >= 1, "batch_size", self.batch_size, "use at least 1")
+        need(self.grad_accum >= 1, "grad_accum", self.grad_accum, "use at least 1")
+        need(self.data.resolution >= 8 and self.data.resolution % 8 == 0, "data.resolution", self.data.resolution,
+             "use a multiple of 8")  # fmt: skip
+        need(0.0 <= self.data.caption_dropout < 1.0, "data.caption_dropout", self.data.caption_dropout,
+             "use a probability in [0, 1)")  # fmt: skip
+        need(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "use a positive rate")
+        need(self.optim.warmup_steps >= 0, "optim.warmup_steps", self.optim.warmup_steps, "use 0 or more")
+        need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", self.min_snr_gamma,
+             "use a positive gamma (paper: 5) or leave it unset for plain MSE")  # fmt: skip
+        need(self.log_every >= 1, "log_every", self.log_every, "use at least 1")
+        need(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "use at least 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "keep at least 1")
+        if self.data.cache_latents:
+            need(self.data.center_crop and not self.data.random_flip, "data.cache_latents", True,
+                 "cached latents need data.center_crop=true and data.random_flip=false")  # fmt: skip
+        if self.stage is Stage.EXPERT:
+            need(self.expert.rank >= 1, "expert.rank", self.expert.rank, "use a rank of at least 1 (paper: 256)")
+            from ..experts import EXPERT_NAME
+
+            need(bool(EXPERT_NAME.match(self.expert.name)), "expert.name", self.expert.name,
+                 "use a short identifier such as 'face' or 'hand'")  # fmt: skip
+        if self.stage is Stage.MIXTURE:
+            need(bool(self.mixture.experts), "mixture.experts", self.mixture.experts,
+                 "name the experts to mix, e.g. mixture.experts = {face = 'face.safetensors', hand = '...'}")  # fmt: skip
+            need(self.mixture.gating is not Gating.NONE, "mixture.gating", "none",
+                 "stage 3 trains gates: use local, global or both")  # fmt: skip
+        if self.data.cache_text:
+            need(self.stage is not Stage.FINETUNE or not self.train_text_encoder, "data.cache_text", True,
+                 "text embeddings cannot be cached while the text encoder trains (set train_text_encoder=false)")  # fmt: skip
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_toml(self) -> str:
+        return _to_toml(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, "")
+
+
+# ---------------------------------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's settings. Stage 1: UNet + text encoder, Lion, lr 2e-6 constant, Min-SNR gamma 5.
+    "stage1": {"stage": 1, "train_text_encoder": True, "min_snr_gamma": 5.0,
+               "optim": {"name": "lion", "lr": 2e-6, "schedule": "constant", "weight_decay": 1e-2,
+                         "betas": [0.9, 0.99]}},
+    # Stage 2: one rank-256 LoRA per close-up set, AdamW; face lr 2e-5, hand lr 1e-5.
+    "stage2-face": {"stage": 2, "expert": {"name": "face", "rank": 256}, "optim": {"name": "adamw", "lr": 2e-5}},
+    "stage2-hand": {"stage": 2, "expert": {"name": "hand", "rank": 256}, "optim": {"name": "adamw", "lr": 1e-5}},
+    # Stage 3: gates only, AdamW lr 1e-5, on the human-in-the-scene set.
+    "stage3": {"stage": 3, "optim": {"name": "adamw", "lr": 1e-5}, "mixture": {"gating": "both"}},
+}  # fmt: skip
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "experts" else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'optim.lr=1e-4' -> {'optim': {'lr': 1e-4}}; values are TOML (strings may go unquoted)."""
+    if "=" not in text:
+        raise TrainConfigError(f"override {text!r} is not key=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """preset < TOML file < overrides, then validated."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise TrainConfigError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+        data = merge(data, PRESETS[preset])
+    if path is not None:
+        try:
+            data = merge(data, tomllib.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise TrainConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise TrainConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    for text in overrides:
+        data = merge(data, parse_override(text))
+    return TrainConfig.from_dict(data).validate()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainConfigError(
+            f"unknown option(s) {[prefix + u for u in unknown]}; known options here: {sorted(known)}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], prefix + f.name)
+    try:
+        return cls(**kwargs)
+    except MoLEConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        raise TrainConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if is_dataclass(tp):
+        return _build(tp, value, name + ".")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = [m.value for m in tp]
+            raise TrainConfigError(f"{name}={value!r} is not valid; use one of {allowed}") from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TrainConfigError(f"{name}={value!r} must be a list of {len(args)} numbers")
+        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{name}={value!r} must be a table (e.g. {{face = 'face.safetensors'}})")
+        return {str(k): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TrainConfigError(f"{name}={value!r} must be true or false")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TrainConfigError(f"{name}={value!r} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TrainConfigError(f"{name}={value!r} must be a whole number")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, Path)):
+            raise TrainConfigError(f"{name}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def _to_toml(data: dict[str, Any]) -> str:
+    """Write nested dicts as TOML; None values are left out (they mean "unset")."""
+    lines, tables = [], []
+    for k, v in data.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and v and all(not isinstance(x, dict) or k2 == "experts" for k2, x in v.items()):
+            tables.append((k, v))
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None)
+    return "\n".join(lines) + "\n"

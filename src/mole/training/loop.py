@@ -1,0 +1,303 @@
+"""The one training loop, shared by the three MoLE stages.
+
+    result = train(load_config("configs/stage3.toml", overrides=["max_steps=100"]))
+
+Per optimizer step (grad_accum micro-steps each):
+    pixels (b, 3, R, R) -> VAE -> latents x0 (b, c, R/f, R/f)
+    noise e ~ N(0, I), t ~ U{0..T-1}                    (drawn from a generator seeded by (seed, micro-step, rank))
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) e
+    target = e (epsilon) or sqrt(a_t) e - sqrt(1 - a_t) x0 (v-prediction)
+    loss = mean_b( min(SNR_t, gamma) / SNR_t [or / (SNR_t + 1)] * |denoiser(x_t, t, text) - target|^2 )
+Everything random is a function of (seed, micro-step, process), so resuming from a checkpoint replays exactly the
+batches, noise and timesteps the uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import CaptionedImages, StepBatchSampler, collate, scan_samples
+from ..models import DiffusionModel, TextConditioning
+from ..recording import record_gates
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import MixedPrecision, TrainConfig
+from .loss import diffusion_loss
+from .optim import make_optimizer, make_schedule
+from .stages import setup_stage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total (including those before a resume)
+    start_step: int
+    losses: list[float]  # one per optimizer step of this run (mean over its micro-steps)
+    skipped_images: int
+    final: list[Path]
+    checkpoints: list[Path]
+    probe_loss_first: float  # loss on the run's first batch with fixed noise and timesteps, before training
+    probe_loss_last: float  # the same batch, noise and timesteps after training
+    gate_log: list[dict] = field(default_factory=list)  # stage 3: per-expert gate statistics at log steps
+
+
+def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + rank)
+
+
+def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator, noise_offset: float):
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=gen)
+    t = torch.randint(0, num_timesteps, (b,), generator=gen)
+    return noise.to(latents.device, latents.dtype), t.to(latents.device)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one stage as configured; return what it did (losses, files)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    trackers = _trackers(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision.value,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=trackers or None,
+        project_dir=str(out),
+    )
+    weight_dtype = {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
+                    MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
+
+    # ---- model and stage
+    model = DiffusionModel.from_pretrained(cfg.model)
+    stage = setup_stage(cfg, model, weight_dtype)
+    model.to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.denoiser.enable_gradient_checkpointing()
+        if "text_encoder" in stage.modules:
+            stage.modules["text_encoder"].gradient_checkpointing_enable()
+    optimizer = make_optimizer(stage.params, cfg.optim)
+    schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+    prepared = accelerator.prepare(*stage.modules.values(), optimizer)
+    wrapped = dict(zip(stage.modules, prepared[:-1]))
+    optimizer = prepared[-1]
+    denoiser = wrapped["denoiser"]
+    text_encoder = wrapped.get("text_encoder")
+
+    # ---- resume
+    ckpt_dir = out / "checkpoints"
+    start_step = 0
+    resume_from = resolve_resume(cfg.resume, ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, stage.modules, optimizer, schedule)
+        start_step = int(state["step"])
+        logger.info("resumed from %s at step %d", resume_from, start_step)
+
+    # ---- data
+    samples = scan_samples(cfg.data.path, cfg.data.manifest)
+    dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
+                              cfg.data.caption_dropout, cfg.seed)  # fmt: skip
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
+                               cfg.seed, start=start_step * cfg.grad_accum)  # fmt: skip
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers)  # fmt: skip
+    batches = iter(loader)
+    latent_cache: dict[int, torch.Tensor] = {}
+    text_cache: dict[str, TextConditioning] = {}
+
+    def latents_for(batch, micro_step: int) -> torch.Tensor:
+        if not cfg.data.cache_latents:
+            gen = _step_generator(cfg.seed + 1, micro_step, accelerator.process_index)
+            return model.encode_images(batch["pixels"].to(accelerator.device), generator=gen)
+        missing = [i for i in batch["indices"] if i not in latent_cache]
+        if missing:
+            pos = [batch["indices"].index(i) for i in missing]
+            # the posterior mean: a cached latent must not freeze one random sample of the VAE posterior
+            enc = model.vae.encode(batch["pixels"][pos].to(accelerator.device, model.vae.dtype)).latent_dist.mode()
+            shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+            for i, lat in zip(missing, (enc - shift) * model.vae.config.scaling_factor):
+                latent_cache[i] = lat
+        return torch.stack([latent_cache[i] for i in batch["indices"]])
+
+    def text_for(captions: list[str]) -> TextConditioning:
+        if not cfg.data.cache_text:
+            return model.encode_text(captions, text_encoder=text_encoder)
+        for c in captions:
+            if c not in text_cache:
+                with torch.no_grad():
+                    text_cache[c] = model.encode_text([c])
+        kw = {}
+        for key in text_cache[captions[0]].kwargs:
+            kw[key] = torch.cat([text_cache[c].kwargs[key] for c in captions])
+        return TextConditioning(kw)
+
+    sched = model.noise_scheduler
+    alphas = sched.alphas_cumprod
+
+    def loss_on(batch, micro_step: int, gen: torch.Generator, timesteps: torch.Tensor | None = None):
+        latents = latents_for(batch, micro_step).to(weight_dtype)
+        noise, t = _noise_batch(latents, sched.config.num_train_timesteps, gen, cfg.noise_offset)
+        if timesteps is not None:
+            t = timesteps.to(latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        cond = text_for(batch["captions"]).to(accelerator.device, weight_dtype)
+        with accelerator.autocast():
+            pred = model.predict(noisy, t, cond, denoiser=denoiser)
+        return diffusion_loss(pred, target, t, alphas, model.prediction_type, cfg.min_snr_gamma)
+
+    # ---- probe: the first batch, fixed noise and spread timesteps, before and after
+    probe_batch = collate([dataset[k] for k in sampler.batch(start_step * cfg.grad_accum)])
+
+    def probe() -> float:
+        if probe_batch["pixels"] is None:
+            return float("nan")
+        n = probe_batch["pixels"].shape[0]
+        t = torch.linspace(100, sched.config.num_train_timesteps - 100, n).long()
+        with torch.no_grad():
+            return float(loss_on(probe_batch, 10**9, torch.Generator().manual_seed(cfg.seed + 7), t))
+
+    probe_first = probe()
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(cfg.to_toml())
+    if trackers:
+        accelerator.init_trackers("mole", config=_flat(cfg.to_dict()))
+    metrics_file = out / "metrics.jsonl"
+
+    # ---- loop
+    losses, gate_log, skipped, checkpoints = [], [], 0, []
+    micro_step = start_step * cfg.grad_accum
+    step = start_step
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    denoiser.train()
+    acc_loss, acc_n, t0 = 0.0, 0, time.perf_counter()
+    while step < cfg.max_steps:
+        batch = next(batches)
+        skipped += batch["skipped"]
+        gen = _step_generator(cfg.seed, micro_step, accelerator.process_index)
+        micro_step += 1
+        if batch["pixels"] is None:  # every image of this micro-batch was unreadable
+            logger.warning("micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
+            continue
+        completes_step = micro_step % cfg.grad_accum == 0
+        log_gates = stage.records_gates and completes_step and (step + 1) % cfg.log_every == 0
+        with accelerator.accumulate(*wrapped.values()):
+            if log_gates:
+                with record_gates(stage.modules["denoiser"], keep_local=True) as rec:
+                    loss = loss_on(batch, micro_step, gen)
+                gate_stats = _gate_stats(rec)
+            else:
+                loss, gate_stats = loss_on(batch, micro_step, gen), None
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(stage.params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        acc_loss += float(loss.detach())
+        acc_n += 1
+        if not accelerator.sync_gradients:
+            continue
+        schedule.step()
+        step += 1
+        mean_loss = acc_loss / acc_n
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss became {mean_loss} at step {step}; lower optim.lr or use bf16 over fp16")
+        losses.append(mean_loss)
+        acc_loss, acc_n = 0.0, 0
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
+                      "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            if gate_stats:
+                record.update(gate_stats)
+                gate_log.append({"step": step, **gate_stats})
+            if accelerator.is_main_process:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if trackers:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+                accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
+            elif accelerator.is_main_process:
+                checkpoints.append(
+                    save_checkpoint(ckpt_dir, step, stage.modules, optimizer, schedule, cfg.to_toml(),
+                                    {"micro_step": micro_step, "skipped_images": skipped}, cfg.keep_checkpoints)
+                )  # fmt: skip
+    bar.close()
+    denoiser.eval()
+    probe_last = probe()
+
+    final: list[Path] = []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_dir = out / "final"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        final = stage.save_final(final_dir)
+        (final_dir / "config.toml").write_text(cfg.to_toml())
+    if trackers:
+        accelerator.end_training()
+    return TrainResult(
+        steps=step, start_step=start_step, losses=losses, skipped_images=skipped, final=final,
+        checkpoints=list_checkpoints(ckpt_dir), probe_loss_first=probe_first, probe_loss_last=probe_last,
+        gate_log=gate_log,
+    )  # fmt: skip
+
+
+def _gate_stats(rec) -> dict[str, float]:
+    """Per expert: mean global gate over layers and samples; mean and spread of local scores over tokens."""
+    stats: dict[str, float] = {}
+    try:
+        glob = rec.mean_global()[0]  # (b, e)
+        for i, name in enumerate(rec.expert_names):
+            stats[f"gate/global/{name}"] = float(glob[:, i].mean())
+    except ValueError:
+        pass
+    locs = [r.local_gate for r in rec.steps[0].values() if r.local_gate is not None] if rec.steps else []
+    if locs:
+        for i, name in enumerate(rec.expert_names):
+            vals = torch.cat([loc[..., i].flatten() for loc in locs])
+            stats[f"gate/local_mean/{name}"] = float(vals.mean())
+            stats[f"gate/local_std/{name}"] = float(vals.std())
+    return stats
+
+
+def _trackers(cfg: TrainConfig) -> list[str]:
+    if not cfg.tensorboard:
+        return []
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+            return []
+    return ["tensorboard"]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+        elif v is not None:
+            out[f"{prefix}{k}"] = str(v)
+    return out

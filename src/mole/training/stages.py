@@ -1,0 +1,102 @@
+"""What each stage trains and what it leaves behind.
+
+Stage 1: the denoiser (+ the text encoder of SD1.5 / SD2.1)        -> a diffusers pipeline folder
+Stage 2: one new LoRA expert on the denoiser's target layers         -> <name>.safetensors (diffusers LoRA format)
+Stage 3: the gates of every layer, base and experts frozen           -> mole.safetensors (gates + experts + manifest)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import MoLEConfig
+from ..experts import ExpertFormat, load_expert, save_expert
+from ..inject import expert_parameters, extract_expert, gate_parameters, inject_mole, new_expert
+from ..io import save_mole
+from ..models import DiffusionModel
+from ..targets import Backbone
+from .config import Stage, TrainConfig, TrainConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSetup:
+    modules: dict[str, nn.Module]  # the modules holding trainable parameters: "denoiser", maybe "text_encoder"
+    params: list[nn.Parameter]
+    save_final: Callable[[Path], list[Path]]
+    records_gates: bool
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+
+
+def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dtype) -> StageSetup:
+    """Freeze everything, then make trainable what the stage trains; frozen weights go to `weight_dtype`."""
+    pipe, denoiser = model.pipe, model.denoiser
+    model.vae.requires_grad_(False)
+    _cast(model.vae, weight_dtype)
+    for enc in model.text_encoders:
+        enc.requires_grad_(False)
+    denoiser.requires_grad_(False)
+    component = "unet" if model.is_unet else "transformer"
+
+    if cfg.stage is Stage.FINETUNE:
+        denoiser.requires_grad_(True)
+        modules = {"denoiser": denoiser}
+        if cfg.train_text_encoder:
+            if model.backbone not in (Backbone.SD15, Backbone.SD21):
+                raise TrainConfigError(
+                    f"train_text_encoder=true is supported for SD1.5 / SD2.1, not {model.backbone.value}; "
+                    "set train_text_encoder=false"
+                )
+            pipe.text_encoder.requires_grad_(True)
+            modules["text_encoder"] = pipe.text_encoder
+        else:
+            for enc in model.text_encoders:
+                _cast(enc, weight_dtype)
+        params = [p for m in modules.values() for p in m.parameters()]
+
+        def save_final(out: Path) -> list[Path]:
+            pipe.save_pretrained(out)
+            return [out]
+
+        return StageSetup(modules, params, save_final, records_gates=False)
+
+    for enc in model.text_encoders:
+        _cast(enc, weight_dtype)
+    _cast(denoiser, weight_dtype)
+    if cfg.stage is Stage.EXPERT:
+        ex = cfg.expert
+        expert = new_expert(denoiser, ex.name, ex.rank, ex.alpha, seed=cfg.seed)
+        inject_mole(denoiser, [expert], MoLEConfig(gating="none"))
+        params = expert_parameters(denoiser)
+
+        def save_final(out: Path) -> list[Path]:
+            trained = extract_expert(denoiser, ex.name)
+            for pair in trained.layers.values():
+                pair.down, pair.up = pair.down.float(), pair.up.float()
+            return [save_expert(trained, out / f"{ex.name}.safetensors", ExpertFormat.DIFFUSERS, component)]
+
+    else:
+        mix = cfg.mixture
+        experts = [load_expert(path, name, component=component) for name, path in mix.experts.items()]
+        mole_cfg = MoLEConfig(gating=mix.gating, global_source=mix.global_source, gate_init=mix.gate_init)
+        inject_mole(denoiser, experts, mole_cfg)
+        params = gate_parameters(denoiser)
+
+        def save_final(out: Path) -> list[Path]:
+            return [save_mole(denoiser, out / "mole.safetensors", base_model=cfg.model)]
+
+    for p in params:  # trainable weights stay fp32 under mixed precision
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=cfg.stage is Stage.MIXTURE)
