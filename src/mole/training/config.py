@@ -139,12 +139,12 @@ class TrainConfig:
                  "use a short identifier such as 'face' or 'hand'")  # fmt: skip
         if self.stage is Stage.MIXTURE:
             need(bool(self.mixture.experts), "mixture.experts", self.mixture.experts,
-                 "name the experts to mix, e.g. mixture.experts = {face = 'face.safetensors', hand = '...'}")  # fmt: skip
+                 "name the experts to mix, e.g. mixture.experts = {face = 'face.safetensors'}")  # fmt: skip
             need(self.mixture.gating is not Gating.NONE, "mixture.gating", "none",
                  "stage 3 trains gates: use local, global or both")  # fmt: skip
         if self.data.cache_text:
             need(self.stage is not Stage.FINETUNE or not self.train_text_encoder, "data.cache_text", True,
-                 "text embeddings cannot be cached while the text encoder trains (set train_text_encoder=false)")  # fmt: skip
+                 "the text encoder trains, so its embeddings change; set train_text_encoder=false")  # fmt: skip
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
