@@ -33,3 +33,52 @@ def two_experts(model, rank=4, std=0.1):
         random_expert(model, "face", rank=rank, seed=1, std=std, alpha=2.0 * rank),
         random_expert(model, "hand", rank=rank, seed=2, std=std),
     ]
+
+
+# ---------------------------------------------------------------------------------------------------- training
+import glob  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FACES = sorted(glob.glob(str(SHARED / "data/faces/orl/s1/*.pgm")))
+HANDS = sorted(glob.glob(str(SHARED / "data/hands/sign_language_digits/0/*.JPG")))
+
+
+def image_folder(path: Path, files: list[str], caption: str) -> Path:
+    """Copy real shared/ images into a captioned folder (one .txt per image)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        dst = path / f"{i:03d}{Path(f).suffix}"
+        shutil.copy(f, dst)
+        dst.with_suffix(".txt").write_text(caption)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    """A tiny SD1.5 pipeline written with save_pretrained: the local-path route real users take."""
+    from mole.tiny import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sd15"
+    tiny_pipeline("sd15").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def faces_dir(tmp_path_factory):
+    if not FACES:
+        pytest.skip("../shared/data/faces is not available")
+    return image_folder(tmp_path_factory.mktemp("data") / "faces", FACES[:4], "a close-up photo of a face")
+
+
+def t5_tokenizer():
+    """The tiny T5 sentencepiece tokenizer from shared/assets (skips when absent)."""
+    model = SHARED / "assets" / "t5_spiece_unigram1000.model"
+    if not model.is_file():
+        pytest.skip("../shared/assets/t5_spiece_unigram1000.model is not available")
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    return T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())], extra_ids=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -40,6 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_toml(), end="")
         return 0
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only the first process reports
+        return 0
     print(json.dumps({
         "steps": result.steps, "start_step": result.start_step, "skipped_images": result.skipped_images,
         "first_loss": result.losses[0] if result.losses else None,

@@ -46,6 +46,7 @@ class TrainResult:
     probe_loss_first: float  # loss on the run's first batch with fixed noise and timesteps, before training
     probe_loss_last: float  # the same batch, noise and timesteps after training
     gate_log: list[dict] = field(default_factory=list)  # stage 3: per-expert gate statistics at log steps
+    trainable_checksum: float = 0.0  # sum of |trainable weights| on this process (equal on every process)
 
 
 def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -255,7 +256,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         steps=step, start_step=start_step, losses=losses, skipped_images=skipped, final=final,
         checkpoints=list_checkpoints(ckpt_dir), probe_loss_first=probe_first, probe_loss_last=probe_last,
-        gate_log=gate_log,
+        gate_log=gate_log, trainable_checksum=float(sum(p.detach().double().abs().sum() for p in stage.params)),
     )  # fmt: skip
 
 
