@@ -233,3 +233,16 @@ def test_expert_shape_mismatch_names_layer_and_expert():
 def test_lora_pair_rank_mismatch_is_reported():
     with pytest.raises(ValueError, match="rank mismatch"):
         LoraPair(torch.zeros(2, 8), torch.zeros(8, 3), 2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_expert_weights_scale_each_expert(fused):
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8)
+    layer = make_layer(base, (2, 3), gating="none")
+    layer.fused = fused
+    x = torch.randn(2, 3, 8)
+    e0, e1 = (layer.expert(n) for n in layer.expert_names)
+    layer.expert_weight.copy_(torch.tensor([0.5, 0.0]))
+    expected = base(x) + 0.5 * (x @ e0.down.T @ e0.up.T) * e0.scale
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ from .inject import (  # noqa: E402
     mole_layers,
     mole_state,
     remove_mole,
+    set_expert_weights,
     set_fused,
 )
 from .io import MoLEFileError, load_mole, read_mole_file, save_mole  # noqa: E402
@@ -68,5 +69,6 @@ __all__ = [
     "remove_mole",
     "save_expert",
     "save_mole",
+    "set_expert_weights",
     "set_fused",
 ]

@@ -54,6 +54,86 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    from .inference import read_prompt_file
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += read_prompt_file(args.prompt_file)
+    return prompts
+
+
+def _expert_weights(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        for part in item.split(","):
+            name, _, value = part.partition("=")
+            try:
+                out[name.strip()] = float(value) if value else 1.0
+            except ValueError:
+                raise ValueError(f"--experts {part!r}: use name=weight, e.g. face=1.0") from None
+    return out
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import GenerateOptions, MixMode, generate
+
+    weights = _expert_weights(args.experts)
+    if args.compare:
+        modes = [MixMode.NONE, MixMode.FIXED, MixMode.MOLE]
+    elif args.no_mole:
+        modes = [MixMode.NONE]
+    elif weights is not None:
+        modes = [MixMode.FIXED]
+    else:
+        modes = [MixMode.MOLE]
+    seeds = args.seeds if args.seeds else list(range(args.seed, args.seed + args.num_images))
+    index = generate(GenerateOptions(
+        base=args.base, prompts=_prompts(args), mole=args.mole, out_dir=args.out, seeds=seeds,
+        negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
+        dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
+    ))  # fmt: skip
+    print(json.dumps({"images": len(index["images"]), "out": args.out,
+                      "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inference import InspectOptions, inspect
+
+    data = inspect(InspectOptions(
+        base=args.base, mole=args.mole, prompts=_prompts(args), out_dir=args.out, seed=args.seed, steps=args.steps,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
+        map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
+    ))  # fmt: skip
+    summary = {
+        n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
+    }
+    print(json.dumps({"out": args.out, "global_gate": summary}, indent=2))
+    return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from .inference import SCHEDULERS
+
+    p.add_argument("--base", required=True, help="hub id or local diffusers pipeline folder")
+    p.add_argument("--mole", help="MoLE .safetensors (gates + experts)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
+    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
+    p.add_argument("--no-strict-base", action="store_true", help="accept a base whose weights differ (fine-tunes)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mole", description="Mixture of Low-rank Experts for diffusion models")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -75,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     tr.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="generate images with MoLE (or the base / fixed-weight experts)")
+    _sampling_args(gen)
+    gen.add_argument("--out", default="runs/generate")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    gen.add_argument("--seeds", type=int, nargs="+", help="explicit seeds (overrides --seed/--num-images)")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--no-mole", action="store_true", help="the base model alone")
+    gen.add_argument("--experts", action="append", metavar="NAME=W", help="fixed-weight mixing, e.g. face=1.0")
+    gen.add_argument("--compare", action="store_true", help="base, fixed-weight and MoLE side by side")
+    gen.set_defaults(func=_cmd_generate)
+
+    ins = sub.add_parser("inspect", help="record the gates while generating and draw them (the paper's Fig. 7)")
+    _sampling_args(ins)
+    ins.add_argument("--out", default="runs/inspect")
+    ins.add_argument("--map-steps", type=int, default=5, help="steps shown in the local score maps")
+    ins.set_defaults(func=_cmd_inspect)
 
     info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
     info.add_argument("file")

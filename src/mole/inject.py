@@ -200,6 +200,20 @@ def set_fused(model: nn.Module, fused: bool) -> None:
         layer.fused = fused
 
 
+def set_expert_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
+    """Multiply each named expert's contribution (on top of its gates); experts not named keep their weight.
+
+    With gating="none" this is fixed-weight LoRA mixing (the paper's stage-2 baseline); weight 0 turns one off.
+    """
+    state = mole_state(model)
+    unknown = sorted(set(weights) - set(state.expert_names))
+    if unknown:
+        raise MoLEInjectError(f"no experts named {unknown}; the model's experts are {state.expert_names}")
+    for layer in mole_layers(model).values():
+        for name, w in weights.items():
+            layer.expert_weight[layer.expert_names.index(name)] = float(w)
+
+
 def expert_pairs(model: nn.Module, name: str) -> dict[str, LoraPair]:
     """The named expert's factors in every wrapped layer that has them (module path -> LoraPair)."""
     state = mole_state(model)

@@ -35,9 +35,15 @@ class GateRecorder:
     """Collects LayerRecords; `steps[t][layer_path]` is what layer `layer_path` did in model call t."""
 
     def __init__(
-        self, expert_names: list[str], layer_paths: list[str], keep_local: bool, latent_hw: tuple[int, int] | None
+        self,
+        expert_names: list[str],
+        layer_paths: list[str],
+        keep_local: bool,
+        latent_hw: tuple[int, int] | None,
+        local_steps: set[int] | None = None,
     ) -> None:
         self.expert_names = expert_names
+        self.local_steps = local_steps  # keep local maps only at these step indices (None: every step)
         self.layer_paths = layer_paths  # model order; views list layers in this order, whatever the call order
         self.keep_local = keep_local
         self.latent_hw = latent_hw
@@ -51,14 +57,15 @@ class GateRecorder:
         if not self.steps:  # layer called outside a model forward (e.g. on its own): open a step
             self.steps.append({})
         grid = None
-        if local is not None and self.keep_local:
+        keep_local = self.keep_local and (self.local_steps is None or len(self.steps) - 1 in self.local_steps)
+        if local is not None and keep_local:
             if layer.is_conv:
                 grid = (int(x.shape[2]), int(x.shape[3]))
             elif not _TEXT_TOKEN_LAYER.search(layer.path):
                 grid = token_grid(local.shape[1], self.latent_hw)
         rec = LayerRecord(
             global_gate=glob.detach().float().cpu() if glob is not None else None,
-            local_gate=local.detach().float().cpu() if (local is not None and self.keep_local) else None,
+            local_gate=local.detach().float().cpu() if (local is not None and keep_local) else None,
             grid=grid,
         )
         step = self.steps[-1]
@@ -143,15 +150,19 @@ def token_grid(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | N
 
 @contextmanager
 def record_gates(
-    model: nn.Module, keep_local: bool = True, latent_hw: tuple[int, int] | None = None
+    model: nn.Module,
+    keep_local: bool = True,
+    latent_hw: tuple[int, int] | None = None,
+    local_steps: set[int] | None = None,
 ) -> Iterator[GateRecorder]:
     """Record every MoLE layer's gates while the block runs; each call of `model` starts a new step.
 
     keep_local: keep the (b, n, e) local score maps (memory grows with steps x layers x tokens).
     latent_hw: the latent height and width, to lay linear layers' tokens out as maps (conv layers know theirs).
+    local_steps: keep local maps only at these step indices (global gates are kept at every step).
     """
     layers = mole_layers(model)
-    rec = GateRecorder(mole_state(model).expert_names, list(layers), keep_local, latent_hw)
+    rec = GateRecorder(mole_state(model).expert_names, list(layers), keep_local, latent_hw, local_steps)
     handle = model.register_forward_pre_hook(rec._new_step)
     for layer in layers.values():
         layer.recorder = rec

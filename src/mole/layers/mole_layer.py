@@ -119,6 +119,8 @@ class MoLELayer(nn.Module):
         self.register_buffer(
             "expert_scale", torch.tensor(scales, dtype=torch.float32, device=ref.device), persistent=False
         )  # (e,) alpha_i / r_i
+        # (e,) user multipliers on top of the gates (fixed-weight mixing, ablations); 1 = as trained
+        self.register_buffer("expert_weight", torch.ones(len(ranks), device=ref.device), persistent=False)
         active = [r for r in ranks if r > 0]
         self._uniform_rank = active[0] if len(active) == len(ranks) and len(set(active)) == 1 else 0
         self.gates = MoLEGates(
@@ -223,7 +225,7 @@ class MoLELayer(nn.Module):
         e = self.num_experts
         z = F.linear(tokens, self._augmented_weight(dtype))  # (b, n, r + e_local + e_global)
         h = z[..., :rows]  # (b, n, r) low-rank activations of every expert
-        coef = self.expert_scale.to(dtype)  # (e,)
+        coef = (self.expert_scale * self.expert_weight).to(dtype)  # (e,)
         local = glob = None
         col = rows
         if self.gating.uses_local:
@@ -275,6 +277,7 @@ class MoLELayer(nn.Module):
                 g_i = torch.sigmoid(pooled @ gates.global_weight[i].to(dtype) + gates.global_bias[i].to(dtype))
             if g_i is not None:
                 y_i = y_i * g_i[:, None, None]
+            y_i = y_i * self.expert_weight[i].to(dtype)
             total = total + y_i
             locals_.append(s_i)
             globals_.append(g_i)

@@ -1,0 +1,169 @@
+"""`mole generate`: images from prompts with MoLE, the base model, or fixed-weight expert mixing.
+
+Each image is a PNG carrying its prompt, seed and settings in its metadata; a contact sheet and a jsonl index sit
+beside them. For a side-by-side comparison, `modes` lists several MixModes: every (prompt, seed) is generated in
+each, and compare.png shows them in columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..targets import Backbone
+from .pipeline import MixMode, load_mole_weights, load_pipeline, set_scheduler
+from .plot import grid
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerateOptions:
+    base: str
+    prompts: list[str]
+    mole: str | None = None  # MoLE .safetensors; required unless modes == [none]
+    out_dir: str = "runs/generate"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    negative_prompt: str | None = None
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 4
+    dtype: str = "auto"  # auto: fp16 on a GPU, fp32 on the CPU
+    device: str | None = None
+    modes: list[MixMode] = field(default_factory=lambda: [MixMode.MOLE])
+    expert_weights: dict[str, float] | None = None
+    strict_base: bool = True
+
+    def __post_init__(self) -> None:
+        self.modes = [MixMode(m) for m in self.modes]
+        if not self.prompts:
+            raise ValueError("prompts is empty: pass at least one prompt (or a prompt file)")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: use at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: use at least 1")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype={self.dtype!r}: use auto, fp32, fp16 or bf16")
+        if any(m is not MixMode.NONE for m in self.modes) and not self.mole:
+            raise ValueError("mole is not set: pass the MoLE .safetensors file, or use --no-mole for the base model")
+        for h in (self.height, self.width):
+            if h is not None and h % 8:
+                raise ValueError(f"height/width={h}: use a multiple of 8")
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line (blank lines and lines starting with # skipped), or a .json/.jsonl of {"prompt": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return [d["prompt"] if isinstance(d, dict) else str(d) for d in data]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_prompt_lengths(model, prompts: list[str]) -> list[dict]:
+    """For each prompt: its token count, the limit, and the text the text encoder will not see (if any)."""
+    pipe = model.pipe
+    tok = pipe.tokenizer
+    limit = 120 if model.backbone is Backbone.PIXART else tok.model_max_length
+    reports = []
+    for p in prompts:
+        ids = tok(p, truncation=False, add_special_tokens=True).input_ids
+        report = {"prompt": p, "tokens": len(ids), "limit": limit, "truncated": None}
+        if len(ids) > limit:
+            kept = limit - 1  # the end-of-text token takes the last place
+            report["truncated"] = tok.decode(ids[kept:-1], skip_special_tokens=True)
+            logger.warning(
+                "prompt has %d tokens, the text encoder takes %d; this part is cut off: %r",
+                len(ids), limit, report["truncated"],
+            )  # fmt: skip
+        reports.append(report)
+    return reports
+
+
+def _png(image: Image.Image, path: Path, meta: dict) -> None:
+    info = PngInfo()
+    info.add_text("parameters", f"{meta['prompt']}\nNegative prompt: {meta.get('negative_prompt') or ''}\n"
+                  f"Steps: {meta['steps']}, Sampler: {meta['scheduler']}, CFG scale: {meta['guidance_scale']}, "
+                  f"Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['base']}")  # fmt: skip
+    info.add_text("mole", json.dumps(meta))
+    image.save(path, pnginfo=info)
+
+
+def generate(opts: GenerateOptions) -> dict:
+    """Generate every (prompt, seed) in every mode; return an index of what was written."""
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
+    model = load_pipeline(opts.base, dtype=dtype, device=device)
+    pipe = model.pipe
+    set_scheduler(pipe, opts.scheduler)
+    pipe.set_progress_bar_config(disable=not logger.isEnabledFor(logging.INFO))
+    f = model.vae_scale_factor
+    sample = model.denoiser.config.sample_size
+    height = opts.height or (sample * f if isinstance(sample, int) else sample[0] * f)
+    width = opts.width or (sample * f if isinstance(sample, int) else sample[1] * f)
+    lengths = check_prompt_lengths(model, opts.prompts)
+
+    out = Path(opts.out_dir)
+    jobs = [(pi, p, s) for pi, p in enumerate(opts.prompts) for s in opts.seeds]
+    index: dict = {"options": {**asdict(opts), "modes": [m.value for m in opts.modes]}, "prompts": lengths,
+                   "images": []}  # fmt: skip
+    by_mode: dict[str, list[Image.Image]] = {}
+    for mode in opts.modes:
+        if opts.mole:
+            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base)
+        folder = out / mode.value
+        folder.mkdir(parents=True, exist_ok=True)
+        images: list[Image.Image] = []
+        for start in range(0, len(jobs), opts.batch_size):
+            chunk = jobs[start : start + opts.batch_size]
+            generators = [torch.Generator(device=device).manual_seed(s) for _, _, s in chunk]
+            kwargs = dict(
+                prompt=[p for _, p, _ in chunk], num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
+                height=height, width=width, generator=generators,
+            )  # fmt: skip
+            if opts.negative_prompt:
+                kwargs["negative_prompt"] = [opts.negative_prompt] * len(chunk)
+            if model.backbone is Backbone.PIXART:
+                kwargs["use_resolution_binning"] = False
+            result = pipe(**kwargs).images
+            for (pi, prompt, seed), image in zip(chunk, result):
+                meta = {"prompt": prompt, "negative_prompt": opts.negative_prompt, "seed": seed, "steps": opts.steps,
+                        "guidance_scale": opts.guidance_scale, "scheduler": opts.scheduler, "height": height,
+                        "width": width, "base": opts.base, "mole": opts.mole, "mode": mode.value,
+                        "expert_weights": opts.expert_weights, "dtype": str(dtype).replace("torch.", ""),
+                        "truncated": lengths[pi]["truncated"]}  # fmt: skip
+                path = folder / f"{pi:04d}_seed{seed}.png"
+                _png(image, path, meta)
+                images.append(image)
+                index["images"].append({"path": str(path), **meta})
+        grid(images, cols=min(len(opts.seeds), 8) if len(opts.seeds) > 1 else min(len(images), 8),
+             labels=[f"{p[:24]} s{s}" for _, p, s in jobs]).save(folder / "grid.png")  # fmt: skip
+        by_mode[mode.value] = images
+    if len(opts.modes) > 1:  # side by side: one row per (prompt, seed), one column per mode
+        cells, labels = [], []
+        for k in range(len(jobs)):
+            for mode in opts.modes:
+                cells.append(by_mode[mode.value][k])
+                labels.append(mode.value)
+        grid(cells, cols=len(opts.modes), labels=labels).save(out / "compare.png")
+    with (out / "images.jsonl").open("w") as fh:
+        for rec in index["images"]:
+            fh.write(json.dumps(rec) + "\n")
+    (out / "index.json").write_text(json.dumps(index, indent=2, default=str))
+    return index

@@ -1,0 +1,162 @@
+"""`mole inspect`: what the gates do while an image is generated (the paper's Fig. 7).
+
+Outputs in out_dir:
+    gates_global.png      per expert, the global gate averaged over layers vs inference step, band = +-1 std over
+                          prompts (Fig. 7a/b)
+    local_maps_<k>.png    per expert (rows) and chosen steps (columns), the local score averaged over image-token
+                          layers, overlaid on prompt k's final image (Fig. 7c)
+    image_<k>.png         the final images
+    gates.json            the raw numbers: global gates per prompt / step / expert, per layer means, local maps
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..inject import mole_layers
+from ..recording import record_gates
+from ..targets import Backbone
+from .generate import DTYPES, check_prompt_lengths
+from .pipeline import MixMode, load_mole_weights, load_pipeline, set_scheduler
+from .plot import grid, line_chart, overlay
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InspectOptions:
+    base: str
+    mole: str
+    prompts: list[str]
+    out_dir: str = "runs/inspect"
+    seed: int = 0
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    height: int | None = None
+    width: int | None = None
+    map_steps: int = 5  # how many evenly spaced steps the local maps show
+    dtype: str = "auto"
+    device: str | None = None
+    strict_base: bool = True
+    negative_prompt: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        if self.steps < 1 or self.map_steps < 1:
+            raise ValueError(f"steps={self.steps}, map_steps={self.map_steps}: use at least 1")
+
+
+def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert: int) -> np.ndarray | None:
+    """Average one sample's local scores over every layer with a known grid, resized to the latent grid hw."""
+    maps = []
+    for rec in step_records.values():
+        if rec.local_gate is None or rec.grid is None:
+            continue
+        h, w = rec.grid
+        m = rec.local_gate[sample, :, expert].reshape(1, 1, h, w)
+        maps.append(F.interpolate(m, size=hw, mode="bilinear", align_corners=False)[0, 0])
+    return torch.stack(maps).mean(0).numpy() if maps else None
+
+
+def inspect(opts: InspectOptions) -> dict:
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
+    model = load_pipeline(opts.base, dtype=dtype, device=device)
+    pipe = model.pipe
+    set_scheduler(pipe, opts.scheduler)
+    pipe.set_progress_bar_config(disable=not logger.isEnabledFor(logging.INFO))
+    load_mole_weights(pipe, opts.mole, MixMode.MOLE, strict_base=opts.strict_base)
+    denoiser = model.denoiser
+    layer_paths = list(mole_layers(denoiser))
+    f = model.vae_scale_factor
+    sample = denoiser.config.sample_size
+    height = opts.height or sample * f
+    width = opts.width or sample * f
+    latent_hw = (height // f, width // f)
+    if model.backbone is Backbone.PIXART:
+        p = denoiser.config.patch_size
+        latent_hw = (latent_hw[0] // p, latent_hw[1] // p)  # image tokens are patches
+    shown = sorted({round(k * (opts.steps - 1) / max(1, opts.map_steps - 1)) for k in range(opts.map_steps)})
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = check_prompt_lengths(model, opts.prompts)
+
+    per_prompt_global, per_layer, local_json, images = [], [], {}, []
+    experts: list[str] = []
+    for k, prompt in enumerate(opts.prompts):
+        generator = torch.Generator(device=device).manual_seed(opts.seed)
+        kwargs = dict(prompt=prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
+                      height=height, width=width, generator=generator)  # fmt: skip
+        if opts.negative_prompt:
+            kwargs["negative_prompt"] = opts.negative_prompt
+        if model.backbone is Backbone.PIXART:
+            kwargs["use_resolution_binning"] = False
+        with record_gates(denoiser, keep_local=True, latent_hw=latent_hw, local_steps=set(shown)) as rec:
+            image = pipe(**kwargs).images[0]
+        experts = rec.expert_names
+        if rec.num_steps != opts.steps:
+            logger.warning("recorded %d denoiser calls for %d steps (scheduler with extra calls)", rec.num_steps,
+                           opts.steps)  # fmt: skip
+        g = rec.global_gates()  # (steps, layers, b, e); the conditional sample is the last under CFG
+        cond = g[:, :, -1, :]
+        per_prompt_global.append(cond.mean(1))  # (steps, e)
+        per_layer.append(cond)  # (steps, layers, e)
+        image.save(out / f"image_{k}.png")
+        images.append(image)
+        cells, labels, local_json[str(k)] = [], [], {}
+        scale = max(1.0, 160 / min(image.size))  # small images get enlarged so the maps stay readable
+        shown_image = image.resize((round(image.width * scale), round(image.height * scale)), 3)
+        heats = {}
+        for e, name in enumerate(experts):
+            for t in shown:
+                heat = _mean_local_map(rec.steps[t], -1, latent_hw, e)
+                if heat is not None:
+                    heats[(name, t)] = heat
+                    local_json[str(k)].setdefault(str(t), {})[name] = np.round(heat, 4).tolist()
+        if heats:  # one colour scale per figure, from its lowest to its highest score, printed in the labels
+            lo = min(float(h.min()) for h in heats.values())
+            hi = max(float(h.max()) for h in heats.values())
+            for (name, t), heat in heats.items():
+                cells.append(overlay(shown_image, heat, alpha=0.55, vmin=lo, vmax=hi))
+                labels.append(f"{name} t{t} mean {heat.mean():.2f} [{lo:.2f},{hi:.2f}]")
+        if cells:
+            grid(cells, cols=len(shown), labels=labels).save(out / f"local_maps_{k}.png")
+
+    stacked = torch.stack(per_prompt_global)  # (prompts, steps, e)
+    mean, std = stacked.mean(0), stacked.std(0) if len(opts.prompts) > 1 else torch.zeros_like(stacked[0])
+    line_chart(
+        {n: mean[:, i].tolist() for i, n in enumerate(experts)}, out / "gates_global.png",
+        bands={n: std[:, i].tolist() for i, n in enumerate(experts)},
+        title=f"global gate (mean over {len(layer_paths)} layers, {len(opts.prompts)} prompts)",
+        xlabel="inference step", ylabel="gate",
+    )  # fmt: skip
+    layer_means = torch.stack(per_layer).mean(0)  # (steps, layers, e)
+    data = {
+        "experts": experts,
+        "prompts": lengths,
+        "steps": opts.steps,
+        "layers": layer_paths,
+        "global_per_prompt": {n: stacked[:, :, i].tolist() for i, n in enumerate(experts)},  # [prompt][step]
+        "global_mean": {n: mean[:, i].tolist() for i, n in enumerate(experts)},
+        "global_std_over_prompts": {n: std[:, i].tolist() for i, n in enumerate(experts)},
+        "global_per_layer": {  # [step] per layer, mean over prompts
+            path: {n: layer_means[:, j, i].tolist() for i, n in enumerate(experts)}
+            for j, path in enumerate(layer_paths)
+        },
+        "local_map_steps": shown,
+        "local_maps": local_json,  # prompt -> step -> expert -> latent-grid map
+        "latent_grid": list(latent_hw),
+    }
+    (out / "gates.json").write_text(json.dumps(data))
+    grid(images, cols=min(len(images), 8), labels=[p[:30] for p in opts.prompts]).save(out / "images.png")
+    return data

@@ -1,0 +1,107 @@
+"""Putting MoLE into a diffusers pipeline, the way diffusers users expect:
+
+pipe = DiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+load_mole_weights(pipe, "mole.safetensors")             # gates + embedded experts
+load_mole_weights(pipe, "mole.safetensors", mode=MixMode.FIXED, expert_weights={"face": 1.0})
+image = pipe("a close-up photo of a woman's face").images[0]
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import MoLEConfig
+from ..inject import has_mole, inject_mole, remove_mole, set_expert_weights
+from ..io import MoLEFileError, embedded_experts, load_mole, read_mole_file
+from ..targets import Backbone
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+class MixMode(str, enum.Enum):
+    MOLE = "mole"  # the learned gates
+    FIXED = "fixed"  # no gates: each expert at a fixed weight (LoRA mixing, the paper's stage-2 baseline)
+    NONE = "none"  # the base model alone
+
+
+def denoiser_of(pipe) -> nn.Module:
+    module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if module is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer to put MoLE into")
+    return module
+
+
+def load_mole_weights(
+    pipe,
+    path: str | Path,
+    mode: MixMode | str = MixMode.MOLE,
+    expert_weights: Mapping[str, float] | None = None,
+    strict_base: bool = True,
+):
+    """Inject the MoLE file's experts into the pipeline's denoiser (gated, or at fixed weights); return the pipe.
+
+    expert_weights: per-expert multipliers. In FIXED mode, experts not named get weight 0 (e.g. {"face": 1.0}
+    runs the face LoRA alone); in MOLE mode they multiply the gated contributions.
+    """
+    mode = MixMode(mode)
+    denoiser = denoiser_of(pipe)
+    if has_mole(denoiser):
+        remove_mole(denoiser)
+    if mode is MixMode.NONE:
+        return pipe
+    if mode is MixMode.MOLE:
+        load_mole(denoiser, path, strict_base=strict_base)
+        if expert_weights:
+            set_expert_weights(denoiser, expert_weights)
+        return pipe
+    manifest, tensors = read_mole_file(path)
+    from ..io import check_base
+
+    check_base(denoiser, manifest, str(path), strict_base)
+    experts = embedded_experts(manifest, tensors, str(path))
+    missing = [e["name"] for e in manifest["experts"] if e["name"] not in experts]
+    if missing:
+        raise MoLEFileError(f"{path} does not embed experts {missing}; fixed-weight mixing needs them in the file")
+    inject_mole(denoiser, list(experts.values()), MoLEConfig(gating="none"),
+                backbone=Backbone(manifest["base_model"]["backbone"]))  # fmt: skip
+    weights = {name: 0.0 for name in experts}
+    weights.update(expert_weights or {name: 1.0 for name in experts})
+    set_expert_weights(denoiser, weights)
+    return pipe
+
+
+def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """A diffusers pipeline from a hub id or local folder, on `device` (default: cuda if present, else cpu)."""
+    from ..models import DiffusionModel
+
+    model = DiffusionModel.from_pretrained(base, dtype=dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.pipe.to(device)
+    if hasattr(model.pipe, "safety_checker") and model.pipe.safety_checker is None:
+        model.pipe.requires_safety_checker = False
+    return model
+
+
+def set_scheduler(pipe, name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r} is unknown; use one of {sorted(SCHEDULERS)}")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
