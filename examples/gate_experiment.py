@@ -79,7 +79,8 @@ def main() -> None:
             tiny_pipeline("sd15", tokenizer=tokenizer, seed=args.seed).save_pretrained(base)
     summary = run_gate_experiment(ExperimentOptions(
         base=base, face_dir=face_dir, hand_dir=hand_dir, mix_dir=mix_dir, out_dir=str(out),
-        resolution=args.resolution, rank=args.rank, expert_steps=args.expert_steps, finetune_steps=args.finetune_steps, gate_steps=args.gate_steps,
+        resolution=args.resolution, rank=args.rank, finetune_steps=args.finetune_steps,
+        expert_steps=args.expert_steps, gate_steps=args.gate_steps,
         seed=args.seed,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k not in ("face_prompts", "hand_prompts")}, indent=2))

@@ -112,7 +112,8 @@ def test_wrong_base_and_missing_file_are_refused(tmp_path, tiny_mole):
 
 def test_inspect_records_every_step_and_layer_and_draws(tmp_path, tiny_mole):
     data = inspect(InspectOptions(base=str(tiny_mole / "base"), mole=str(tiny_mole / "mole.safetensors"),
-                                  prompts=["a face", "a hand"], steps=6, map_steps=3, out_dir=str(tmp_path)))  # fmt: skip
+                                  prompts=["a face", "a hand"], steps=6, map_steps=3,
+                                  out_dir=str(tmp_path)))  # fmt: skip
     assert data["experts"] == ["face", "hand"]
     assert all(len(data["global_mean"][e]) == 6 for e in data["experts"])
     assert all(len(per_prompt) == 6 for per_prompt in data["global_per_prompt"]["face"])
