@@ -13,18 +13,21 @@ from mole.cli import main
 from mole.tiny import random_expert, tiny_pixart, tiny_unet, unet_inputs
 
 
-def test_demo_runs_and_reports_real_numbers(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--rank", "4"]) == 0
+def test_demo_runs_all_stages_and_reports_real_numbers(tmp_path, capsys):
+    args = ["demo", "--out", str(tmp_path), "--steps", "3", "--rank", "4", "--train-steps", "4"]
+    assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
-    assert summary["wrapped_layers"] == 48 and summary["denoising_steps"] == 3
+    assert summary["wrapped_layers"] == 48
     assert summary["max_abs_fused_vs_naive"] < 1e-4
-    assert summary["max_abs_reloaded_vs_saved"] == 0.0
-    assert summary["max_abs_change_vs_base"] > 1e-3
-    assert len(summary["mean_global_gate_per_step"]["face"]) == 3
-    gates = json.loads((tmp_path / "gates.json").read_text())
-    assert len(gates["steps"]) == 3 and len(gates["steps"][0]) == 48
-    assert main(["info", str(tmp_path / "mole.safetensors")]) == 0
+    assert summary["max_abs_kohya_hand_vs_diffusers_hand"] == 0.0
+    assert summary["remove_restores_base_exactly"] is True
+    assert summary["max_abs_change_vs_base"] > 1e-4
+    assert set(summary["mean_global_gate"]["face_prompts"]) == {"face", "hand"}
+    for name in ("face", "hand"):
+        assert summary["experts"][name]["probe_loss_last"] < summary["experts"][name]["probe_loss_first"]
+    assert (tmp_path / "inspect" / "gates_global.png").is_file() and (tmp_path / "generate" / "compare.png").is_file()
+    assert main(["info", summary["files"]["mole"]]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [e["name"] for e in info["experts"]] == ["face", "hand"] and info["tensor_counts"]["gate_values"] > 0
 
@@ -33,7 +36,7 @@ def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
     assert "does not exist" in caplog.text
     assert main(["demo", "--out", str(tmp_path), "--steps", "0"]) == 2
-    assert "steps=0" in caplog.text
+    assert "sample_steps=0" in caplog.text
 
 
 @pytest.mark.parametrize("fmt", [ExpertFormat.DIFFUSERS, ExpertFormat.KOHYA])

@@ -189,3 +189,12 @@ def test_sampler_partitions_processes_and_is_a_pure_function_of_the_step():
     later = StepBatchSampler(10, batch_size=2, num_processes=2, process_index=0, seed=1, start=5)
     assert next(iter(later)) == s0.batch(5)
     assert collate([{"index": 0, "bad": True}])["pixels"] is None
+
+
+@pytest.mark.parametrize("name,preset", [("stage1_sd15", "stage1"), ("stage2_face", "stage2-face"),
+                                         ("stage3", "stage3")])  # fmt: skip
+def test_shipped_configs_are_valid(name, preset):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.toml", preset=preset)
+    assert cfg.stage.value == int(preset[5]) and cfg.data.resolution == 512

@@ -16,9 +16,8 @@ logger = logging.getLogger("mole")
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, run_demo
 
-    summary = run_demo(
-        DemoOptions(out_dir=args.out, backbone=args.backbone, steps=args.steps, rank=args.rank, seed=args.seed)
-    )
+    summary = run_demo(DemoOptions(out_dir=args.out, backbone=args.backbone, train_steps=args.train_steps,
+                                   sample_steps=args.steps, rank=args.rank, seed=args.seed))  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -139,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the whole MoLE foundation on a tiny built-in model (offline, seconds)")
+    demo = sub.add_parser("demo", help="all of MoLE (3 stages, checks, gate pictures) on a tiny built-in model")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--backbone", default="sd15", choices=["sd15", "sd21", "sdxl"])
-    demo.add_argument("--steps", type=int, default=10, help="denoising steps to record (default: 10)")
+    demo.add_argument("--steps", type=int, default=10, help="sampling steps (default: 10)")
+    demo.add_argument("--train-steps", type=int, default=40, help="optimizer steps per stage (default: 40)")
     demo.add_argument("--rank", type=int, default=8, help="expert rank (default: 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)

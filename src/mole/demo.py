@@ -1,10 +1,13 @@
-"""The embedded-default job: the whole MoLE foundation on a tiny built-in model, offline, in seconds.
+"""The main job on the embedded default: all of MoLE on a tiny built-in model and drawn data, offline, in a minute.
 
-1. build a tiny SD-shaped UNet from a config (no download) and write two experts to disk, one in kohya's format
-   (as the official MoLE experts are) and one in diffusers/peft's format;
-2. load them by name (face, hand), inject them, check the fused path against the naive reference;
-3. run a short DDIM-style denoising loop while recording the gates;
-4. save gates + experts + manifest, load them into a fresh copy of the base model, check the outputs match.
+1. build a tiny pipeline from configs (no download), save it (the "local path" a user would pass), and draw three
+   small training sets: face close-ups, hand close-ups, figures in scenes;
+2. stage 2: train a face expert and a hand expert (LoRA, diffusers format) on the close-ups;
+3. stage 3: train the gates of every layer on a mix of the three sets, base and experts frozen;
+4. check the foundation on the result: the hand expert re-saved in kohya's format and loaded by name gives the same
+   model, the fused path equals the naive per-expert formula, a saved-and-reloaded MoLE file reproduces the outputs;
+5. record the gates while sampling face and hand close-up prompts (gate charts, local maps) and draw base,
+   fixed-weight mixing and MoLE side by side.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .config import MoLEConfig
+from .data.synthetic import write_synthetic_set
+from .experiment import FACE_PROMPTS, HAND_PROMPTS, gate_means_for_prompts
 from .experts import ExpertFormat, load_expert, save_expert
-from .inject import inject_mole, mole_layers, set_fused
-from .io import load_mole, save_mole
-from .recording import record_gates
+from .inject import remove_mole, set_fused
+from .io import load_mole, read_mole_file
+from .models import DiffusionModel
 from .targets import Backbone
-from .tiny import random_expert, tiny_unet, unet_inputs
+from .tiny import tiny_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -32,89 +36,108 @@ logger = logging.getLogger(__name__)
 class DemoOptions:
     out_dir: Path = Path("runs/demo")
     backbone: Backbone = Backbone.SD15
-    steps: int = 10
+    train_steps: int = 40
+    images_per_set: int = 24
     rank: int = 8
+    sample_steps: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.backbone = Backbone(self.backbone)
-        if self.backbone is Backbone.PIXART or self.backbone is Backbone.GENERIC:
+        if self.backbone not in (Backbone.SD15, Backbone.SD21, Backbone.SDXL):
             raise ValueError(f"backbone={self.backbone.value!r}: the demo runs sd15, sd21 or sdxl")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: use at least 1 denoising step")
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank}: use a rank of at least 1")
+        for name in ("train_steps", "images_per_set", "rank", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: use at least 1")
+
+
+def _stage(opts: DemoOptions, stage: int, data: Path, out: Path, **sections):
+    from .training import load_config, train
+
+    overrides = [
+        f"stage={stage}", f"model='{opts.out_dir / 'base'}'", f"data.path='{data}'", f"output_dir='{out}'",
+        f"max_steps={opts.train_steps}", "data.resolution=32", "batch_size=4", "tensorboard=false",
+        f"seed={opts.seed}", f"log_every={max(1, opts.train_steps // 2)}", f"checkpoint_every={opts.train_steps}",
+    ]  # fmt: skip
+    overrides += [f"{k}={v}" for k, v in sections.items()]
+    return train(load_config(overrides=overrides))
 
 
 def run_demo(opts: DemoOptions) -> dict:
     """Run the demo; return a JSON-ready summary (also written to out_dir/summary.json)."""
     t0 = time.perf_counter()
     out = opts.out_dir
-    (out / "experts").mkdir(parents=True, exist_ok=True)
-    unet = tiny_unet(opts.backbone, seed=opts.seed).eval()
-    base_dir = out / "base_unet"
-    unet.save_pretrained(base_dir)  # the "hub id or local path" a user would pass
+    tiny_pipeline(opts.backbone, seed=opts.seed).save_pretrained(out / "base")
+    sets = {k: write_synthetic_set(out / "data" / k, k, opts.images_per_set, seed=opts.seed)
+            for k in ("face", "hand", "scene")}  # fmt: skip
+    mix = out / "data" / "mix"
+    for k in sets:
+        write_synthetic_set(mix, k, opts.images_per_set // 2, seed=opts.seed + 1)
 
-    face = random_expert(unet, "face", rank=opts.rank, alpha=opts.rank / 2, seed=opts.seed + 1, std=0.1)
-    hand = random_expert(unet, "hand", rank=opts.rank, seed=opts.seed + 2, std=0.1)
-    save_expert(face, out / "experts" / "face_kohya.safetensors", ExpertFormat.KOHYA)
-    save_expert(hand, out / "experts" / "hand_diffusers.safetensors", ExpertFormat.DIFFUSERS)
-    experts = [
-        load_expert(out / "experts" / "face_kohya.safetensors", "face"),
-        load_expert(out / "experts" / "hand_diffusers.safetensors", "hand"),
-    ]
+    # ---- stages 2 and 3
+    experts = {}
+    for name in ("face", "hand"):
+        res = _stage(opts, 2, sets[name], out / f"stage2-{name}", **{"expert.name": f"'{name}'",
+                     "expert.rank": opts.rank, "optim.lr": 1e-3})  # fmt: skip
+        experts[name] = {"file": str(res.final[0]), "probe_loss_first": res.probe_loss_first,
+                         "probe_loss_last": res.probe_loss_last}  # fmt: skip
+    table = "{" + ", ".join(f"{n} = '{e['file']}'" for n, e in experts.items()) + "}"
+    mixture = _stage(opts, 3, mix, out / "stage3", **{"mixture.experts": table, "optim.lr": 3e-3})
+    mole_file = mixture.final[0]
 
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    model = UNet2DConditionModel.from_pretrained(base_dir).eval()
-    inputs = unet_inputs(model, batch=2, hw=(16, 12), seed=opts.seed)
+    # ---- foundation checks on the trained result
+    model = DiffusionModel.from_pretrained(out / "base")
+    unet = model.denoiser
+    kohya_hand = save_expert(load_expert(experts["hand"]["file"], "hand"), out / "hand_kohya.safetensors",
+                             ExpertFormat.KOHYA)  # fmt: skip
+    g = torch.Generator().manual_seed(opts.seed)
+    sample = torch.randn(2, 4, 16, 12, generator=g)  # a non-square latent
+    cond = model.encode_text(["a close-up photo of a face", "a close-up photo of a hand"])
+    t = torch.tensor(500)
     with torch.no_grad():
-        base_out = model(**inputs).sample
-    inject_mole(model, experts, MoLEConfig())
-    layers = mole_layers(model)
-    with torch.no_grad():
-        fused = model(**inputs).sample
-        set_fused(model, False)
-        naive = model(**inputs).sample
-        set_fused(model, True)
-    fused_vs_naive = float((fused - naive).abs().max())
+        base_out = model.predict(sample, t, cond)
+        load_mole(unet, mole_file)
+        mole_out = model.predict(sample, t, cond)
+        set_fused(unet, False)
+        naive_out = model.predict(sample, t, cond)
+        set_fused(unet, True)
+        remove_mole(unet)
+        restored = torch.equal(model.predict(sample, t, cond), base_out)
+        # the same mixture, with the hand expert taken from its kohya copy (loaded by name, not file name)
+        load_mole(unet, mole_file, experts=[load_expert(kohya_hand, "hand"), load_expert(experts["face"]["file"],
+                                                                                          "face")])  # fmt: skip
+        kohya_out = model.predict(sample, t, cond)
+        remove_mole(unet)
+    manifest, _ = read_mole_file(mole_file)
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(opts.steps)
-    latents = inputs["sample"].clone()
-    cond = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
-    with torch.no_grad(), record_gates(model, latent_hw=(16, 12)) as rec:
-        for t in scheduler.timesteps:
-            eps = model(sample=latents, timestep=t, **cond).sample
-            latents = scheduler.step(eps, t, latents).prev_sample
-    curve = rec.mean_global()  # (steps, b, e)
+    # ---- gates while sampling, pictures
+    load_mole(unet, mole_file)
+    on_face = gate_means_for_prompts(model, FACE_PROMPTS[:2], opts.sample_steps, 7.5, 32, opts.seed)
+    on_hand = gate_means_for_prompts(model, HAND_PROMPTS[:2], opts.sample_steps, 7.5, 32, opts.seed)
+    from .inference import GenerateOptions, InspectOptions, generate, inspect
 
-    mole_path = save_mole(model, out / "mole.safetensors", base_model=str(base_dir))
-    fresh = UNet2DConditionModel.from_pretrained(base_dir).eval()
-    load_mole(fresh, mole_path)
-    with torch.no_grad():
-        reloaded = fresh(**inputs).sample
+    prompts = [FACE_PROMPTS[0], HAND_PROMPTS[0]]
+    inspect(InspectOptions(base=str(out / "base"), mole=str(mole_file), prompts=prompts, out_dir=str(out / "inspect"),
+                           steps=opts.sample_steps, map_steps=4, seed=opts.seed))  # fmt: skip
+    generate(GenerateOptions(base=str(out / "base"), mole=str(mole_file), prompts=prompts,
+                             out_dir=str(out / "generate"), steps=opts.sample_steps, seeds=[opts.seed],
+                             modes=["none", "fixed", "mole"]))  # fmt: skip
     summary = {
         "backbone": opts.backbone.value,
-        "wrapped_layers": len(layers),
-        "experts": {e.name: {"source": e.source, "layers": len(e.layers), "ranks": sorted(e.ranks)} for e in experts},
-        "gate_parameters": sum(p.numel() for layer in layers.values() for p in layer.gates.parameters()),
-        "max_abs_change_vs_base": float((fused - base_out).abs().max()),
-        "max_abs_fused_vs_naive": fused_vs_naive,
-        "max_abs_reloaded_vs_saved": float((reloaded - fused).abs().max()),
-        "denoising_steps": rec.num_steps,
-        "mean_global_gate_per_step": {
-            name: [round(float(v), 5) for v in curve[:, :, i].mean(1)] for i, name in enumerate(rec.expert_names)
-        },
-        "files": {
-            "mole": str(mole_path),
-            "experts": sorted(str(p) for p in (out / "experts").iterdir()),
-            "base": str(base_dir),
-        },
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (out / "gates.json").write_text(json.dumps(rec.to_dict()))
+        "wrapped_layers": len(manifest["layers"]),
+        "experts": experts,
+        "gates": {"probe_loss_first": mixture.probe_loss_first, "probe_loss_last": mixture.probe_loss_last,
+                  "log": mixture.gate_log},  # fmt: skip
+        "max_abs_change_vs_base": float((mole_out - base_out).abs().max()),
+        "max_abs_fused_vs_naive": float((mole_out - naive_out).abs().max()),
+        "max_abs_kohya_hand_vs_diffusers_hand": float((kohya_out - mole_out).abs().max()),
+        "remove_restores_base_exactly": restored,
+        "mean_global_gate": {"face_prompts": on_face["mean"], "hand_prompts": on_hand["mean"]},
+        "files": {"mole": str(mole_file), "inspect": str(out / "inspect"), "compare": str(out / "generate" /
+                                                                                           "compare.png")},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("demo finished in %.1f s; summary in %s", summary["seconds"], out / "summary.json")
     return summary
