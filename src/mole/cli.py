@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 logger = logging.getLogger("mole")
 
@@ -115,6 +116,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_prompts(args: argparse.Namespace) -> int:
+    from .eval import build_benchmark
+
+    path = build_benchmark(args.kind, args.source, args.out, limit=args.limit, seed=args.seed)
+    meta = json.loads(Path(str(path) + ".meta.json").read_text())
+    print(json.dumps({"benchmark": str(path), "count": meta["count"], "stats": meta["stats"]}, indent=2))
+    return 0
+
+
+def _cmd_eval_run(args: argparse.Namespace) -> int:
+    from .eval import load_eval_config, run_eval
+
+    overrides = {}
+    if args.num_prompts is not None:
+        overrides["num_prompts"] = args.num_prompts
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    if args.out is not None:
+        overrides["out_dir"] = args.out
+    report = run_eval(load_eval_config(args.config, overrides))
+    print(json.dumps({"summary": report["summary"], "run": report["run"]}, indent=2, default=float))
+    return 0
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .inference import SCHEDULERS
 
@@ -173,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--out", default="runs/inspect")
     ins.add_argument("--map-steps", type=int, default=5, help="steps shown in the local score maps")
     ins.set_defaults(func=_cmd_inspect)
+
+    ev = sub.add_parser("eval", help="human-centric benchmarks, metrics, repeats with standard errors")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    evp = ev_sub.add_parser("prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)")
+    evp.add_argument("kind", choices=["coco", "diffusiondb"])
+    evp.add_argument("source", help="coco_captions_val2017.json or diffusiondb_prompts_10k.json (or your own)")
+    evp.add_argument("--out", required=True, help="output .jsonl")
+    evp.add_argument("--limit", type=int, help="sample this many prompts (default: all)")
+    evp.add_argument("--seed", type=int, default=0)
+    evp.set_defaults(func=_cmd_eval_prompts)
+    evr = ev_sub.add_parser("run", help="generate, score and report the models of an eval TOML (resumable)")
+    evr.add_argument("--config", required=True, help="TOML with benchmark, [[models]], [[metrics]] (see configs/)")
+    evr.add_argument("--num-prompts", type=int)
+    evr.add_argument("--repeats", type=int)
+    evr.add_argument("--out")
+    evr.set_defaults(func=_cmd_eval_run)
 
     info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
     info.add_argument("file")

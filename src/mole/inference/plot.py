@@ -107,3 +107,41 @@ def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None 
         if labels:
             d.text((x, y + h + 1), labels[k][: max(4, w // 5)], fill=(0, 0, 0), font=_font(10))
     return sheet
+
+
+def bar_chart(
+    values: dict[str, float],
+    errors: dict[str, float] | None,
+    path: str | Path,
+    title: str = "",
+    size: tuple[int, int] = (560, 360),
+) -> Path:
+    """One bar per label with an optional +-error whisker; the value is printed above each bar."""
+    w, h = size
+    left, right, top, bottom = 60, 20, 40, 60
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = _font(11)
+    errs = errors or {}
+    hi = max(v + errs.get(k, 0.0) for k, v in values.items())
+    lo = min(0.0, min(v - errs.get(k, 0.0) for k, v in values.items()))
+    span = (hi - lo) or 1.0
+    py = lambda v: top + (h - top - bottom) * (1 - (v - lo) / span)  # noqa: E731
+    n = len(values)
+    slot = (w - left - right) / max(1, n)
+    d.line([left, py(0), w - right, py(0)], fill=(0, 0, 0))
+    for i, (label, v) in enumerate(values.items()):
+        x0, x1 = left + slot * i + slot * 0.2, left + slot * (i + 1) - slot * 0.2
+        d.rectangle([x0, min(py(v), py(0)), x1, max(py(v), py(0))], fill=PALETTE[i % len(PALETTE)])
+        e = errs.get(label, 0.0)
+        if e:
+            xc = (x0 + x1) / 2
+            d.line([xc, py(v - e), xc, py(v + e)], fill=(0, 0, 0), width=2)
+            d.line([xc - 5, py(v + e), xc + 5, py(v + e)], fill=(0, 0, 0), width=2)
+            d.line([xc - 5, py(v - e), xc + 5, py(v - e)], fill=(0, 0, 0), width=2)
+        d.text((x0, py(max(v, 0) + e) - 14), f"{v:.3g}", fill=(0, 0, 0), font=font)
+        d.text((x0, h - bottom + 6), label[:16], fill=(0, 0, 0), font=font)
+    d.text((left, 12), title, fill=(0, 0, 0), font=_font(14))
+    path = Path(path)
+    img.save(path)
+    return path

@@ -156,7 +156,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, "")
+        return build_dataclass(cls, data, "")
 
 
 # ---------------------------------------------------------------------------------------------------- presets
@@ -221,7 +221,7 @@ def load_config(
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -253,7 +253,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, name)
     if is_dataclass(tp):
-        return _build(tp, value, name + ".")
+        return build_dataclass(tp, value, name + ".")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
@@ -264,6 +264,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise TrainConfigError(f"{name}={value!r} must be a list of {len(args)} numbers")
         return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise TrainConfigError(f"{name}={value!r} must be a list")
+        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise TrainConfigError(f"{name}={value!r} must be a table (e.g. {{face = 'face.safetensors'}})")
