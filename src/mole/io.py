@@ -142,6 +142,8 @@ def save_mole(
     base_model: str | None = None,
     include_experts: bool = True,
     dtype: torch.dtype | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_manifest: dict | None = None,
 ) -> Path:
     """Write the gates (and, by default, the experts) with a manifest to `path` atomically; return the path.
 
@@ -154,6 +156,10 @@ def save_mole(
     from safetensors.torch import save_file
 
     tensors = gate_state_dict(model)
+    for key, value in (extra_tensors or {}).items():  # e.g. an InstructMoLE router: "router.<name>"
+        if key.startswith(("gates.", "experts.")):
+            raise MoLEFileError(f"extra tensor {key!r} uses a reserved prefix (gates., experts.)")
+        tensors[key] = value
     if include_experts:
         for lpath, layer in mole_layers(model).items():
             for name in layer.expert_names:
@@ -171,6 +177,8 @@ def save_mole(
         for k, v in tensors.items()
     }
     manifest = build_manifest(model, base_model, embedded=include_experts)
+    if extra_manifest:
+        manifest["extra"] = extra_manifest
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -2,9 +2,9 @@
 
 from .generate import GenerateOptions, check_prompt_lengths, generate, read_prompt_file
 from .inspect import InspectOptions, inspect
-from .pipeline import SCHEDULERS, MixMode, denoiser_of, load_mole_weights, load_pipeline, set_scheduler
+from .pipeline import SCHEDULERS, MixMode, denoiser_of, load_loras, load_mole_weights, load_pipeline, set_scheduler
 
 __all__ = [
     "SCHEDULERS", "GenerateOptions", "InspectOptions", "MixMode", "check_prompt_lengths", "denoiser_of", "generate",
-    "inspect", "load_mole_weights", "load_pipeline", "read_prompt_file", "set_scheduler",
+    "inspect", "load_loras", "load_mole_weights", "load_pipeline", "read_prompt_file", "set_scheduler",
 ]  # fmt: skip

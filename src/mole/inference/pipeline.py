@@ -86,6 +86,21 @@ def load_mole_weights(
     return pipe
 
 
+def load_loras(pipe, loras: Mapping[str, str | Path], weights: Mapping[str, float] | None = None):
+    """Plain LoRA files (diffusers, peft or kohya) into any pipeline's denoiser at fixed weights, UNet or DiT alike
+    (diffusers has no LoRA loader for PixArt). Replaces MoLE / LoRAs loaded before; returns the pipe."""
+    from ..experts import load_expert
+
+    denoiser = denoiser_of(pipe)
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    experts = [load_expert(path, name, component=component) for name, path in loras.items()]
+    if has_mole(denoiser):
+        remove_mole(denoiser)
+    inject_mole(denoiser, experts, MoLEConfig(gating="none"))
+    set_expert_weights(denoiser, {name: 1.0 for name in loras} | dict(weights or {}))
+    return pipe
+
+
 def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
     """A diffusers pipeline from a hub id or local folder, on `device` (default: cuda if present, else cpu)."""
     from ..models import DiffusionModel

@@ -90,6 +90,9 @@ class MoLELayer(nn.Module):
         self.global_source: GlobalSource = config.global_source
         self.fused = True  # False routes forward() through forward_naive()
         self.recorder = None  # set by mole.recording.record_gates
+        self.routing: torch.Tensor | None = None  # (b, e) per-sample expert weights set by an external router
+        self.track_orthogonality = False  # True: forward() leaves the experts' output-cosine matrix in last_cosine
+        self.last_cosine: torch.Tensor | None = None  # (b, e, e)
 
         ref = base.weight
         downs, ups, ranks, scales = [], [], [], []
@@ -215,6 +218,20 @@ class MoLELayer(nn.Module):
         logits = h.new_zeros(h.shape[0], self.num_experts).index_add(1, self.rank_owner, pooled)  # (b, e)
         return torch.sigmoid(logits + self.gates.global_bias.to(dtype))
 
+    def _output_cosines(self, h: torch.Tensor) -> torch.Tensor:
+        """(b, e, e) cosine similarity of the experts' flattened (ungated) outputs Y_i = scale_i B_i h_i, per sample,
+        without forming them: <Y_i, Y_j> = scale_i scale_j sum_{r in i, s in j} (H^T H)_{rs} (B^T B)_{rs}."""
+        hf = h.float()
+        gram_h = torch.einsum("bnr,bns->brs", hf, hf)  # (b, r, r)
+        bf = self.lora_B.float()
+        gram_b = bf.t() @ bf  # (r, r)
+        onehot = torch.nn.functional.one_hot(self.rank_owner, self.num_experts).float()  # (r, e)
+        inner = torch.einsum("brs,re,sf->bef", gram_h * gram_b, onehot, onehot)  # (b, e, e) block sums
+        scale = self.expert_scale.float()
+        inner = inner * scale[:, None] * scale[None, :]
+        norms = inner.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()  # (b, e)
+        return inner / (norms[:, :, None] * norms[:, None, :])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return self.forward_naive(x)
@@ -238,10 +255,15 @@ class MoLELayer(nn.Module):
             else:
                 glob = self._global_from_expert_output(h, dtype)
             coef = coef * glob[:, None, :]
+        if self.routing is not None:  # InstructMoLE: one weight per expert and sample, the same for every token
+            coef = coef * self.routing.to(dtype)[:, None, :]
+            glob = self.routing if glob is None else glob
         if coef.ndim == 1:
             coef = coef.view(1, 1, e)
         if self.recorder is not None:
             self.recorder.record(self, local, glob, x)
+        if self.track_orthogonality:
+            self.last_cosine = self._output_cosines(h)
         hc = self._expand_rows(coef, h)  # (b, n, r)
         if not self.is_conv and out.is_contiguous():
             o = self.out_features
@@ -277,6 +299,8 @@ class MoLELayer(nn.Module):
                 g_i = torch.sigmoid(pooled @ gates.global_weight[i].to(dtype) + gates.global_bias[i].to(dtype))
             if g_i is not None:
                 y_i = y_i * g_i[:, None, None]
+            if self.routing is not None:
+                y_i = y_i * self.routing[:, i].to(dtype)[:, None, None]
             y_i = y_i * self.expert_weight[i].to(dtype)
             total = total + y_i
             locals_.append(s_i)

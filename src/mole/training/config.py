@@ -14,6 +14,7 @@ from typing import Any
 import tomllib
 
 from ..config import GateInit, Gating, GlobalSource, MoLEConfigError
+from ..instruct.model import InstructConfig
 
 
 class TrainConfigError(MoLEConfigError):
@@ -24,6 +25,7 @@ class Stage(enum.IntEnum):
     FINETUNE = 1  # UNet (+ text encoder) on the human-centric set
     EXPERT = 2  # one LoRA expert on one close-up set
     MIXTURE = 3  # gates only, base and experts frozen
+    INSTRUCT = 4  # InstructMoLE on a DiT: experts from scratch + instruction router, jointly
 
 
 class OptimizerName(str, enum.Enum):
@@ -92,6 +94,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     expert: ExpertTrainConfig = field(default_factory=ExpertTrainConfig)
     mixture: MixtureTrainConfig = field(default_factory=MixtureTrainConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
     train_text_encoder: bool = True  # stage 1 only (SD1.5 / SD2.1)
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 1  # per process
@@ -170,6 +173,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stage2-hand": {"stage": 2, "expert": {"name": "hand", "rank": 256}, "optim": {"name": "adamw", "lr": 1e-5}},
     # Stage 3: gates only, AdamW lr 1e-5, on the human-in-the-scene set.
     "stage3": {"stage": 3, "optim": {"name": "adamw", "lr": 1e-5}, "mixture": {"gating": "both"}},
+    # InstructMoLE: 4 experts of rank 32 from scratch, softmax top-2 instruction routing, orthogonality + balance.
+    "instruct": {"stage": 4, "optim": {"name": "adamw", "lr": 1e-4},
+                 "instruct": {"num_experts": 4, "rank": 32, "routing": "softmax_topk", "top_k": 2,
+                              "ortho_weight": 0.1, "lb_weight": 0.01}},
 }  # fmt: skip
 
 

@@ -84,6 +84,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = DiffusionModel.from_pretrained(cfg.model)
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
+    for module in (stage.side_modules or {}).values():
+        module.to(accelerator.device)
     if cfg.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
         if "text_encoder" in stage.modules:
@@ -96,12 +98,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     denoiser = wrapped["denoiser"]
     text_encoder = wrapped.get("text_encoder")
 
+    side = stage.side_modules or {}
+    side_params = [p for m in side.values() for p in m.parameters() if p.requires_grad]
+    ckpt_modules = {**stage.modules, **side}
+
     # ---- resume
     ckpt_dir = out / "checkpoints"
     start_step = 0
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, stage.modules, optimizer, schedule)
+        state = load_checkpoint(resume_from, ckpt_modules, optimizer, schedule)
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
@@ -202,7 +208,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 gate_stats = _gate_stats(rec)
             else:
                 loss, gate_stats = loss_on(batch, micro_step, gen), None
+            aux_logs = {}
+            if stage.aux_loss is not None:
+                aux, aux_logs = stage.aux_loss(step)
+                loss = loss + aux
             accelerator.backward(loss)
+            if accelerator.sync_gradients and accelerator.num_processes > 1:
+                for p in side_params:  # used through hooks: DDP did not see them
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
             if accelerator.sync_gradients and cfg.optim.max_grad_norm:
                 accelerator.clip_grad_norm_(stage.params, cfg.optim.max_grad_norm)
             optimizer.step()
@@ -223,6 +237,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
                       "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            record.update(aux_logs)
             if gate_stats:
                 record.update(gate_stats)
                 gate_log.append({"step": step, **gate_stats})
@@ -237,7 +252,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
             elif accelerator.is_main_process:
                 checkpoints.append(
-                    save_checkpoint(ckpt_dir, step, stage.modules, optimizer, schedule, cfg.to_toml(),
+                    save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(),
                                     {"micro_step": micro_step, "skipped_images": skipped}, cfg.keep_checkpoints)
                 )  # fmt: skip
     bar.close()

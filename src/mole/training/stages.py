@@ -32,6 +32,9 @@ class StageSetup:
     params: list[nn.Parameter]
     save_final: Callable[[Path], list[Path]]
     records_gates: bool
+    aux_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]] | None = None  # added after each forward
+    # trainable modules used through hooks, not through forward(): not wrapped by accelerate, grads reduced by hand
+    side_modules: dict[str, nn.Module] | None = None
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> None:
@@ -86,6 +89,24 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
                 pair.down, pair.up = pair.down.float(), pair.up.float()
             return [save_expert(trained, out / f"{ex.name}.safetensors", ExpertFormat.DIFFUSERS, component)]
 
+    elif cfg.stage is Stage.INSTRUCT:
+        from ..instruct import InstructMoLE
+
+        if model.is_unet:
+            raise TrainConfigError(
+                f"stage=4 (InstructMoLE) runs on DiTs (PixArt), not on the {model.backbone.value} UNet; use stages 1-3"
+            )
+        text_dim = denoiser.config.caption_channels or denoiser.config.cross_attention_dim
+        im = InstructMoLE(denoiser, cfg.instruct, text_dim=text_dim, seed=cfg.seed)
+        params = im.trainable_parameters()
+        for p in params:
+            p.data = p.data.float()
+
+        def save_final(out: Path) -> list[Path]:
+            return [im.save(out / "instruct.safetensors", base_model=cfg.model)]
+
+        return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=False, aux_loss=im.aux_loss,
+                          side_modules={"instruct": im})  # fmt: skip
     else:
         mix = cfg.mixture
         experts = [load_expert(path, name, component=component) for name, path in mix.experts.items()]

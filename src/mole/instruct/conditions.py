@@ -1,0 +1,112 @@
+"""Multi-conditional inputs for DiTs: condition images, encoded by the VAE, join the image tokens as extra tokens.
+
+    tokens = [patch_embed(x_t) ; patch_embed(c) + type_embedding[condition type]]     (b, n + n_c, d)
+    ... the transformer blocks see both (self-attention mixes them) ...
+    output = unpatchify(final_layer(tokens[:, :n]))                                  (condition tokens dropped)
+
+Implemented with two hooks on a diffusers PixArtTransformer2DModel (the forward itself is untouched): the
+patch-embedding's output gets the condition tokens appended; the output norm's input gets them removed. The same
+pattern fits SD3 / Flux blocks (append after x_embedder, drop before norm_out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class ConditionTokens(nn.Module):
+    """Learned per-type embeddings plus the hooks that carry condition tokens through a DiT."""
+
+    def __init__(self, transformer: nn.Module, condition_types: Sequence[str]) -> None:
+        super().__init__()
+        for attr in ("pos_embed", "norm_out"):
+            if not hasattr(transformer, attr):
+                raise ValueError(
+                    f"{type(transformer).__name__} has no {attr}: condition tokens need a PixArt-style DiT"
+                )
+        if not condition_types:
+            raise ValueError("condition_types is empty: name the condition kinds, e.g. ['pose', 'edge']")
+        self.types = list(condition_types)
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.type_embedding = nn.Embedding(len(self.types), dim)
+        nn.init.normal_(self.type_embedding.weight, std=0.02)
+        self.transformer = [transformer]  # a list: not registered as a submodule (it is not ours to save)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._n_image: int | None = None
+        self._handles = [
+            transformer.pos_embed.register_forward_hook(self._append),
+            transformer.norm_out.register_forward_pre_hook(self._drop),
+        ]
+
+    def type_ids(self, names: Sequence[str]) -> torch.Tensor:
+        unknown = sorted(set(names) - set(self.types))
+        if unknown:
+            raise ValueError(f"condition types {unknown} are unknown; this model knows {self.types}")
+        return torch.tensor([self.types.index(n) for n in names])
+
+    def set(self, latents: torch.Tensor | None, types: torch.Tensor | Sequence[str] | None = None) -> None:
+        """Condition the next denoiser calls on `latents` (b, c, h, w) of `types` (b,); None clears."""
+        if latents is None:
+            self._pending = None
+            return
+        if types is None:
+            raise ValueError("types is missing: one condition type per sample")
+        ids = types if isinstance(types, torch.Tensor) else self.type_ids(types)
+        if ids.shape[0] != latents.shape[0]:
+            raise ValueError(f"{latents.shape[0]} condition latents but {ids.shape[0]} condition types")
+        self._pending = (latents, ids)
+
+    def _append(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        self._n_image = output.shape[1]
+        if self._pending is None:
+            return output
+        latents, ids = self._pending
+        if latents.shape[0] != output.shape[0]:  # classifier-free guidance doubles the batch
+            reps = output.shape[0] // latents.shape[0]
+            latents, ids = latents.repeat(reps, 1, 1, 1), ids.repeat(reps)
+        cond = module.forward(latents.to(output.dtype))  # the same patch embedding (and positions), no hooks
+        cond = cond + self.type_embedding(ids.to(output.device)).to(output.dtype)[:, None, :]
+        return torch.cat([output, cond], dim=1)
+
+    def _drop(self, module: nn.Module, args):
+        hidden = args[0]
+        if self._n_image is not None and hidden.shape[1] > self._n_image:
+            return (hidden[:, : self._n_image],) + tuple(args[1:])
+        return None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def routing_heatmap(
+    weights_by_type: dict[str, torch.Tensor], expert_names: Sequence[str], path, title: str = "routing"
+) -> None:
+    """PNG heat map, experts (columns) x condition types (rows), of mean routing weight; values printed."""
+    from PIL import Image, ImageDraw
+
+    from ..inference.plot import _font, colormap
+
+    rows = list(weights_by_type)
+    cell, left, top = 56, 90, 40
+    w = left + cell * len(expert_names) + 10
+    h = top + cell * len(rows) + 10
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    values = torch.stack([weights_by_type[r].float() for r in rows])  # (types, E)
+    lo, hi = float(values.min()), float(values.max())
+    colors = colormap((values.numpy() - lo) / max(hi - lo, 1e-9))
+    for i, r in enumerate(rows):
+        d.text((4, top + i * cell + cell // 2 - 6), r[:14], fill=(0, 0, 0), font=_font(11))
+        for j in range(len(expert_names)):
+            x, y = left + j * cell, top + i * cell
+            d.rectangle([x, y, x + cell - 2, y + cell - 2], fill=tuple(int(c) for c in colors[i, j]))
+            d.text((x + 8, y + cell // 2 - 6), f"{float(values[i, j]):.2f}", fill=(0, 0, 0), font=_font(11))
+    for j, name in enumerate(expert_names):
+        d.text((left + j * cell + 4, top - 16), str(name)[:8], fill=(0, 0, 0), font=_font(11))
+    d.text((4, 6), title, fill=(0, 0, 0), font=_font(13))
+    img.save(path)
