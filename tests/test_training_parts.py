@@ -42,7 +42,7 @@ def test_presets_hold_the_papers_settings():
     assert (face.expert.rank, face.optim.lr, hand.optim.lr, hand.expert.name) == (256, 2e-5, 1e-5, "hand")
     s3 = load_config(preset="stage3", overrides=base)
     assert (s3.optim.name.value, s3.optim.lr, s3.mixture.gating.value) == ("adamw", 1e-5, "both")
-    assert set(PRESETS) == {"stage1", "stage2-face", "stage2-hand", "stage3"}
+    assert set(PRESETS) == {"stage1", "stage2-face", "stage2-hand", "stage3", "instruct"}
 
 
 @pytest.mark.parametrize(
