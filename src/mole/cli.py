@@ -140,6 +140,47 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from .data.build import BuildOptions, build_dataset
+
+    part = getattr(args, "part", "face")
+    default_caption = "template:a close-up photo of a {part}" if args.data_command == "closeups" else "sidecar"
+    stats = build_dataset(BuildOptions(
+        source=args.source, out_dir=args.out, mode=args.data_command, part=part, size=args.size,
+        window=getattr(args, "window", 1024), stride=getattr(args, "stride", 512), margin=getattr(args, "margin", 0.4),
+        min_sharpness=args.min_sharpness, blur_filter=args.blur_filter, min_blur_score=args.min_blur_score,
+        captioner=args.captioner or default_caption, captions_json=args.captions_json, tokenizer=args.tokenizer,
+        clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
+    ))  # fmt: skip
+    print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
+    return 0
+
+
+def _cmd_data_filter(args: argparse.Namespace) -> int:
+    from .data.quality import train_blur_filter
+
+    result = train_blur_filter(args.good, args.bad, args.out, epochs=args.epochs, synthetic_blur=not args.no_synthetic)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="folder of raw images (searched recursively)")
+    p.add_argument("out", help="output folder: images/, manifest.jsonl, stats.json")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--min-sharpness", type=float, default=30.0, help="variance-of-Laplacian floor (0: off)")
+    p.add_argument("--blur-filter", help="a BlurNet from `mole data train-filter`")
+    p.add_argument("--min-blur-score", type=float, default=0.5)
+    p.add_argument("--captioner", help="template:<text with {part}> | sidecar | hf:<model>")
+    p.add_argument("--captions-json", help="for sidecar: COCO captions json or {file name: caption}")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json, merges.txt) to truncate captions")
+    p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
+    p.add_argument("--min-clip", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--shard-size", type=int, default=0, help="also write webdataset tar shards of N samples")
+    p.set_defaults(func=_cmd_data_build)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .inference import SCHEDULERS
 
@@ -214,6 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     evr.add_argument("--repeats", type=int)
     evr.add_argument("--out")
     evr.set_defaults(func=_cmd_eval_run)
+
+    data = sub.add_parser("data", help="build training sets: scene crops, face / hand close-ups, blur filter")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    scenes = data_sub.add_parser("scenes", help="human-in-the-scene: sliding-window crops with a person")
+    _data_args(scenes)
+    scenes.add_argument("--window", type=int, default=1024)
+    scenes.add_argument("--stride", type=int, default=512)
+    close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
+    _data_args(close)
+    close.add_argument("--part", choices=["face", "hand"], default="face")
+    close.add_argument("--margin", type=float, default=0.4)
+    flt = data_sub.add_parser("train-filter", help="train the blur / low-quality CNN from labelled folders")
+    flt.add_argument("--good", required=True, help="sharp, good images")
+    flt.add_argument("--bad", help="blurry / low-quality images (optional with synthetic blur)")
+    flt.add_argument("--out", required=True, help="output .safetensors")
+    flt.add_argument("--epochs", type=int, default=10)
+    flt.add_argument("--no-synthetic", action="store_true", help="do not add blurred copies of the good images")
+    flt.set_defaults(func=_cmd_data_filter)
 
     info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
     info.add_argument("file")

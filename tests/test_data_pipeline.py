@@ -1,0 +1,187 @@
+"""`mole data`: crops, filters, detections on real shared photos, captions, manifests, reruns, shards."""
+
+from __future__ import annotations
+
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from conftest import FACES, HANDS, SHARED
+from mole.cli import main
+from mole.data.captions import SidecarCaptioner, clean_caption, truncate_caption
+from mole.data.detect import Box, sliding_windows, square_crop_box
+from mole.data.quality import DuplicateIndex, hamming, laplacian_variance, phash
+
+mediapipe = pytest.importorskip("mediapipe")
+from mole.data.build import BuildOptions, build_dataset  # noqa: E402
+
+COCO = SHARED / "data" / "scenes" / "coco_mini"
+
+
+def test_sliding_windows_cover_the_image():
+    wins = sliding_windows(1500, 1100, 1024, 512)
+    assert all(b[2] - b[0] == 1024 == b[3] - b[1] for b in wins)
+    assert max(b[2] for b in wins) == 1500 and max(b[3] for b in wins) == 1100
+    assert {b[0] for b in wins} == {0, 476} and {b[1] for b in wins} == {0, 76}
+    assert sliding_windows(640, 480, 1024, 512) == [(0, 0, 480, 480), (160, 0, 640, 480)]
+
+
+def test_square_crop_box_stays_inside():
+    box = square_crop_box(Box(10, 20, 50, 70, 0.9), margin=0.4, width=100, height=90)
+    assert box[2] - box[0] == box[3] - box[1] == 90 and box[0] >= 0 and box[3] <= 90  # 50 * 1.8, the image height
+
+
+def test_sharpness_and_perceptual_hash():
+    img = Image.open(FACES[0]).convert("RGB").resize((184, 224))
+    assert laplacian_variance(img) > 3 * laplacian_variance(img.filter(ImageFilter.GaussianBlur(3)))
+    assert hamming(phash(img), phash(img.resize((92, 112)))) <= 3
+    other = Image.open(FACES[5] if len(FACES) > 5 else HANDS[0]).convert("RGB")
+    assert hamming(phash(img), phash(other)) > 8
+    index = DuplicateIndex(3)
+    assert index.add_if_new(phash(img)) and not index.add_if_new(phash(img.resize((92, 112))))
+    assert index.add_if_new(phash(other))
+
+
+def test_caption_cleanup_and_truncation():
+    raw = "The image features a woman in a red dress standing in a park, creating a serene atmosphere."
+    assert clean_caption(raw) == "A woman in a red dress standing in a park."
+    assert clean_caption("In this image, a man is riding a bike, showcasing his skills") == "A man is riding a bike"
+    assert clean_caption("Two kids playing football.") == "Two kids playing football."
+    clip = SHARED / "assets" / "clip_tokenizer"
+    if clip.is_dir():
+        from mole.tiny import tiny_clip_tokenizer
+
+        tok = tiny_clip_tokenizer(clip)
+        long = " ".join(["a smiling woman with long hair"] * 30)
+        cut, was_cut = truncate_caption(long, tok, 77)
+        assert was_cut and len(tok(cut).input_ids) <= 77 and len(tok(cut + " hair").input_ids) > 77
+        assert truncate_caption("short one", tok) == ("short one", False)
+
+
+def test_face_closeups_from_real_faces(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(FACES[:8]):
+        Image.open(f).convert("RGB").resize((184, 224)).save(src / f"face{i}.png")
+    Image.open(HANDS[0]).save(src / "hand.jpg")
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="face",
+                                       size=96, captioner="template:a close-up photo of a {part}"))  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    from_faces = {r["source"] for r in rows if "face" in Path(r["source"]).name}
+    assert len(from_faces) >= 6 and not any("hand" in Path(r["source"]).name for r in rows)
+    assert sum(stats["dropped"].values()) >= 1  # the hand photo yields no face crop (none found, or too small)
+    for r in rows:
+        with Image.open(tmp_path / "out" / r["file"]) as im:
+            assert im.size == (96, 96)
+        assert r["caption"] == "A close-up photo of a face" and r["scores"]["detection_confidence"] >= 0.5
+        assert (tmp_path / "out" / r["file"]).with_suffix(".txt").read_text() == r["caption"]
+    # a rerun is a no-op
+    again = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="face",
+                                       size=96))  # fmt: skip
+    assert again["kept"] == stats["kept"] and again["sources"] == stats["sources"]
+    assert len((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_hand_closeups_and_shards(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(HANDS[:8]):
+        Image.open(f).save(src / f"hand{i}.jpg")
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="hand",
+                                       size=64, shard_size=3))  # fmt: skip
+    assert stats["kept"] >= 5
+    shards = sorted((tmp_path / "out" / "shards").glob("*.tar"))
+    assert len(shards) == (stats["kept"] + 2) // 3
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+    assert len(names) == 9 and {n.rsplit(".", 1)[1] for n in names} == {"png", "txt", "json"}
+
+
+def test_scene_crops_keep_people_and_drop_empty_scenes(tmp_path):
+    if not COCO.is_dir():
+        pytest.skip("coco_mini missing")
+    inst = json.loads((COCO / "annotations" / "instances_train2017.json").read_text())
+    area = {}
+    for a in inst["annotations"]:
+        if a["category_id"] == 1:
+            area[a["image_id"]] = area.get(a["image_id"], 0) + a["area"]
+    big = [im for im in inst["images"] if area.get(im["id"], 0) / (im["width"] * im["height"]) >= 0.2][:6]
+    empty = [im for im in inst["images"] if im["id"] not in area][:10]
+    src = tmp_path / "src"
+    src.mkdir()
+    for im in big + empty:
+        (src / im["file_name"]).symlink_to(COCO / "train2017" / im["file_name"])
+    captions = str(COCO / "annotations" / "captions_train2017.json")
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), window=640, stride=320,
+                                       captioner="sidecar", captions_json=captions))  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    kept = {Path(r["source"]).name for r in rows}
+    hit = sum(im["file_name"] in kept for im in big) / len(big)
+    false = sum(im["file_name"] in kept for im in empty) / len(empty)
+    assert hit >= 0.5 and false <= 0.3, (hit, false)
+    assert stats["dropped"]["no_person"] > 0
+    assert all(r["caption"] and "person_fraction" in r["scores"] and r["box"][2] - r["box"][0] <= 640 for r in rows)
+
+
+def _huge_png(path: Path, w: int = 30000, h: int = 30000) -> None:
+    """A valid 1x1 PNG whose header claims w x h pixels (a decompression bomb as far as the header goes)."""
+    raw = Image.new("L", (1, 1))
+    raw.save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # "IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", w, h)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+def test_bad_inputs_are_counted_and_skipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not an image")
+    Image.new("RGB", (20, 20)).save(src / "tiny.png")
+    _huge_png(src / "huge.png")
+    face = Image.open(FACES[0]).convert("RGB").resize((184, 224))
+    face.convert("CMYK").save(src / "cmyk.jpg")
+    Image.fromarray(np.asarray(face.convert("L"), dtype=np.uint16) * 257).save(src / "deep16.png")
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", size=64,
+                                       min_sharpness=0))  # fmt: skip
+    assert stats["sources"] == 5
+    assert stats["dropped"]["unreadable"] == 2 and stats["dropped"]["tiny_source"] == 1
+    kept = {Path(json.loads(x)["source"]).name for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()}
+    assert kept <= {"cmyk.jpg", "deep16.png"} and len(kept) >= 1
+
+
+def test_blur_filter_trains_and_filters(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    orl = sorted((SHARED / "data" / "faces" / "orl").glob("s*/*.pgm"))[::5][:60]
+    for i, f in enumerate(orl):
+        Image.open(f).convert("RGB").resize((184, 224)).save(good / f"{i}.png")
+    assert main(["data", "train-filter", "--good", str(good), "--out", str(tmp_path / "blur.safetensors"),
+                 "--epochs", "12"]) == 0  # fmt: skip
+    from mole.data.quality import BlurFilter
+
+    filt = BlurFilter.load(tmp_path / "blur.safetensors")
+    sharp = [Image.open(p) for p in sorted(good.iterdir())[:6]]
+    blurry = [im.filter(ImageFilter.GaussianBlur(3)) for im in sharp]
+    s_sharp, s_blur = filt.score(sharp), filt.score(blurry)
+    assert np.mean(s_sharp) > np.mean(s_blur) + 0.3
+
+
+def test_data_cli_reports_stats(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(FACES[:3]):
+        Image.open(f).convert("RGB").resize((184, 224)).save(src / f"{i}.png")
+    sidecar = SidecarCaptioner()
+    assert sidecar(Image.new("RGB", (4, 4)), src / "0.png") == ""
+    assert main(["data", "closeups", str(src), str(tmp_path / "out"), "--size", "64", "--workers", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sources"] == 3 and out["kept"] >= 2
