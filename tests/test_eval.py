@@ -268,3 +268,15 @@ def test_eval_config_errors_name_the_field(tmp_path):
     cfg.write_text('benchmark = "b"\nrepeat = 3\n[[models]]\nname = "m"\nbase = "b"\n')
     with pytest.raises(TrainConfigError, match=r"unknown option\(s\) \['repeat'\]"):
         load_eval_config(cfg)
+
+
+def test_ablation_cli_runs_the_stage_ladder(tmp_path, eval_setup, capsys):
+    pytest.importorskip("mediapipe")
+    args = ["eval", "ablation", "--benchmark", str(eval_setup / "bench.jsonl"), "--base", str(eval_setup / "base"),
+            "--mole", str(eval_setup / "mole.safetensors"), "--gating", f"both={eval_setup / 'mole.safetensors'}",
+            "--num-prompts", "1", "--repeats", "2", "--steps", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["models"] == ["base", "stage2-fixed", "stage3-mole", "gating-both"]
+    assert set(out["summary"]) == set(out["models"]) and out["run"]["generated"] == 8
+    assert main([*args[:-2], "--out", str(tmp_path / "x"), "--gating", "softmax=f"]) == 2

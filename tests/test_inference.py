@@ -144,3 +144,26 @@ def test_cli_generate_and_inspect(tmp_path, tiny_mole, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["global_gate"]) == {"face", "hand"}
     assert main(["generate", *args, "--prompt", "x", "--experts", "face=abc"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "pixart"])
+def test_generate_and_inspect_other_pipelines(tmp_path, kind):
+    tokenizer = None
+    if kind == "pixart":
+        from conftest import t5_tokenizer
+
+        tokenizer = t5_tokenizer()
+    pipe = tiny_pipeline(kind, tokenizer=tokenizer)
+    pipe.save_pretrained(tmp_path / "base")
+    model = pipe.unet if kind == "sdxl" else pipe.transformer
+    inject_mole(model, [random_expert(model, "face", seed=1, std=0.2), random_expert(model, "hand", seed=2, std=0.2)])
+    save_mole(model, tmp_path / "mole.safetensors", base_model=str(tmp_path / "base"))
+    index = generate(GenerateOptions(base=str(tmp_path / "base"), mole=str(tmp_path / "mole.safetensors"),
+                                     prompts=["a face"], steps=2, out_dir=str(tmp_path / "g"),
+                                     modes=["none", "mole"]))  # fmt: skip
+    imgs = {r["mode"]: _pixels(r["path"]) for r in index["images"]}
+    side = 32 if kind == "sdxl" else 16  # sample_size x VAE factor 2 of the tiny models
+    assert imgs["mole"].shape[:2] == (side, side) and not np.array_equal(imgs["mole"], imgs["none"])
+    data = inspect(InspectOptions(base=str(tmp_path / "base"), mole=str(tmp_path / "mole.safetensors"),
+                                  prompts=["a face"], steps=3, map_steps=2, out_dir=str(tmp_path / "i")))  # fmt: skip
+    assert len(data["global_mean"]["face"]) == 3 and data["local_maps"]["0"]

@@ -174,3 +174,15 @@ def test_probe_of_untrained_model_matches_a_direct_computation(tiny_sd15_dir):
     torch.testing.assert_close(sched.get_velocity(x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
     unet = tiny_unet("sd15")
     assert unet(**unet_inputs(unet)).sample.shape == (2, 4, 16, 16)
+
+
+def test_accumulation_checkpointing_bf16_caches_and_tensorboard(tmp_path, tiny_sd15_dir, faces_dir):
+    pytest.importorskip("tensorboard")
+    result = run("stage2-face", tiny_sd15_dir, faces_dir, tmp_path / "s2", "max_steps=3", "expert.rank=2",
+                 "grad_accum=2", "gradient_checkpointing=true", "mixed_precision='bf16'", "data.cache_latents=true",
+                 "data.cache_text=true", "tensorboard=true", "log_every=1", "optim.lr=1e-3")  # fmt: skip
+    assert result.steps == 3 and len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    events = list((tmp_path / "s2").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    expert = load_expert(result.final[0], "face")
+    assert all(p.up.dtype == torch.float32 and p.up.abs().sum() > 0 for p in expert.layers.values())

@@ -181,6 +181,25 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_data_build)
 
 
+def _cmd_eval_ablation(args: argparse.Namespace) -> int:
+    from .eval import EvalOptions, MetricSpec, ablation_models, run_eval
+
+    gating = dict(item.split("=", 1) for item in (args.gating or []))
+    bad = sorted(set(gating) - {"local", "global", "both"})
+    if bad:
+        raise ValueError(f"--gating {bad}: use local=FILE, global=FILE, both=FILE")
+    models = ablation_models(args.base, stage1=args.stage1, mole=args.mole, gating=gating,
+                             expert_weights=_expert_weights(args.experts))  # fmt: skip
+    metrics = [MetricSpec(*(m.split("=", 1) if "=" in m else (m, None))) for m in (args.metric or ["facehand"])]
+    report = run_eval(EvalOptions(
+        benchmark=args.benchmark, models=models, metrics=metrics, out_dir=args.out, num_prompts=args.num_prompts,
+        repeats=args.repeats, steps=args.steps, seed=args.seed,
+    ))  # fmt: skip
+    print(json.dumps({"models": [m.name for m in models], "summary": report["summary"], "run": report["run"]},
+                     indent=2, default=float))  # fmt: skip
+    return 0
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .inference import SCHEDULERS
 
@@ -255,6 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     evr.add_argument("--repeats", type=int)
     evr.add_argument("--out")
     evr.set_defaults(func=_cmd_eval_run)
+    eva = ev_sub.add_parser("ablation", help="the paper's ablations: stage ladder and local/global/both gating")
+    eva.add_argument("--benchmark", required=True, help="a benchmark .jsonl from `mole eval prompts`")
+    eva.add_argument("--base", required=True, help="the original base model")
+    eva.add_argument("--stage1", help="the stage-1 fine-tuned model (pipeline folder)")
+    eva.add_argument("--mole", help="the stage-3 MoLE file (its experts also give the fixed-weight stage-2 rung)")
+    eva.add_argument("--experts", action="append", metavar="NAME=W", help="stage-2 rung weights (default: all 1)")
+    eva.add_argument("--gating", action="append", metavar="MODE=FILE", help="a MoLE file per gating mode")
+    eva.add_argument("--metric", action="append", metavar="NAME[=WEIGHTS]", help="facehand, clip=..., hps=...")
+    eva.add_argument("--out", default="runs/eval/ablation")
+    eva.add_argument("--num-prompts", type=int, default=3000)
+    eva.add_argument("--repeats", type=int, default=3)
+    eva.add_argument("--steps", type=int, default=50)
+    eva.add_argument("--seed", type=int, default=0)
+    eva.set_defaults(func=_cmd_eval_ablation)
 
     data = sub.add_parser("data", help="build training sets: scene crops, face / hand close-ups, blur filter")
     data_sub = data.add_subparsers(dest="data_command", required=True)
