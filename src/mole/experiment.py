@@ -102,28 +102,12 @@ def run_gate_experiment(o: ExperimentOptions) -> dict:
         stage1 = train(_train_cfg(o, Stage.FINETUNE, o.mix_dir, str(out / "stage1"), max_steps=o.finetune_steps,
                                   optim=OptimConfig(name="adamw", lr=o.finetune_lr)))  # fmt: skip
         o = replace(o, base=str(stage1.final[0]))
-    face = train(
-        _train_cfg(
-            o,
-            Stage.EXPERT,
-            o.face_dir,
-            str(out / "stage2-face"),
-            max_steps=o.expert_steps,
-            expert=ExpertTrainConfig(name="face", rank=o.rank),
-            optim=OptimConfig(lr=o.expert_lr),
-        )
-    )
-    hand = train(
-        _train_cfg(
-            o,
-            Stage.EXPERT,
-            o.hand_dir,
-            str(out / "stage2-hand"),
-            max_steps=o.expert_steps,
-            expert=ExpertTrainConfig(name="hand", rank=o.rank),
-            optim=OptimConfig(lr=o.expert_lr),
-        )
-    )
+    experts = {}
+    for name, folder in (("face", o.face_dir), ("hand", o.hand_dir)):
+        experts[name] = train(_train_cfg(o, Stage.EXPERT, folder, str(out / f"stage2-{name}"),
+                                         max_steps=o.expert_steps, expert=ExpertTrainConfig(name=name, rank=o.rank),
+                                         optim=OptimConfig(lr=o.expert_lr)))  # fmt: skip
+    face, hand = experts["face"], experts["hand"]
     mix = train(_train_cfg(o, Stage.MIXTURE, o.mix_dir, str(out / "stage3"), max_steps=o.gate_steps,
                            mixture=MixtureTrainConfig(experts={"face": str(face.final[0]), "hand": str(hand.final[0])}),
                            optim=OptimConfig(lr=o.gate_lr)))  # fmt: skip

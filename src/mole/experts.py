@@ -73,6 +73,17 @@ def layers_fingerprint(layers: Mapping[str, LoraPair]) -> str:
     return h.hexdigest()
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; a ValueError says why it is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
 def validate_expert_name(name: str) -> None:
     if not isinstance(name, str) or not EXPERT_NAME.match(name):
         raise ExpertLoadError(
@@ -93,8 +104,6 @@ def load_expert(path: str | Path, name: str, component: str = "unet", adapter: s
     other components (text encoders) are skipped and listed in ``ExpertWeights.skipped``.
     adapter: the adapter name when a state dict holds several peft adapters.
     """
-    from safetensors import SafetensorError, safe_open
-
     validate_expert_name(name)
     path = Path(path)
     config: dict = {}
@@ -116,11 +125,9 @@ def load_expert(path: str | Path, name: str, component: str = "unet", adapter: s
             "(pickles can run code on load)"
         )
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ExpertLoadError(f"expert {name!r}: {path} is not a readable safetensors file ({exc})") from None
+        metadata, state = read_safetensors(path)
+    except ValueError as exc:
+        raise ExpertLoadError(f"expert {name!r}: {exc}") from None
     if not config and metadata.get("lora_adapter_metadata"):
         config = _diffusers_metadata_config(json.loads(metadata["lora_adapter_metadata"]), component)
     return expert_from_state_dict(state, name, component=component, adapter=adapter, config=config, source=str(path))

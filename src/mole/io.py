@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import MoLEConfig
-from .experts import ExpertWeights, KeyNaming, layers_fingerprint, resolve_layers
+from .experts import ExpertWeights, KeyNaming, layers_fingerprint, read_safetensors, resolve_layers
 from .inject import has_mole, inject_mole, mole_layers, mole_state, remove_mole
 from .layers.lora import LoraPair
 from .targets import Backbone
@@ -195,17 +195,13 @@ def save_mole(
 # ---------------------------------------------------------------------------------------------------- load
 def read_mole_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Return (manifest, tensors) of a MoLE file, checking that it is one."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise MoLEFileError(f"MoLE file {path} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MoLEFileError(f"{path} is not a readable safetensors file ({exc})") from None
+        meta, tensors = read_safetensors(path)
+    except ValueError as exc:
+        raise MoLEFileError(str(exc)) from None
     if MANIFEST_KEY not in meta:
         raise MoLEFileError(
             f"{path} has no {MANIFEST_KEY!r} metadata: it is not a MoLE file (a LoRA expert is loaded with load_expert)"

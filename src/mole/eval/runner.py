@@ -102,25 +102,18 @@ def _generate_missing(opts: EvalOptions, spec: ModelSpec, jobs: list[tuple[Path,
     missing = [j for j in jobs if not j[0].is_file()]
     if not missing:
         return 0
-    from ..inference.generate import DTYPES
-    from ..inference.pipeline import load_mole_weights, load_pipeline, set_scheduler
-    from ..targets import Backbone
+    from ..inference.pipeline import load_mole_weights, open_sampler, pipeline_kwargs
 
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
-    model = load_pipeline(spec.base, dtype=dtype, device=device)
+    model, device = open_sampler(spec.base, opts.scheduler, opts.dtype, opts.device)
     pipe = model.pipe
-    set_scheduler(pipe, opts.scheduler)
-    pipe.set_progress_bar_config(disable=True)
     if spec.mole:
         load_mole_weights(pipe, spec.mole, spec.mode, spec.expert_weights, spec.strict_base)
     for start in range(0, len(missing), opts.batch_size):
         chunk = missing[start : start + opts.batch_size]
         kwargs = dict(prompt=[p for _, p, _ in chunk], num_inference_steps=opts.steps,
                       guidance_scale=opts.guidance_scale, height=opts.height, width=opts.width,
-                      generator=[torch.Generator(device=device).manual_seed(s) for _, _, s in chunk])  # fmt: skip
-        if model.backbone is Backbone.PIXART:
-            kwargs["use_resolution_binning"] = False
+                      generator=[torch.Generator(device=device).manual_seed(s) for _, _, s in chunk],
+                      **pipeline_kwargs(model))  # fmt: skip
         for (path, _, _), image in zip(chunk, pipe(**kwargs).images):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.png")

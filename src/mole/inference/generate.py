@@ -17,12 +17,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..targets import Backbone
-from .pipeline import MixMode, load_mole_weights, load_pipeline, set_scheduler
+from .pipeline import DTYPES, MixMode, default_size, load_mole_weights, open_sampler, pipeline_kwargs
 from .plot import grid
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -107,16 +105,12 @@ def _png(image: Image.Image, path: Path, meta: dict) -> None:
 
 def generate(opts: GenerateOptions) -> dict:
     """Generate every (prompt, seed) in every mode; return an index of what was written."""
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
-    model = load_pipeline(opts.base, dtype=dtype, device=device)
+    model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
+                                 progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe
-    set_scheduler(pipe, opts.scheduler)
-    pipe.set_progress_bar_config(disable=not logger.isEnabledFor(logging.INFO))
-    f = model.vae_scale_factor
-    sample = model.denoiser.config.sample_size
-    height = opts.height or (sample * f if isinstance(sample, int) else sample[0] * f)
-    width = opts.width or (sample * f if isinstance(sample, int) else sample[1] * f)
+    dtype = model.denoiser.dtype
+    native = default_size(model)
+    height, width = opts.height or native[0], opts.width or native[1]
     lengths = check_prompt_lengths(model, opts.prompts)
 
     out = Path(opts.out_dir)
@@ -135,12 +129,10 @@ def generate(opts: GenerateOptions) -> dict:
             generators = [torch.Generator(device=device).manual_seed(s) for _, _, s in chunk]
             kwargs = dict(
                 prompt=[p for _, p, _ in chunk], num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
-                height=height, width=width, generator=generators,
+                height=height, width=width, generator=generators, **pipeline_kwargs(model),
             )  # fmt: skip
             if opts.negative_prompt:
                 kwargs["negative_prompt"] = [opts.negative_prompt] * len(chunk)
-            if model.backbone is Backbone.PIXART:
-                kwargs["use_resolution_binning"] = False
             result = pipe(**kwargs).images
             for (pi, prompt, seed), image in zip(chunk, result):
                 meta = {"prompt": prompt, "negative_prompt": opts.negative_prompt, "seed": seed, "steps": opts.steps,

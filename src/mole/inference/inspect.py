@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from ..inject import mole_layers
 from ..recording import record_gates
 from ..targets import Backbone
-from .generate import DTYPES, check_prompt_lengths
-from .pipeline import MixMode, load_mole_weights, load_pipeline, set_scheduler
+from .generate import check_prompt_lengths
+from .pipeline import MixMode, default_size, load_mole_weights, open_sampler, pipeline_kwargs
 from .plot import grid, line_chart, overlay
 
 logger = logging.getLogger(__name__)
@@ -69,19 +69,15 @@ def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert
 
 
 def inspect(opts: InspectOptions) -> dict:
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
-    model = load_pipeline(opts.base, dtype=dtype, device=device)
+    model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
+                                 progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe
-    set_scheduler(pipe, opts.scheduler)
-    pipe.set_progress_bar_config(disable=not logger.isEnabledFor(logging.INFO))
     load_mole_weights(pipe, opts.mole, MixMode.MOLE, strict_base=opts.strict_base)
     denoiser = model.denoiser
     layer_paths = list(mole_layers(denoiser))
     f = model.vae_scale_factor
-    sample = denoiser.config.sample_size
-    height = opts.height or sample * f
-    width = opts.width or sample * f
+    native = default_size(model)
+    height, width = opts.height or native[0], opts.width or native[1]
     latent_hw = (height // f, width // f)
     if model.backbone is Backbone.PIXART:
         p = denoiser.config.patch_size
@@ -99,8 +95,7 @@ def inspect(opts: InspectOptions) -> dict:
                       height=height, width=width, generator=generator)  # fmt: skip
         if opts.negative_prompt:
             kwargs["negative_prompt"] = opts.negative_prompt
-        if model.backbone is Backbone.PIXART:
-            kwargs["use_resolution_binning"] = False
+        kwargs.update(pipeline_kwargs(model))
         with record_gates(denoiser, keep_local=True, latent_hw=latent_hw, local_steps=set(shown)) as rec:
             image = pipe(**kwargs).images[0]
         experts = rec.expert_names

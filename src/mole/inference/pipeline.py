@@ -34,6 +34,9 @@ SCHEDULERS = {
 }
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class MixMode(str, enum.Enum):
     MOLE = "mole"  # the learned gates
     FIXED = "fixed"  # no gates: each expert at a fixed weight (LoRA mixing, the paper's stage-2 baseline)
@@ -120,3 +123,30 @@ def set_scheduler(pipe, name: str) -> None:
 
     cls = getattr(diffusers, SCHEDULERS[name])
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def open_sampler(base: str | Path, scheduler: str = "ddim", dtype: str = "auto", device: str | None = None,
+                 progress: bool = False):  # fmt: skip
+    """A DiffusionModel ready to sample: on `device` (default: cuda if present), in `dtype` (auto: fp16 on a GPU,
+    fp32 on the CPU), with the named scheduler; returns (model, device)."""
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype={dtype!r}: use auto, fp32, fp16 or bf16")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
+    model = load_pipeline(base, dtype=torch_dtype, device=device)
+    set_scheduler(model.pipe, scheduler)
+    model.pipe.set_progress_bar_config(disable=not progress)
+    return model, device
+
+
+def default_size(model) -> tuple[int, int]:
+    """The pipeline's native (height, width) in pixels."""
+    f = model.vae_scale_factor
+    sample = model.denoiser.config.sample_size
+    h, w = (sample, sample) if isinstance(sample, int) else sample
+    return h * f, w * f
+
+
+def pipeline_kwargs(model) -> dict:
+    """Extra keyword arguments some pipelines need for arbitrary sizes (PixArt: no resolution binning)."""
+    return {"use_resolution_binning": False} if model.backbone is Backbone.PIXART else {}

@@ -68,9 +68,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
+    from accelerate.state import AcceleratorState
+
     cfg.validate()
     out = Path(cfg.output_dir)
     trackers = _trackers(cfg)
+    # accelerate keeps one process-wide state; a second run in this process (Python API, tests) may ask for other
+    # mixed-precision settings. The process group (PartialState) is left alone.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision.value,
         gradient_accumulation_steps=cfg.grad_accum,
