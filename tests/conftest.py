@@ -82,3 +82,17 @@ def t5_tokenizer():
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
     return T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())], extra_ids=0)
+
+
+def pipeline_with_mole(root: Path, kind: str = "sd15") -> Path:
+    """Write a tiny pipeline to root/base and a MoLE file for it (random face and hand experts) to
+    root/mole.safetensors; return root."""
+    from mole import inject_mole, save_mole
+    from mole.tiny import random_expert, tiny_pipeline
+
+    pipe = tiny_pipeline(kind, tokenizer=t5_tokenizer() if kind == "pixart" else None)
+    pipe.save_pretrained(root / "base")
+    model = pipe.transformer if kind == "pixart" else pipe.unet
+    inject_mole(model, [random_expert(model, "face", seed=1, std=0.2), random_expert(model, "hand", seed=2, std=0.2)])
+    save_mole(model, root / "mole.safetensors", base_model=str(root / "base"))
+    return root

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FACES, HANDS, SHARED
-from mole import inject_mole, save_mole
+from conftest import FACES, HANDS, SHARED, pipeline_with_mole
 from mole.cli import main
 from mole.eval import (
     CLIPScore,
@@ -32,7 +31,7 @@ from mole.eval import (
     run_eval,
 )
 from mole.eval.prompts import has_human_word
-from mole.tiny import random_expert, tiny_clip_tokenizer, tiny_pipeline
+from mole.tiny import tiny_clip_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -187,12 +186,7 @@ class Brightness:
 
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    pipe = tiny_pipeline("sd15")
-    pipe.save_pretrained(root / "base")
-    unet = pipe.unet
-    inject_mole(unet, [random_expert(unet, "face", seed=1, std=0.2), random_expert(unet, "hand", seed=2, std=0.2)])
-    save_mole(unet, root / "mole.safetensors", base_model=str(root / "base"))
+    root = pipeline_with_mole(tmp_path_factory.mktemp("eval"))
     bench = root / "bench.jsonl"
     bench.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in enumerate(
         ["a man smiling", "a woman waving her hand", "two kids", "a girl's face", "people in a park"])))  # fmt: skip

@@ -9,23 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from mole import MoLEFileError, inject_mole, mole_layers, save_mole
+from conftest import pipeline_with_mole
+from mole import MoLEFileError, mole_layers
 from mole.cli import main
 from mole.inference import GenerateOptions, InspectOptions, MixMode, generate, inspect, load_mole_weights
 from mole.models import DiffusionModel
-from mole.tiny import random_expert, tiny_pipeline
+from mole.tiny import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny_mole(tmp_path_factory):
     """A tiny SD1.5 pipeline on disk and a MoLE file (random experts, random gates) made for it."""
-    root = tmp_path_factory.mktemp("gen")
-    pipe = tiny_pipeline("sd15")
-    pipe.save_pretrained(root / "base")
-    unet = pipe.unet
-    inject_mole(unet, [random_expert(unet, "face", seed=1, std=0.2), random_expert(unet, "hand", seed=2, std=0.2)])
-    save_mole(unet, root / "mole.safetensors", base_model=str(root / "base"))
-    return root
+    return pipeline_with_mole(tmp_path_factory.mktemp("gen"))
 
 
 def _pixels(path):
@@ -148,16 +143,7 @@ def test_cli_generate_and_inspect(tmp_path, tiny_mole, capsys):
 
 @pytest.mark.parametrize("kind", ["sdxl", "pixart"])
 def test_generate_and_inspect_other_pipelines(tmp_path, kind):
-    tokenizer = None
-    if kind == "pixart":
-        from conftest import t5_tokenizer
-
-        tokenizer = t5_tokenizer()
-    pipe = tiny_pipeline(kind, tokenizer=tokenizer)
-    pipe.save_pretrained(tmp_path / "base")
-    model = pipe.unet if kind == "sdxl" else pipe.transformer
-    inject_mole(model, [random_expert(model, "face", seed=1, std=0.2), random_expert(model, "hand", seed=2, std=0.2)])
-    save_mole(model, tmp_path / "mole.safetensors", base_model=str(tmp_path / "base"))
+    pipeline_with_mole(tmp_path, kind)
     index = generate(GenerateOptions(base=str(tmp_path / "base"), mole=str(tmp_path / "mole.safetensors"),
                                      prompts=["a face"], steps=2, out_dir=str(tmp_path / "g"),
                                      modes=["none", "mole"]))  # fmt: skip
