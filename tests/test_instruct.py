@@ -231,3 +231,50 @@ def test_instruct_stage_trains_on_pixart(tmp_path):
     with pytest.raises(TrainConfigError, match="runs on DiTs"):
         train(load_config(preset="instruct", overrides=[f"model='{tmp_path / 'sd'}'", f"data.path='{data}'",
                                                         f"output_dir='{tmp_path / 'x'}'", "max_steps=1"]))  # fmt: skip
+
+
+def test_multi_conditional_instruct_training_writes_a_routing_heatmap(tmp_path):
+    """Two tasks on one model: restore a face from its edge map, or from a blurred copy; the instruction names the
+    task, the condition image enters as extra tokens."""
+    import json
+
+    from PIL import ImageFilter
+
+    from mole.tiny import tiny_pipeline
+    from mole.training import load_config, train
+
+    if not FACES:
+        pytest.skip("shared data missing")
+    tiny_pipeline("pixart", tokenizer=t5_tokenizer()).save_pretrained(tmp_path / "px")
+    data = tmp_path / "data"
+    data.mkdir()
+    records = []
+    for i, f in enumerate(FACES[:4]):
+        face = Image.open(f).convert("RGB").resize((32, 32))
+        face.save(data / f"{i}.png")
+        face.filter(ImageFilter.FIND_EDGES).save(data / f"{i}_edge.png")
+        face.filter(ImageFilter.GaussianBlur(2)).save(data / f"{i}_blur.png")
+        records.append({"file": f"{i}.png", "caption": "draw the face outlined by these edges",
+                        "condition": f"{i}_edge.png", "condition_type": "edge"})  # fmt: skip
+        records.append({"file": f"{i}.png", "caption": "sharpen this blurry face photo",
+                        "condition": f"{i}_blur.png", "condition_type": "blur"})  # fmt: skip
+    (data / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    result = train(load_config(preset="instruct", overrides=[
+        f"model='{tmp_path / 'px'}'", f"data.path='{data}'", f"data.manifest='{data / 'm.jsonl'}'",
+        f"output_dir='{tmp_path / 'o'}'", "max_steps=3", "data.resolution=32", "batch_size=2", "tensorboard=false",
+        "instruct.rank=2", "instruct.num_experts=3", "instruct.condition_types=['edge', 'blur']",
+        "data.caption_dropout=0.0",
+    ]))  # fmt: skip
+    names = [p.name for p in result.final]
+    assert names == ["instruct.safetensors", "routing.png", "routing.json"]
+    routing = json.loads((tmp_path / "o" / "final" / "routing.json").read_text())
+    assert set(routing) == {"edge", "blur"} and all(abs(sum(v) - 1) < 1e-4 for v in routing.values())
+    assert routing["edge"] != routing["blur"]  # different instructions, different expert councils
+    im = InstructMoLE.load(tiny_pixart_from(tmp_path / "px"), result.final[0])
+    assert im.conditions is not None and im.conditions.types == ["edge", "blur"]
+
+
+def tiny_pixart_from(path):
+    from mole.models import DiffusionModel
+
+    return DiffusionModel.from_pretrained(path).denoiser

@@ -6,7 +6,7 @@ Options are enums, not free strings, and every check names the field, the bad va
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -79,7 +79,6 @@ class MoLEConfig:
     global_source: GlobalSource = GlobalSource.INPUT
     gate_init: GateInit = GateInit.DEFAULT
     targets: tuple[str, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.gating = _coerce_enum(Gating, self.gating, "gating")
@@ -104,7 +103,7 @@ class MoLEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoLEConfig:
-        known = {"gating", "global_source", "gate_init", "targets", "extra"}
+        known = {"gating", "global_source", "gate_init", "targets"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoLEConfigError(f"unknown MoLEConfig field(s) {unknown}; known fields are {sorted(known)}")

@@ -9,7 +9,7 @@ remove_mole(model)      # the original modules and requires_grad flags, bit for 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -275,7 +275,3 @@ def extract_expert(model: nn.Module, name: str) -> ExpertWeights:
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), attr
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)

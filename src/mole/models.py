@@ -93,11 +93,13 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """pixels (b, 3, H, W) in [-1, 1] -> scaled latents (b, c, H/f, W/f)."""
+    def encode_images(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        """pixels (b, 3, H, W) in [-1, 1] -> scaled latents (b, c, H/f, W/f); mode=True: the posterior mean."""
         vae = self.vae
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator)
+        latents = dist.mode() if mode else dist.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 

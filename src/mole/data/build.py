@@ -25,7 +25,7 @@ import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -71,7 +71,6 @@ class BuildOptions:
     dedupe_distance: int = 3
     workers: int = 1
     shard_size: int = 0  # > 0: also write webdataset tar shards of this many samples
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in ("scenes", "closeups"):

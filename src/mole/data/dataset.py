@@ -32,6 +32,8 @@ class DataError(ValueError):
 class Sample:
     path: Path
     caption: str
+    condition: Path | None = None  # a condition image aligned with `path` (InstructMoLE multi-conditional)
+    condition_type: str | None = None
 
 
 def scan_samples(root: str | Path, manifest: str | Path | None = None) -> list[Sample]:
@@ -105,7 +107,17 @@ def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
             if not candidates:
                 raise DataError(f"{manifest}: record {n} names {key!r}, which is not an image under {root}")
             path = candidates[0]
-        samples.append(Sample(path, str(caption).strip()))
+        cond, ctype = rec.get("condition"), rec.get("condition_type")
+        if (cond is None) != (ctype is None):
+            raise DataError(f"{manifest}: record {n} needs both condition and condition_type, or neither")
+        if cond is not None:
+            cond = Path(cond) if Path(cond).is_absolute() else root / cond
+            if not cond.is_file():
+                raise DataError(f"{manifest}: record {n} names condition {str(cond)!r}, which does not exist")
+        samples.append(Sample(path, str(caption).strip(), cond, ctype))
+    with_cond = sum(s.condition is not None for s in samples)
+    if 0 < with_cond < len(samples):
+        raise DataError(f"{manifest}: {with_cond} of {len(samples)} records have a condition; give all or none one")
     return samples
 
 
@@ -155,6 +167,7 @@ class CaptionedImages(Dataset):
         sample = self.samples[index]
         try:
             img = load_rgb(sample.path)
+            cond = load_rgb(sample.condition) if sample.condition is not None else None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             logger.warning("skipping unreadable image %s (%s)", sample.path, exc)
             return {"index": index, "bad": True}
@@ -164,22 +177,31 @@ class CaptionedImages(Dataset):
             return {"index": index, "bad": True}
         s = r / min(w, h)
         nw, nh = max(r, round(w * s)), max(r, round(h * s))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
         if self.center_crop:
             left, top = (nw - r) // 2, (nh - r) // 2
         else:
             left, top = rng.randint(0, nw - r), rng.randint(0, nh - r)
-        img = img.crop((left, top, left + r, top + r))
-        if self.random_flip and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        flip = self.random_flip and rng.random() < 0.5
+
+        def view(im: Image.Image) -> torch.Tensor:  # the same resize, crop and flip for image and condition
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, left + r, top + r))
+            if flip:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
         caption = "" if rng.random() < self.caption_dropout else sample.caption
-        return {"pixels": pixels, "caption": caption, "index": index, "bad": False}
+        item = {"pixels": view(img), "caption": caption, "index": index, "bad": False}
+        if cond is not None:
+            item["condition"], item["condition_type"] = view(cond), sample.condition_type
+        return item
 
 
 def collate(items: list[dict]) -> dict:
     good = [it for it in items if not it["bad"]]
+    conditioned = bool(good) and "condition" in good[0]
     return {
+        "conditions": torch.stack([it["condition"] for it in good]) if conditioned else None,
+        "condition_types": [it["condition_type"] for it in good] if conditioned else None,
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
         "captions": [it["caption"] for it in good],
         "indices": [it["index"] for it in good],

@@ -65,10 +65,9 @@ def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one stage as configured; return what it did (losses, files)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
-
-    from accelerate.state import AcceleratorState
 
     cfg.validate()
     out = Path(cfg.output_dir)
@@ -136,9 +135,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if missing:
             pos = [batch["indices"].index(i) for i in missing]
             # the posterior mean: a cached latent must not freeze one random sample of the VAE posterior
-            enc = model.vae.encode(batch["pixels"][pos].to(accelerator.device, model.vae.dtype)).latent_dist.mode()
-            shift = getattr(model.vae.config, "shift_factor", None) or 0.0
-            for i, lat in zip(missing, (enc - shift) * model.vae.config.scaling_factor):
+            for i, lat in zip(missing, model.encode_images(batch["pixels"][pos], mode=True)):
                 latent_cache[i] = lat
         return torch.stack([latent_cache[i] for i in batch["indices"]])
 
@@ -165,6 +162,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         noisy = sched.add_noise(latents, noise, t)
         target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         cond = text_for(batch["captions"]).to(accelerator.device, weight_dtype)
+        if stage.prepare_batch is not None:
+            stage.prepare_batch(batch)
         with accelerator.autocast():
             pred = model.predict(noisy, t, cond, denoiser=denoiser)
         return diffusion_loss(pred, target, t, alphas, model.prediction_type, cfg.min_snr_gamma)

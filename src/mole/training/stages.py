@@ -35,6 +35,7 @@ class StageSetup:
     aux_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]] | None = None  # added after each forward
     # trainable modules used through hooks, not through forward(): not wrapped by accelerate, grads reduced by hand
     side_modules: dict[str, nn.Module] | None = None
+    prepare_batch: Callable[[dict], None] | None = None  # called with each batch before the denoiser runs
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> None:
@@ -102,11 +103,26 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
         for p in params:
             p.data = p.data.float()
 
+        prepare = None
+        if im.conditions is not None:
+
+            def prepare(batch: dict) -> None:
+                if batch.get("conditions") is None:
+                    raise TrainConfigError(
+                        f"instruct.condition_types={cfg.instruct.condition_types} but the data has no conditions: "
+                        "use a jsonl manifest with condition and condition_type per record"
+                    )
+                latents = model.encode_images(batch["conditions"], mode=True).to(weight_dtype)
+                im.conditions.set(latents, batch["condition_types"])
+
         def save_final(out: Path) -> list[Path]:
-            return [im.save(out / "instruct.safetensors", base_model=cfg.model)]
+            files = [im.save(out / "instruct.safetensors", base_model=cfg.model)]
+            if im.conditions is not None:
+                files += _routing_by_condition(cfg, model, im, out)
+            return files
 
         return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=False, aux_loss=im.aux_loss,
-                          side_modules={"instruct": im})  # fmt: skip
+                          side_modules={"instruct": im}, prepare_batch=prepare)  # fmt: skip
     else:
         mix = cfg.mixture
         experts = [load_expert(path, name, component=component) for name, path in mix.experts.items()]
@@ -121,3 +137,27 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
         p.data = p.data.float()
         p.requires_grad_(True)
     return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=cfg.stage is Stage.MIXTURE)
+
+
+@torch.no_grad()
+def _routing_by_condition(cfg: TrainConfig, model: DiffusionModel, im, out: Path) -> list[Path]:
+    """Route up to 32 training instructions per condition type; write routing.png (expert x type) and JSON."""
+    import json
+
+    from ..data import scan_samples
+    from ..instruct import routing_heatmap
+
+    samples = scan_samples(cfg.data.path, cfg.data.manifest)
+    by_type: dict[str, list[str]] = {}
+    for s in samples:
+        if s.condition_type is not None and len(by_type.setdefault(s.condition_type, [])) < 32:
+            by_type[s.condition_type].append(s.caption)
+    means = {}
+    for ctype, captions in by_type.items():
+        text = model.encode_text(captions).kwargs
+        weights = im.router(text["encoder_hidden_states"].float(), text.get("encoder_attention_mask"))
+        means[ctype] = weights.mean((0, 1)).cpu()  # (E,) over layers and instructions
+    names = [f"expert{i}" for i in range(cfg.instruct.num_experts)]
+    routing_heatmap(means, names, out / "routing.png", title="mean routing weight by condition type")
+    (out / "routing.json").write_text(json.dumps({t: v.tolist() for t, v in means.items()}))
+    return [out / "routing.png", out / "routing.json"]
