@@ -286,7 +286,7 @@ def _gate_stats(rec) -> dict[str, float]:
         glob = rec.mean_global()[0]  # (b, e)
         for i, name in enumerate(rec.expert_names):
             stats[f"gate/global/{name}"] = float(glob[:, i].mean())
-    except ValueError:
+    except ValueError:  # gating="local" records no global gates
         pass
     locs = [r.local_gate for r in rec.steps[0].values() if r.local_gate is not None] if rec.steps else []
     if locs:
