@@ -91,11 +91,17 @@ def overlay(
     return Image.blend(image.convert("RGB"), colored, alpha)
 
 
-def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None = None, pad: int = 4) -> Image.Image:
-    """Images of one size in rows of `cols`, with an optional caption under each."""
+def grid(
+    images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None = None, pad: int = 4, min_cell: int = 128
+) -> Image.Image:
+    """Images in rows of `cols` (cells of the first image's size, enlarged to at least `min_cell` px so tiny images
+    stay visible), with an optional caption under each."""
     if not images:
         raise ValueError("grid needs at least one image")
     w, h = images[0].size
+    if min(w, h) < min_cell:
+        scale = min_cell / min(w, h)
+        w, h = round(w * scale), round(h * scale)
     lab = 14 if labels else 0
     rows = (len(images) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad + lab) + pad), "white")
@@ -103,7 +109,7 @@ def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None 
     for k, im in enumerate(images):
         r, c = divmod(k, cols)
         x, y = pad + c * (w + pad), pad + r * (h + pad + lab)
-        sheet.paste(im.convert("RGB").resize((w, h)), (x, y))
+        sheet.paste(im.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x, y))
         if labels:
             d.text((x, y + h + 1), labels[k][: max(4, w // 5)], fill=(0, 0, 0), font=_font(10))
     return sheet
