@@ -278,3 +278,28 @@ def tiny_pixart_from(path):
     from mole.models import DiffusionModel
 
     return DiffusionModel.from_pretrained(path).denoiser
+
+
+def test_generate_uses_the_instruct_router(tmp_path):
+    from mole.inference import GenerateOptions, generate, load_mole_weights
+    from mole.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("pixart", tokenizer=t5_tokenizer())
+    pipe.save_pretrained(tmp_path / "base")
+    t = pipe.transformer
+    im = InstructMoLE(t, InstructConfig(num_experts=2, rank=2, top_k=1), text_dim=32)
+    with torch.no_grad():
+        for layer in mole_layers(t).values():
+            layer.lora_B.normal_(0, 0.2)
+    im.save(tmp_path / "instruct.safetensors", base_model=str(tmp_path / "base"))
+    fresh = tiny_pipeline("pixart", tokenizer=t5_tokenizer())
+    load_mole_weights(fresh, tmp_path / "instruct.safetensors")
+    assert fresh.mole_instruct.router is not None
+    fresh.transformer(**pixart_inputs(fresh.transformer))
+    w = fresh.mole_instruct.router.last_weights
+    assert ((w > 0).sum(-1) == 1).all()  # top-1 routing was applied
+    load_mole_weights(fresh, tmp_path / "instruct.safetensors", mode="none")
+    assert fresh.mole_instruct is None and not mole_layers(fresh.transformer)
+    index = generate(GenerateOptions(base=str(tmp_path / "base"), mole=str(tmp_path / "instruct.safetensors"),
+                                     prompts=["a face"], steps=2, out_dir=str(tmp_path / "g")))  # fmt: skip
+    assert len(index["images"]) == 1

@@ -64,12 +64,25 @@ def load_mole_weights(
     """
     mode = MixMode(mode)
     denoiser = denoiser_of(pipe)
+    previous = getattr(pipe, "mole_instruct", None)
+    if previous is not None:  # detach an InstructMoLE router (and condition hooks) loaded before
+        if previous.router is not None:
+            previous.router.detach()
+        if previous.conditions is not None:
+            previous.conditions.remove()
+        pipe.mole_instruct = None
     if has_mole(denoiser):
         remove_mole(denoiser)
     if mode is MixMode.NONE:
         return pipe
     if mode is MixMode.MOLE:
-        load_mole(denoiser, path, strict_base=strict_base)
+        manifest, _ = read_mole_file(path)
+        if "instruct" in manifest.get("extra", {}):  # InstructMoLE: the experts plus their instruction router
+            from ..instruct import InstructMoLE
+
+            pipe.mole_instruct = InstructMoLE.load(denoiser, path, strict_base=strict_base)
+        else:
+            load_mole(denoiser, path, strict_base=strict_base)
         if expert_weights:
             set_expert_weights(denoiser, expert_weights)
         return pipe
