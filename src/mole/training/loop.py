@@ -74,7 +74,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     trackers = _trackers(cfg)
     # accelerate keeps one process-wide state; a second run in this process (Python API, tests) may ask for other
     # mixed-precision settings. The process group (PartialState) is left alone.
-    AcceleratorState._reset_state()
+    if hasattr(AcceleratorState, "_reset_state"):  # private in accelerate 1.x; without it, one setting per process
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision.value,
         gradient_accumulation_steps=cfg.grad_accum,
