@@ -21,7 +21,7 @@ import tomllib
 import torch
 from PIL import Image
 
-from ..inference.pipeline import MixMode
+from ..inference.pipeline import MixMode, SamplingOptions
 from .metrics import Scorer, build_scorer
 from .prompts import read_benchmark
 
@@ -52,8 +52,8 @@ class MetricSpec:
     med_config: str | None = None
 
 
-@dataclass
-class EvalOptions:
+@dataclass(kw_only=True)
+class EvalOptions(SamplingOptions):
     benchmark: str
     models: list[ModelSpec]
     metrics: list[MetricSpec] = field(default_factory=lambda: [MetricSpec("facehand")])
@@ -61,16 +61,10 @@ class EvalOptions:
     num_prompts: int = 3000
     repeats: int = 3
     seed: int = 0
-    steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"
-    height: int | None = None
-    width: int | None = None
     batch_size: int = 4
-    dtype: str = "auto"
-    device: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.models:
             raise ValueError("models is empty: name at least one model to evaluate")
         names = [m.name for m in self.models]

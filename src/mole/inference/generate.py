@@ -17,47 +17,34 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..targets import Backbone
-from .pipeline import DTYPES, MixMode, default_size, load_mole_weights, open_sampler, pipeline_kwargs
+from .pipeline import MixMode, SamplingOptions, default_size, load_mole_weights, open_sampler, pipeline_kwargs
 from .plot import grid
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerateOptions:
+@dataclass(kw_only=True)
+class GenerateOptions(SamplingOptions):
     base: str
     prompts: list[str]
     mole: str | None = None  # MoLE .safetensors; required unless modes == [none]
     out_dir: str = "runs/generate"
     seeds: list[int] = field(default_factory=lambda: [0])
     negative_prompt: str | None = None
-    steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"
-    height: int | None = None
-    width: int | None = None
     batch_size: int = 4
-    dtype: str = "auto"  # auto: fp16 on a GPU, fp32 on the CPU
-    device: str | None = None
     modes: list[MixMode] = field(default_factory=lambda: [MixMode.MOLE])
     expert_weights: dict[str, float] | None = None
     strict_base: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.modes = [MixMode(m) for m in self.modes]
         if not self.prompts:
             raise ValueError("prompts is empty: pass at least one prompt (or a prompt file)")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: use at least 1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: use at least 1")
-        if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype={self.dtype!r}: use auto, fp32, fp16 or bf16")
         if any(m is not MixMode.NONE for m in self.modes) and not self.mole:
             raise ValueError("mole is not set: pass the MoLE .safetensors file, or use --no-mole for the base model")
-        for h in (self.height, self.width):
-            if h is not None and h % 8:
-                raise ValueError(f"height/width={h}: use a multiple of 8")
 
 
 def read_prompt_file(path: str | Path) -> list[str]:

@@ -24,35 +24,29 @@ from ..inject import mole_layers
 from ..recording import record_gates
 from ..targets import Backbone
 from .generate import check_prompt_lengths
-from .pipeline import MixMode, default_size, load_mole_weights, open_sampler, pipeline_kwargs
+from .pipeline import MixMode, SamplingOptions, default_size, load_mole_weights, open_sampler, pipeline_kwargs
 from .plot import grid, line_chart, overlay
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class InspectOptions:
+@dataclass(kw_only=True)
+class InspectOptions(SamplingOptions):
     base: str
     mole: str
     prompts: list[str]
     out_dir: str = "runs/inspect"
     seed: int = 0
-    steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"
-    height: int | None = None
-    width: int | None = None
     map_steps: int = 5  # how many evenly spaced steps the local maps show
-    dtype: str = "auto"
-    device: str | None = None
     strict_base: bool = True
     negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.prompts:
             raise ValueError("prompts is empty: pass at least one prompt")
-        if self.steps < 1 or self.map_steps < 1:
-            raise ValueError(f"steps={self.steps}, map_steps={self.map_steps}: use at least 1")
+        if self.map_steps < 1:
+            raise ValueError(f"map_steps={self.map_steps}: use at least 1")
 
 
 def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert: int) -> np.ndarray | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,30 @@ SCHEDULERS = {
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """What every sampling command shares (generate, inspect, eval)."""
+
+    steps: int = 50  # the paper: 50 DDIM steps
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    height: int | None = None  # None: the pipeline's native size
+    width: int | None = None
+    dtype: str = "auto"  # auto: fp16 on a GPU, fp32 on the CPU
+    device: str | None = None  # None: cuda if present, else cpu
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: use at least 1")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype={self.dtype!r}: use auto, fp32, fp16 or bf16")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r} is unknown; use one of {sorted(SCHEDULERS)}")
+        for h in (self.height, self.width):
+            if h is not None and h % 8:
+                raise ValueError(f"height/width={h}: use a multiple of 8")
 
 
 class MixMode(str, enum.Enum):
