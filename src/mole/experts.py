@@ -73,13 +73,14 @@ def layers_fingerprint(layers: Mapping[str, LoraPair]) -> str:
     return h.hexdigest()
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file; a ValueError says why it is unreadable."""
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file (tensors=False: the header only, tensors {}); a ValueError says
+    why it is unreadable."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
 

@@ -193,13 +193,18 @@ def save_mole(
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def read_mole_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (manifest, tensors) of a MoLE file, checking that it is one."""
+def read_mole_manifest(path: str | Path) -> dict:
+    """The manifest of a MoLE file, read from its header alone (no tensor is loaded)."""
+    return read_mole_file(path, tensors=False)[0]
+
+
+def read_mole_file(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Return (manifest, tensors) of a MoLE file, checking that it is one (tensors=False: manifest only)."""
     path = Path(path)
     if not path.is_file():
         raise MoLEFileError(f"MoLE file {path} does not exist")
     try:
-        meta, tensors = read_safetensors(path)
+        meta, tensors = read_safetensors(path, tensors)
     except ValueError as exc:
         raise MoLEFileError(str(exc)) from None
     if MANIFEST_KEY not in meta:

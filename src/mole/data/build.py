@@ -191,6 +191,7 @@ def build_dataset(opts: BuildOptions) -> dict:
         from ..eval.metrics import CLIPScore
 
         clip = CLIPScore(opts.clip_filter)
+    needs_pixels = clip is not None or getattr(captioner, "needs_image", True)
     stats = _load_stats(out)
     t0 = time.perf_counter()
     jobs = [(s, opts) for s in todo]
@@ -213,12 +214,11 @@ def build_dataset(opts: BuildOptions) -> dict:
                     img_path.unlink(missing_ok=True)
                     stats["dropped"]["duplicate"] = stats["dropped"].get("duplicate", 0) + 1
                     continue
-                with Image.open(img_path) as crop:
-                    crop.load()
-                    raw = captioner(crop, Path(res["source"]))
-                    caption, cut = truncate_caption(clean_caption(raw), tokenizer, opts.max_tokens)
-                    if clip is not None:
-                        rec["scores"]["clip"] = round(clip.score([crop], [caption])["clip_score"][0], 3)
+                crop = Image.open(img_path).convert("RGB") if needs_pixels else None  # the worker wrote it
+                raw = captioner(crop, Path(res["source"]))
+                caption, cut = truncate_caption(clean_caption(raw), tokenizer, opts.max_tokens)
+                if clip is not None:
+                    rec["scores"]["clip"] = round(clip.score([crop], [caption])["clip_score"][0], 3)
                 if clip is not None and rec["scores"]["clip"] < opts.min_clip:
                     img_path.unlink(missing_ok=True)
                     stats["dropped"]["low_clip"] = stats["dropped"].get("low_clip", 0) + 1

@@ -1,6 +1,6 @@
 """Captions for crops: pluggable captioners, boilerplate clean-up, truncation to the text encoder's limit.
 
-Captioners (all callables (image, source_path) -> str):
+Captioners (all callables (image, source_path) -> str; those with needs_image = False are given None):
 - TemplateCaptioner("a close-up photo of a {part}")      offline, for close-up sets
 - SidecarCaptioner(captions_json=None)                    a same-named .txt beside the source, or a JSON map
                                                           (COCO captions json or {file name: caption})
@@ -67,14 +67,18 @@ def truncate_caption(text: str, tokenizer=None, max_tokens: int = 77) -> tuple[s
 
 
 class TemplateCaptioner:
+    needs_image = False  # captioners that never look at the pixels let the builder skip re-reading each crop
+
     def __init__(self, template: str, **fields: str) -> None:
         self.template, self.fields = template, fields
 
-    def __call__(self, image: Image.Image, source: Path) -> str:
+    def __call__(self, image: Image.Image | None, source: Path) -> str:
         return self.template.format(**self.fields, stem=source.stem, folder=source.parent.name)
 
 
 class SidecarCaptioner:
+    needs_image = False
+
     def __init__(self, captions_json: str | Path | None = None) -> None:
         self.map: dict[str, str] = {}
         if captions_json is not None:
@@ -88,7 +92,7 @@ class SidecarCaptioner:
             else:
                 raise ValueError(f"{captions_json}: expected COCO captions or a {{file name: caption}} object")
 
-    def __call__(self, image: Image.Image, source: Path) -> str:
+    def __call__(self, image: Image.Image | None, source: Path) -> str:
         txt = source.with_suffix(".txt")
         if txt.is_file():
             return txt.read_text(encoding="utf-8").strip()
@@ -96,6 +100,8 @@ class SidecarCaptioner:
 
 
 class HFCaptioner:
+    needs_image = True
+
     def __init__(self, model: str, device: str | None = None, max_new_tokens: int = 60) -> None:
         from transformers import pipeline
 

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ..config import MoLEConfig
+from ..experts import load_expert
 from ..inject import has_mole, inject_mole, remove_mole, set_expert_weights
-from ..io import MoLEFileError, embedded_experts, load_mole, read_mole_file
+from ..io import MoLEFileError, check_base, embedded_experts, load_mole, read_mole_file, read_mole_manifest
 from ..targets import Backbone
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ def load_mole_weights(
     if mode is MixMode.NONE:
         return pipe
     if mode is MixMode.MOLE:
-        manifest, _ = read_mole_file(path)
-        if "instruct" in manifest.get("extra", {}):  # InstructMoLE: the experts plus their instruction router
+        if "instruct" in read_mole_manifest(path).get(
+            "extra", {}
+        ):  # InstructMoLE: the experts plus their instruction router
             from ..instruct import InstructMoLE
 
             pipe.mole_instruct = InstructMoLE.load(denoiser, path, strict_base=strict_base)
@@ -112,8 +114,6 @@ def load_mole_weights(
             set_expert_weights(denoiser, expert_weights)
         return pipe
     manifest, tensors = read_mole_file(path)
-    from ..io import check_base
-
     check_base(denoiser, manifest, str(path), strict_base)
     experts = embedded_experts(manifest, tensors, str(path))
     missing = [e["name"] for e in manifest["experts"] if e["name"] not in experts]
@@ -130,8 +130,6 @@ def load_mole_weights(
 def load_loras(pipe, loras: Mapping[str, str | Path], weights: Mapping[str, float] | None = None):
     """Plain LoRA files (diffusers, peft or kohya) into any pipeline's denoiser at fixed weights, UNet or DiT alike
     (diffusers has no LoRA loader for PixArt). Replaces MoLE / LoRAs loaded before; returns the pipe."""
-    from ..experts import load_expert
-
     denoiser = denoiser_of(pipe)
     component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     experts = [load_expert(path, name, component=component) for name, path in loras.items()]

@@ -26,8 +26,6 @@ from ..config import Gating, GlobalSource, MoLEConfig
 from .gates import MoLEGates
 from .lora import LoraPair
 
-SUPPORTED_BASE = (nn.Linear, nn.Conv2d)
-
 
 def check_wrappable(module: nn.Module, path: str) -> None:
     """Raise a ValueError naming `path` when `module` cannot be wrapped."""
