@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .data.synthetic import write_synthetic_set
-from .experiment import FACE_PROMPTS, HAND_PROMPTS, gate_means_for_prompts
+from .experiment import FACE_PROMPTS, HAND_PROMPTS, ExperimentOptions, run_gate_experiment
 from .experts import ExpertFormat, load_expert, save_expert
 from .inject import remove_mole, set_fused
 from .io import load_mole, read_mole_file
@@ -52,18 +52,6 @@ class DemoOptions:
                 raise ValueError(f"{name}={getattr(self, name)}: use at least 1")
 
 
-def _stage(opts: DemoOptions, stage: int, data: Path, out: Path, **sections):
-    from .training import load_config, train
-
-    overrides = [
-        f"stage={stage}", f"model='{opts.out_dir / 'base'}'", f"data.path='{data}'", f"output_dir='{out}'",
-        f"max_steps={opts.train_steps}", "data.resolution=32", "batch_size=4", "tensorboard=false",
-        f"seed={opts.seed}", f"log_every={max(1, opts.train_steps // 2)}", f"checkpoint_every={opts.train_steps}",
-    ]  # fmt: skip
-    overrides += [f"{k}={v}" for k, v in sections.items()]
-    return train(load_config(overrides=overrides))
-
-
 def run_demo(opts: DemoOptions) -> dict:
     """Run the demo; return a JSON-ready summary (also written to out_dir/summary.json)."""
     t0 = time.perf_counter()
@@ -75,16 +63,14 @@ def run_demo(opts: DemoOptions) -> dict:
     for k in sets:
         write_synthetic_set(mix, k, opts.images_per_set // 2, seed=opts.seed + 1)
 
-    # ---- stages 2 and 3
-    experts = {}
-    for name in ("face", "hand"):
-        res = _stage(opts, 2, sets[name], out / f"stage2-{name}", **{"expert.name": f"'{name}'",
-                     "expert.rank": opts.rank, "optim.lr": 1e-3})  # fmt: skip
-        experts[name] = {"file": str(res.final[0]), "probe_loss_first": res.probe_loss_first,
-                         "probe_loss_last": res.probe_loss_last}  # fmt: skip
-    table = "{" + ", ".join(f"{n} = '{e['file']}'" for n, e in experts.items()) + "}"
-    mixture = _stage(opts, 3, mix, out / "stage3", **{"mixture.experts": table, "optim.lr": 3e-3})
-    mole_file = mixture.final[0]
+    # ---- stages 2 and 3, and the gates measured while sampling face / hand prompts
+    exp = run_gate_experiment(ExperimentOptions(
+        base=str(out / "base"), face_dir=str(sets["face"]), hand_dir=str(sets["hand"]), mix_dir=str(mix),
+        out_dir=str(out), rank=opts.rank, expert_steps=opts.train_steps, gate_steps=opts.train_steps,
+        sample_steps=opts.sample_steps, seed=opts.seed, face_prompts=FACE_PROMPTS[:2], hand_prompts=HAND_PROMPTS[:2],
+    ))  # fmt: skip
+    experts = {name: {"file": exp["files"][name], **exp["training"][f"{name}_expert"]} for name in ("face", "hand")}
+    mole_file = Path(exp["files"]["mole"])
 
     # ---- foundation checks on the trained result
     model = DiffusionModel.from_pretrained(out / "base")
@@ -111,10 +97,7 @@ def run_demo(opts: DemoOptions) -> dict:
         remove_mole(unet)
     manifest, _ = read_mole_file(mole_file)
 
-    # ---- gates while sampling, pictures
-    load_mole(unet, mole_file)
-    on_face = gate_means_for_prompts(model, FACE_PROMPTS[:2], opts.sample_steps, 7.5, 32, opts.seed)
-    on_hand = gate_means_for_prompts(model, HAND_PROMPTS[:2], opts.sample_steps, 7.5, 32, opts.seed)
+    # ---- pictures
     from .inference import GenerateOptions, InspectOptions, generate, inspect
 
     prompts = [FACE_PROMPTS[0], HAND_PROMPTS[0]]
@@ -127,13 +110,12 @@ def run_demo(opts: DemoOptions) -> dict:
         "backbone": opts.backbone.value,
         "wrapped_layers": len(manifest["layers"]),
         "experts": experts,
-        "gates": {"probe_loss_first": mixture.probe_loss_first, "probe_loss_last": mixture.probe_loss_last,
-                  "log": mixture.gate_log},  # fmt: skip
+        "gates": exp["training"]["gates"],
         "max_abs_change_vs_base": float((mole_out - base_out).abs().max()),
         "max_abs_fused_vs_naive": float((mole_out - naive_out).abs().max()),
         "max_abs_kohya_hand_vs_diffusers_hand": float((kohya_out - mole_out).abs().max()),
         "remove_restores_base_exactly": restored,
-        "mean_global_gate": {"face_prompts": on_face["mean"], "hand_prompts": on_hand["mean"]},
+        "mean_global_gate": {"face_prompts": exp["face_prompts"]["mean"], "hand_prompts": exp["hand_prompts"]["mean"]},
         "files": {"mole": str(mole_file), "inspect": str(out / "inspect"), "compare": str(out / "generate" /
                                                                                            "compare.png")},
         "seconds": round(time.perf_counter() - t0, 1),

@@ -129,6 +129,7 @@ def run_gate_experiment(o: ExperimentOptions) -> dict:
                 "gate_log_last": mix.gate_log[-1] if mix.gate_log else None,
             },
         },  # fmt: skip
+        "files": {"face": str(face.final[0]), "hand": str(hand.final[0]), "mole": str(mix.final[0])},
         "face_prompts": on_face,
         "hand_prompts": on_hand,
         "face_gate_face_minus_hand_prompts": on_face["mean"]["face"] - on_hand["mean"]["face"],
