@@ -15,10 +15,22 @@ logger = logging.getLogger("mole")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from .demo import DemoOptions, run_demo, summary_table
 
-    summary = run_demo(DemoOptions(out_dir=args.out, backbone=args.backbone, train_steps=args.train_steps,
-                                   sample_steps=args.steps, rank=args.rank, seed=args.seed))  # fmt: skip
+    summary = run_demo(DemoOptions(out_dir=args.out, base=args.base, mole=args.mole, train=args.train,
+                                   train_steps=args.train_steps, sample_steps=args.steps, rank=args.rank,
+                                   seeds=args.seeds, seed=args.seed))  # fmt: skip
+    print(json.dumps(summary, indent=2) if args.json else summary_table(summary))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain.train import PretrainOptions, pretrain
+
+    summary = pretrain(PretrainOptions(data=args.data, tokenizer=args.tokenizer, out=args.out, steps=args.steps,
+                                       vae_steps=args.vae_steps, batch_size=args.batch_size, seed=args.seed,
+                                       checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+                                       resume=args.resume, overwrite=args.overwrite))  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -223,14 +235,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="all of MoLE (3 stages, checks, gate pictures) on a tiny built-in model")
+    demo = sub.add_parser("demo", help="MoLE on mole-tiny (a small real model): base / fixed / MoLE, gates, checks")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--backbone", default="sd15", choices=["sd15", "sd21", "sdxl"])
-    demo.add_argument("--steps", type=int, default=10, help="sampling steps (default: 10)")
-    demo.add_argument("--train-steps", type=int, default=40, help="optimizer steps per stage (default: 40)")
-    demo.add_argument("--rank", type=int, default=8, help="expert rank (default: 8)")
+    demo.add_argument("--base", default="mole-tiny", help="base pipeline (default: mole-tiny)")
+    demo.add_argument("--mole", default="mole-tiny", help="MoLE file (default: mole-tiny's)")
+    demo.add_argument("--train", metavar="DATA", help="re-run stages 2 and 3 from DATA/face, DATA/hand, DATA/mix")
+    demo.add_argument("--train-steps", type=int, default=300, help="steps per stage with --train (default: 300)")
+    demo.add_argument("--rank", type=int, default=16, help="expert rank with --train (default: 16)")
+    demo.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    demo.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: 2)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     demo.set_defaults(func=_cmd_demo)
+
+    pre = sub.add_parser("pretrain", help="train a small text-to-image base from scratch (how mole-tiny is made)")
+    pre.add_argument("--data", required=True, help="data root laid out like ../shared/data (faces/, hands/, scenes/)")
+    pre.add_argument("--tokenizer", required=True, help="CLIP tokenizer folder (vocab.json, merges.txt)")
+    pre.add_argument("--out", default="runs/mole-tiny")
+    pre.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps (default: 3000)")
+    pre.add_argument("--vae-steps", type=int, default=600, help="VAE steps (default: 600)")
+    pre.add_argument("--batch-size", type=int, default=32)
+    pre.add_argument("--checkpoint-every", type=int, default=250)
+    pre.add_argument("--sample-every", type=int, default=1000)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    pre.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
+    pre.set_defaults(func=_cmd_pretrain)
 
     from .training.config import PRESETS
 

@@ -1,13 +1,14 @@
-"""The main job on the embedded default: all of MoLE on a tiny built-in model and drawn data, offline, in a minute.
+"""The main job on the embedded default: MoLE on mole-tiny, a small real model trained on real faces, hands and
+scenes (see mole/assets/mole_tiny/MODEL_CARD.md), offline, in about a minute on a CPU.
 
-1. build a tiny pipeline from configs (no download), save it (the "local path" a user would pass), and draw three
-   small training sets: face close-ups, hand close-ups, figures in scenes;
-2. stage 2: train a face expert and a hand expert (LoRA, diffusers format) on the close-ups;
-3. stage 3: train the gates of every layer on a mix of the three sets, base and experts frozen;
-4. check the foundation on the result: the hand expert re-saved in kohya's format and loaded by name gives the same
-   model, the fused path equals the naive per-expert formula, a saved-and-reloaded MoLE file reproduces the outputs;
-5. record the gates while sampling face and hand close-up prompts (gate charts, local maps) and draw base,
-   fixed-weight mixing and MoLE side by side.
+1. (with `train=DATA`) stages 2 and 3 on mole-tiny from DATA/face, DATA/hand and DATA/mix: a face and a hand
+   expert, then the gates;
+2. check the foundation on the result: fused path == the literal per-expert formula, `remove_mole` restores the
+   base bit for bit, the hand expert re-saved in kohya's format and loaded by name gives the same model;
+3. generate face, hand and scene prompts with the base, the fixed 1:1 expert mix and MoLE side by side, recording
+   the gates (MoLE) and running the face / hand detectors on every image;
+4. Fig. 7: the gate curves and local maps of one face and one hand prompt;
+5. a short table of what was measured (also summary.json, for machines).
 """
 
 from __future__ import annotations
@@ -20,67 +21,66 @@ from pathlib import Path
 
 import torch
 
-from .data.synthetic import write_synthetic_set
-from .experiment import FACE_PROMPTS, HAND_PROMPTS, ExperimentOptions, run_gate_experiment
-from .experts import ExpertFormat, load_expert, save_expert
-from .inject import remove_mole, set_fused
-from .io import load_mole, read_mole_file
-from .models import DiffusionModel
-from .targets import Backbone
-from .tiny import tiny_pipeline
-
 logger = logging.getLogger(__name__)
+
+PROMPTS = {
+    "face": ["a close-up photo of a young woman's face", "a portrait of an old man's face",
+             "a close-up of a smiling man's face"],
+    "hand": ["a close-up photo of an open hand", "a close-up of a woman's left hand",
+             "a hand showing three fingers on a white background"],
+    "scene": ["a man riding a skateboard down the street", "a woman holding an umbrella in the rain",
+              "a group of people standing on a beach"],
+}  # fmt: skip
+MODES = ("none", "fixed", "mole")
+MODE_LABEL = {"none": "base", "fixed": "fixed 1:1", "mole": "MoLE"}
+
+
+class DemoError(ValueError):
+    """A demo option is invalid; the message names it and the fix."""
 
 
 @dataclass
 class DemoOptions:
     out_dir: Path = Path("runs/demo")
-    backbone: Backbone = Backbone.SD15
-    train_steps: int = 40
-    images_per_set: int = 24
-    rank: int = 8
-    sample_steps: int = 10
+    base: str = "mole-tiny"
+    mole: str = "mole-tiny"
+    train: str | None = None  # a folder with face/, hand/ and mix/ captioned images: re-run stages 2 and 3
+    train_steps: int = 300  # per expert and for the gates, with train
+    rank: int = 16
+    sample_steps: int = 25
+    guidance_scale: float = 4.0
+    seeds: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        self.backbone = Backbone(self.backbone)
-        if self.backbone not in (Backbone.SD15, Backbone.SD21, Backbone.SDXL):
-            raise ValueError(f"backbone={self.backbone.value!r}: the demo runs sd15, sd21 or sdxl")
-        for name in ("train_steps", "images_per_set", "rank", "sample_steps"):
+        for name in ("train_steps", "rank", "sample_steps", "seeds"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: use at least 1")
+                raise DemoError(f"{name}={getattr(self, name)}: use at least 1")
+        if self.train is not None:
+            missing = [k for k in ("face", "hand", "mix") if not (Path(self.train) / k).is_dir()]
+            if missing:
+                raise DemoError(f"train={self.train!r} lacks the folders {missing}: give a folder with face/, hand/ "
+                                "and mix/ subfolders of captioned images (image + .txt)")  # fmt: skip
 
 
-def run_demo(opts: DemoOptions) -> dict:
-    """Run the demo; return a JSON-ready summary (also written to out_dir/summary.json)."""
-    t0 = time.perf_counter()
-    out = opts.out_dir
-    tiny_pipeline(opts.backbone, seed=opts.seed).save_pretrained(out / "base")
-    sets = {k: write_synthetic_set(out / "data" / k, k, opts.images_per_set, seed=opts.seed)
-            for k in ("face", "hand", "scene")}  # fmt: skip
-    mix = out / "data" / "mix"
-    for k in sets:
-        write_synthetic_set(mix, k, opts.images_per_set // 2, seed=opts.seed + 1)
+def _checks(model, mole_file: str, out: Path, seed: int) -> dict:
+    """Foundation checks on the real model: fused == naive, removal exact, a kohya copy loads by name."""
+    from .experts import ExpertFormat, save_expert
+    from .inject import remove_mole, set_fused
+    from .io import embedded_experts, load_mole, read_mole_file
 
-    # ---- stages 2 and 3, and the gates measured while sampling face / hand prompts
-    exp = run_gate_experiment(ExperimentOptions(
-        base=str(out / "base"), face_dir=str(sets["face"]), hand_dir=str(sets["hand"]), mix_dir=str(mix),
-        out_dir=str(out), rank=opts.rank, expert_steps=opts.train_steps, gate_steps=opts.train_steps,
-        sample_steps=opts.sample_steps, seed=opts.seed, face_prompts=FACE_PROMPTS[:2], hand_prompts=HAND_PROMPTS[:2],
-    ))  # fmt: skip
-    experts = {name: {"file": exp["files"][name], **exp["training"][f"{name}_expert"]} for name in ("face", "hand")}
-    mole_file = Path(exp["files"]["mole"])
-
-    # ---- foundation checks on the trained result
-    model = DiffusionModel.from_pretrained(out / "base")
     unet = model.denoiser
-    kohya_hand = save_expert(load_expert(experts["hand"]["file"], "hand"), out / "hand_kohya.safetensors",
-                             ExpertFormat.KOHYA)  # fmt: skip
-    g = torch.Generator().manual_seed(opts.seed)
-    sample = torch.randn(2, 4, 16, 12, generator=g)  # a non-square latent
-    cond = model.encode_text(["a close-up photo of a face", "a close-up photo of a hand"])
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    sample = torch.randn(2, unet.config.in_channels, size, size - 4, generator=g)  # a non-square latent
+    cond = model.encode_text([PROMPTS["face"][0], PROMPTS["hand"][0]])
     t = torch.tensor(500)
+    manifest, tensors = read_mole_file(mole_file)
+    experts = embedded_experts(manifest, tensors, mole_file)
+    kohya_hand = save_expert(experts["hand"], out / "hand_kohya.safetensors", ExpertFormat.KOHYA)
+    from .experts import load_expert
+
     with torch.no_grad():
         base_out = model.predict(sample, t, cond)
         load_mole(unet, mole_file)
@@ -90,36 +90,134 @@ def run_demo(opts: DemoOptions) -> dict:
         set_fused(unet, True)
         remove_mole(unet)
         restored = torch.equal(model.predict(sample, t, cond), base_out)
-        # the same mixture, with the hand expert taken from its kohya copy (loaded by name, not file name)
-        load_mole(unet, mole_file, experts=[load_expert(kohya_hand, "hand"), load_expert(experts["face"]["file"],
-                                                                                          "face")])  # fmt: skip
+        load_mole(unet, mole_file, experts=[load_expert(kohya_hand, "hand"), experts["face"]])
         kohya_out = model.predict(sample, t, cond)
         remove_mole(unet)
-    manifest, _ = read_mole_file(mole_file)
-
-    # ---- pictures
-    from .inference import GenerateOptions, InspectOptions, generate, inspect
-
-    prompts = [FACE_PROMPTS[0], HAND_PROMPTS[0]]
-    inspect(InspectOptions(base=str(out / "base"), mole=str(mole_file), prompts=prompts, out_dir=str(out / "inspect"),
-                           steps=opts.sample_steps, map_steps=4, seed=opts.seed))  # fmt: skip
-    generate(GenerateOptions(base=str(out / "base"), mole=str(mole_file), prompts=prompts,
-                             out_dir=str(out / "generate"), steps=opts.sample_steps, seeds=[opts.seed],
-                             modes=["none", "fixed", "mole"]))  # fmt: skip
-    summary = {
-        "backbone": opts.backbone.value,
+    return {
         "wrapped_layers": len(manifest["layers"]),
-        "experts": experts,
-        "gates": exp["training"]["gates"],
         "max_abs_change_vs_base": float((mole_out - base_out).abs().max()),
         "max_abs_fused_vs_naive": float((mole_out - naive_out).abs().max()),
-        "max_abs_kohya_hand_vs_diffusers_hand": float((kohya_out - mole_out).abs().max()),
+        "max_abs_kohya_hand_vs_embedded_hand": float((kohya_out - mole_out).abs().max()),
         "remove_restores_base_exactly": restored,
-        "mean_global_gate": {"face_prompts": exp["face_prompts"]["mean"], "hand_prompts": exp["hand_prompts"]["mean"]},
-        "files": {"mole": str(mole_file), "inspect": str(out / "inspect"), "compare": str(out / "generate" /
-                                                                                           "compare.png")},
+    }
+
+
+def run_demo(opts: DemoOptions) -> dict:
+    """Run the demo; return a JSON-ready summary (also written to out_dir/summary.json)."""
+    from .eval.metrics import FaceHandDetector, MetricUnavailable
+    from .inference import InspectOptions, inspect
+    from .inference.pipeline import MixMode, load_mole_weights
+    from .inference.plot import grid
+    from .measure import detection_rates, generate_images, mean_se
+    from .models import DiffusionModel
+
+    t0 = time.perf_counter()
+    out = opts.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    mole_file = opts.mole
+    trained = None
+    if opts.train is not None:
+        from .pretrain.stages import StageOptions, experts_and_gates
+
+        data = Path(opts.train)
+        trained = experts_and_gates(StageOptions(
+            base=opts.base, face_dir=str(data / "face"), hand_dir=str(data / "hand"), mix_dir=str(data / "mix"),
+            out_dir=str(out / "train"), rank=opts.rank, expert_steps=opts.train_steps, gate_steps=opts.train_steps,
+            seed=opts.seed,
+        ))  # fmt: skip
+        mole_file = trained["gates"]["both"]["file"]
+    from .io import read_mole_manifest
+
+    read_mole_manifest(mole_file)  # a wrong file fails here, before the pipeline loads
+    model = DiffusionModel.from_pretrained(opts.base)
+    model.pipe.set_progress_bar_config(disable=True)
+    checks = _checks(model, mole_file, out, opts.seed)
+
+    try:
+        detector = FaceHandDetector()
+    except MetricUnavailable as exc:  # the demo still runs without mediapipe; the table says so
+        logger.warning("%s", exc)
+        detector = None
+    seeds = list(range(opts.seed, opts.seed + opts.seeds))
+    images: dict = {}
+    gates: dict = {}
+    detect: dict = {}
+    for mode in MODES:
+        load_mole_weights(model.pipe, mole_file, MixMode(mode))
+        for kind, prompts in PROMPTS.items():
+            imgs, g = generate_images(model, prompts, seeds, opts.sample_steps, opts.guidance_scale,
+                                      record=mode == "mole")  # fmt: skip
+            images[(mode, kind)] = imgs
+            if g is not None:
+                per_sample = g.mean(0)  # (n, experts), averaged over steps
+                names = ["face", "hand"] if per_sample.shape[1] == 2 else [str(i) for i in range(per_sample.shape[1])]
+                gates[kind] = {n: mean_se(per_sample[:, i].tolist()) for i, n in enumerate(names)}
+            if detector is not None:
+                detect[(mode, kind)] = detection_rates(detector, imgs)
+    load_mole_weights(model.pipe, mole_file, MixMode.NONE)
+    # side by side: one row per (kind, prompt) at the first seed, columns base | fixed | MoLE
+    cells, labels = [], []
+    for kind, prompts in PROMPTS.items():
+        for k, p in enumerate(prompts):
+            for mode in MODES:
+                cells.append(images[(mode, kind)][k])
+                labels.append(f"{MODE_LABEL[mode]}: {p[:22]}")
+    compare = out / "compare.png"
+    grid(cells, cols=len(MODES), labels=labels).save(compare)
+    for (mode, kind), imgs in images.items():
+        folder = out / "images" / MODE_LABEL[mode].replace(" ", "_").replace(":", "")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(imgs):
+            im.save(folder / f"{kind}_{i:02d}.png")
+    inspect(InspectOptions(base=opts.base, mole=mole_file, prompts=[PROMPTS["face"][0], PROMPTS["hand"][0]],
+                           out_dir=str(out / "inspect"), steps=opts.sample_steps, guidance_scale=opts.guidance_scale,
+                           map_steps=4, seed=opts.seed))  # fmt: skip
+
+    summary = {
+        "base": opts.base,
+        "mole": opts.mole if opts.train is None else mole_file,
+        "trained": trained,
+        "checks": checks,
+        "prompts": PROMPTS,
+        "seeds": seeds,
+        "global_gate": {kind: {n: {"mean": m, "se": s} for n, (m, s) in d.items()} for kind, d in gates.items()},
+        "detection": {f"{MODE_LABEL[mode]}/{kind}": {k: {"mean": m, "se": s} for k, (m, s) in d.items()}
+                      for (mode, kind), d in detect.items()} if detector else None,  # fmt: skip
+        "files": {"compare": str(compare), "inspect": str(out / "inspect"), "images": str(out / "images")},
         "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.info("demo finished in %.1f s; summary in %s", summary["seconds"], out / "summary.json")
     return summary
+
+
+def summary_table(summary: dict) -> str:
+    """The demo's closing table, from the measured summary."""
+    lines = [f"mole demo: {summary['base']} + {summary['mole']}  ({summary['seconds']:.0f} s)", ""]
+    gates = summary["global_gate"]
+    if gates:
+        experts = list(next(iter(gates.values())))
+        lines.append("MoLE global gates (mean over layers, steps, prompts and seeds):")
+        lines.append("  prompts  " + "".join(f"{e + ' expert':>14}" for e in experts))
+        for kind, d in gates.items():
+            lines.append(f"  {kind:<8} " + "".join(f"{d[e]['mean']:>14.3f}" for e in experts))
+        lines.append("")
+    det = summary["detection"]
+    if det:
+        n = len(summary["seeds"]) * len(next(iter(summary["prompts"].values())))
+        lines.append(f"Detected (share of {n} images per cell; mediapipe):")
+        lines.append(f"  {'':<30}" + "".join(f"{MODE_LABEL[m]:>11}" for m in MODES))
+        for kind, metric, label in (("face", "face_rate", "face found on face prompts"),
+                                    ("hand", "hand_rate", "hand found on hand prompts"),
+                                    ("scene", "face_rate", "face found on scene prompts")):  # fmt: skip
+            lines.append(f"  {label:<30}" + "".join(f"{det[f'{MODE_LABEL[m]}/{kind}'][metric]['mean']:>11.2f}"
+                                                    for m in MODES))  # fmt: skip
+        lines.append("")
+    else:
+        lines.append("Detection skipped: mediapipe is not installed (see scripts/install.sh).\n")
+    c = summary["checks"]
+    lines.append(f"Checks: fused vs naive max |diff| {c['max_abs_fused_vs_naive']:.1e}, kohya copy vs embedded "
+                 f"{c['max_abs_kohya_hand_vs_embedded_hand']:.1e}, removal exact: {c['remove_restores_base_exactly']}"
+                 f", {c['wrapped_layers']} wrapped layers")  # fmt: skip
+    f = summary["files"]
+    lines.append(f"Pictures: {f['compare']} (base | fixed | MoLE), {f['inspect']}/ (Fig. 7), {f['images']}/")
+    return "\n".join(lines)

@@ -199,8 +199,11 @@ def read_mole_manifest(path: str | Path) -> dict:
 
 
 def read_mole_file(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (manifest, tensors) of a MoLE file, checking that it is one (tensors=False: manifest only)."""
-    path = Path(path)
+    """Return (manifest, tensors) of a MoLE file, checking that it is one (tensors=False: manifest only).
+    `mole-tiny` names the MoLE file that ships with the package."""
+    from .mole_tiny import resolve_mole
+
+    path = Path(resolve_mole(path))
     if not path.is_file():
         raise MoLEFileError(f"MoLE file {path} does not exist")
     try:

@@ -70,6 +70,10 @@ class DiffusionModel:
         """Load a diffusers pipeline from a hub id or a local save_pretrained folder."""
         from diffusers import DiffusionPipeline
 
+        from .mole_tiny import is_mole_tiny, resolve_base
+
+        name = "mole-tiny" if is_mole_tiny(path) else str(path)
+        path = resolve_base(path)
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:
@@ -77,7 +81,7 @@ class DiffusionModel:
                 f"base model {str(path)!r} could not be loaded as a diffusers pipeline ({exc}); pass a hub id or a "
                 "folder written by pipeline.save_pretrained()"
             ) from None
-        return cls(pipe, str(path))
+        return cls(pipe, name)
 
     @property
     def is_unet(self) -> bool:
