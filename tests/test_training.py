@@ -17,12 +17,15 @@ from mole.models import DiffusionModel
 from mole.tiny import random_expert, tiny_unet, unet_inputs
 from mole.training import load_config, train
 
-FAST = ["data.resolution=32", "batch_size=2", "tensorboard=false", "data.caption_dropout=0.0"]
+FAST = ["data.resolution=32", "batch_size=2", "total_batch_size=2", "tensorboard=false", "data.caption_dropout=0.0"]
 
 
 def run(preset, base, data, out, *extra):
+    # the presets carry the paper's alpha (64 / 128 at rank 256); a test's small rank keeps scale 1 unless it says
+    rank = next((e.split("=", 1)[1] for e in extra if e.startswith("expert.rank=")), None)
+    alpha = [f"expert.alpha={rank}"] if rank and not any(e.startswith("expert.alpha=") for e in extra) else []
     return train(load_config(preset=preset, overrides=[
-        f"model='{base}'", f"data.path='{data}'", f"output_dir='{out}'", *FAST, *extra]))  # fmt: skip
+        f"model='{base}'", f"data.path='{data}'", f"output_dir='{out}'", *FAST, *alpha, *extra]))  # fmt: skip
 
 
 def params_of(model_dir: Path, sub: str) -> dict[str, torch.Tensor]:
@@ -179,8 +182,9 @@ def test_probe_of_untrained_model_matches_a_direct_computation(tiny_sd15_dir):
 def test_accumulation_checkpointing_bf16_caches_and_tensorboard(tmp_path, tiny_sd15_dir, faces_dir):
     pytest.importorskip("tensorboard")
     result = run("stage2-face", tiny_sd15_dir, faces_dir, tmp_path / "s2", "max_steps=3", "expert.rank=2",
-                 "grad_accum=2", "gradient_checkpointing=true", "mixed_precision='bf16'", "data.cache_latents=true",
-                 "data.cache_text=true", "tensorboard=true", "log_every=1", "optim.lr=1e-3")  # fmt: skip
+                 "total_batch_size=4", "gradient_checkpointing=true", "mixed_precision='bf16'",
+                 "data.cache_latents=true", "data.cache_text=true", "tensorboard=true", "log_every=1",
+                 "optim.lr=1e-3")  # fmt: skip
     assert result.steps == 3 and len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     events = list((tmp_path / "s2").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

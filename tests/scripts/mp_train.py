@@ -10,6 +10,7 @@ out, model, data = sys.argv[1:4]
 cfg = load_config(preset="stage2-face", overrides=[
     f"model='{model}'", f"data.path='{data}'", f"output_dir='{out}'", "max_steps=4", "expert.rank=4",
     "data.resolution=32", "optim.lr=1e-3", "tensorboard=false", "batch_size=1",
+    "total_batch_size=2", "expert.alpha=4",
 ])  # fmt: skip
 result = train(cfg)
 rank = os.environ.get("RANK", "0")
