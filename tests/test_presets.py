@@ -176,3 +176,17 @@ def test_loop_writes_the_presets_alpha(tmp_path, tiny_sd15_dir, faces_dir):
                     "max_steps=1")  # fmt: skip
     expert = load_expert(result.final[0], "hand")
     assert {p.alpha for p in expert.layers.values()} == {128.0}  # the preset's alpha, not alpha = rank
+
+
+def test_inference_and_eval_default_to_the_papers_guidance_and_protocol():
+    from mole.cli import build_parser
+    from mole.eval import EvalOptions, ModelSpec
+
+    parser = build_parser()
+    for cmd in (["generate"], ["inspect"]):
+        args = parser.parse_args([*cmd, "--base", "b", "--prompt", "p"])
+        assert (args.guidance_scale, args.steps) == (7.5, 50)
+    opts = EvalOptions(benchmark="b", models=[ModelSpec("m", "b")])
+    assert (opts.guidance_scale, opts.steps, opts.num_prompts, opts.repeats) == (7.5, 50, 3000, 3)
+    abl = parser.parse_args(["eval", "ablation", "--benchmark", "b", "--base", "b"])
+    assert (abl.num_prompts, abl.repeats, abl.steps) == (3000, 3, 50)

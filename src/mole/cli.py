@@ -264,11 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="human-centric benchmarks, metrics, repeats with standard errors")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    evp = ev_sub.add_parser("prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)")
+    evp = ev_sub.add_parser(
+        "prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)",
+        description="The paper's selection rule: keep the captions / prompts that contain a human word (whole word, "
+        "case-insensitive: woman, man, kid, girl, boy, person, teenager, ... see mole.eval.HUMAN_WORDS), drop "
+        "duplicates; for DiffusionDB also drop NSFW-flagged prompts and prompts with [ ] { } ( ) | < >. COCO 2017 "
+        "val captions (25,014) give 10,573 prompts; the paper's ~60k come from COCO 2014 captions. Keep all prompts "
+        "here: `mole eval run` samples 3k per repeat (num_prompts), three repeats.",
+    )  # fmt: skip
     evp.add_argument("kind", choices=["coco", "diffusiondb"])
     evp.add_argument("source", help="coco_captions_val2017.json or diffusiondb_prompts_10k.json (or your own)")
-    evp.add_argument("--out", required=True, help="output .jsonl")
-    evp.add_argument("--limit", type=int, help="sample this many prompts (default: all)")
+    evp.add_argument("--out", required=True, help="output .jsonl (+ .meta.json: rules, counts, source sha256)")
+    evp.add_argument("--limit", type=int, help="keep a fixed sample of this many prompts (default: all)")
     evp.add_argument("--seed", type=int, default=0)
     evp.set_defaults(func=_cmd_eval_prompts)
     evr = ev_sub.add_parser("run", help="generate, score and report the models of an eval TOML (resumable)")
