@@ -120,7 +120,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_sd15_dir, faces_d
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     (data / "broken.txt").write_text("a face")
     result = run("stage2-face", tiny_sd15_dir, data, tmp_path / "s2", "max_steps=6", "expert.rank=2",
-                 "batch_size=3")  # fmt: skip
+                 "batch_size=3", "total_batch_size=3")  # fmt: skip
     assert result.steps == 6 and result.skipped_images == 6  # one bad image in every batch of the 3-image set
 
 
@@ -161,6 +161,8 @@ def test_two_processes_keep_identical_weights(tmp_path, tiny_sd15_dir, faces_dir
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == "2"
+    # total_batch_size=2 over 2 processes of batch 1: no accumulation (the process count enters the arithmetic)
+    assert r0["batch"] == r1["batch"] == {"per_device": 1, "processes": 2, "grad_accum": 1, "total": 2}
     assert r0["checksum"] == r1["checksum"] > 0  # gradients were all-reduced: both processes hold the same expert
     assert r0["losses"] != r1["losses"]  # ... while each saw its own share of the data
     assert (tmp_path / "final" / "face.safetensors").is_file()

@@ -16,5 +16,6 @@ result = train(cfg)
 rank = os.environ.get("RANK", "0")
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(
-        {"checksum": result.trainable_checksum, "losses": result.losses, "world": os.environ.get("WORLD_SIZE")}, f
+        {"checksum": result.trainable_checksum, "losses": result.losses, "world": os.environ.get("WORLD_SIZE"),
+         "batch": result.batch}, f
     )

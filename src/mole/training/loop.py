@@ -65,15 +65,12 @@ def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one stage as configured; return what it did (losses, files)."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     cfg.validate()
-    plan = cfg.batch_plan(PartialState().num_processes)  # raises rather than round a total it cannot reach
-    accum = plan.grad_accum
-    logger.info("batch: %s", plan.describe())
     out = Path(cfg.output_dir)
     trackers = _trackers(cfg)
     # accelerate keeps one process-wide state; a second run in this process (Python API, tests) may ask for other
@@ -82,10 +79,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision.value,
-        gradient_accumulation_steps=accum,
         log_with=trackers or None,
         project_dir=str(out),
     )
+    plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
+    accum = plan.grad_accum
+    accelerator.gradient_accumulation_steps = accum
+    logger.info("batch: %s", plan.describe())
     weight_dtype = {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
