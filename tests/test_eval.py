@@ -66,7 +66,8 @@ def test_benchmarks_from_shared_prompts_are_reproducible(tmp_path):
     meta = json.loads(Path(str(a) + ".meta.json").read_text())
     assert meta["count"] == 50 and len(meta["source_sha256"]) == 64 and "woman" in meta["rules"]["human_words"]
     all_records, stats = coco_human_prompts(coco)
-    assert stats["source_records"] == 25014 and stats["kept"] == len(all_records) > 5000
+    # the sizes README and `mole eval prompts --help` quote (the paper's ~60k come from COCO 2014, not here)
+    assert stats["source_records"] == 25014 and stats["kept"] == len(all_records) == 10573
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -146,7 +147,7 @@ def test_hps_math_with_a_stand_in_model():
     got = hps.score(imgs, prompts)["hps"]
     i = torch.nn.functional.normalize(model.encode_image(torch.stack([preprocess(x) for x in imgs])), dim=-1)
     t = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
-    assert got == pytest.approx((100 * (i * t).sum(-1)).tolist(), abs=1e-4)
+    assert got == pytest.approx((i * t).sum(-1).tolist(), abs=1e-6)  # raw cosine; reports show 100 x as HPS (%)
 
 
 def test_weight_bound_metrics_say_what_is_missing(tmp_path):
@@ -274,3 +275,68 @@ def test_ablation_cli_runs_the_stage_ladder(tmp_path, eval_setup, capsys):
     assert out["models"] == ["base", "stage2-fixed", "stage3-mole", "gating-both"]
     assert set(out["summary"]) == set(out["models"]) and out["run"]["generated"] == 8
     assert main([*args[:-2], "--out", str(tmp_path / "x"), "--gating", "softmax=f"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- the paper's units
+class RawScores:
+    """A stand-in for HPS and ImageReward: raw scores from the image's brightness (HPS ~0.2, IR ~0.3)."""
+
+    name = "paperlike"
+    metrics = ("hps", "image_reward")
+
+    def score(self, images, prompts):
+        b = [float(np.asarray(im, dtype=np.float64).mean() / 255) for im in images]
+        return {"hps": [0.2 + 0.01 * x for x in b], "image_reward": [0.3 - 0.5 * x for x in b]}
+
+
+def test_report_in_the_papers_units_with_its_reference_rows(tmp_path, eval_setup):
+    from mole.eval.paper import PAPER_RESULTS
+
+    bench = tmp_path / "coco_human.jsonl"
+    bench.write_text((eval_setup / "bench.jsonl").read_text())
+    Path(str(bench) + ".meta.json").write_text(json.dumps({"benchmark": "coco-human-prompts"}))
+    root = eval_setup
+    models = [ModelSpec("sd15", str(root / "base"), reference="SD v1.5"),
+              ModelSpec("mole", str(root / "base"), str(root / "mole.safetensors"))]  # fmt: skip
+    opts = EvalOptions(benchmark=str(bench), out_dir=str(tmp_path / "out"), num_prompts=2, repeats=2, steps=2,
+                       models=models)  # fmt: skip
+    report = run_eval(opts, scorers={"paperlike": RawScores()})
+    for name in ("sd15", "mole"):
+        raw, pct = report["summary"][name], report["paper_units"][name]
+        assert pct["HPS (%)"]["mean"] == pytest.approx(100 * raw["hps"]["mean"])  # x100, not x1 or /100
+        assert pct["IR (%)"]["mean"] == pytest.approx(100 * raw["image_reward"]["mean"])
+        assert pct["IR (%)"]["se"] == pytest.approx(100 * raw["image_reward"]["se"])
+    md = (tmp_path / "out" / "report.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(md) if line.startswith("| model |"))
+    assert md[head] == "| model | hps | image_reward | HPS (%) | IR (%) |"
+    rows = md[head + 2 :]
+    s = report["paper_units"]["sd15"]
+    assert rows[0].startswith(f"| sd15 | {report['summary']['sd15']['hps']['mean']:.4f} ± ")
+    assert f"| {s['HPS (%)']['mean']:.2f} ± {s['HPS (%)']['se']:.2f} |" in rows[0]
+    # the paper's row for the model's setting right beneath it; the other recorded rows at the end
+    assert rows[1] == "| *paper: SD v1.5* | - | - | 19.91 | 28.34 |"
+    assert rows[2].startswith("| mole |") and rows[3] == "| *paper: MoLE* | - | - | 20.27 | 33.75 |"
+    assert PAPER_RESULTS[("coco", "MoLE")] == {"HPS (%)": 20.27, "IR (%)": 33.75}
+    assert report["paper_reference"]["benchmark"] == "coco"
+    # a benchmark without provenance gets no reference rows (its setting is unknown)
+    bare = run_eval(EvalOptions(benchmark=str(root / "bench.jsonl"), out_dir=str(tmp_path / "out2"), num_prompts=1,
+                                repeats=1, steps=2, models=models[:1]), scorers={"paperlike": RawScores()})  # fmt: skip
+    assert bare["paper_reference"]["rows"] == {} and "paper:" not in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_stage_ablation_uses_the_same_prompts_and_seeds_for_every_stage(tmp_path, eval_setup):
+    root = eval_setup
+    models = ablation_models(str(root / "base"), stage1=str(root / "base"), mole=str(root / "mole.safetensors"))
+    assert [m.name for m in models] == ["base", "stage1", "stage2-fixed", "stage3-mole"]
+    opts = EvalOptions(benchmark=str(root / "bench.jsonl"), out_dir=str(tmp_path), num_prompts=2, repeats=2,
+                       steps=2, models=models, seed=3)  # fmt: skip
+    report = run_eval(opts, scorers={"bright": Brightness()})
+    keyed = {name: {(r["repeat"], r["index"]): (r["prompt"], r["seed"]) for r in rows}
+             for name, rows in report["per_image"].items()}  # fmt: skip
+    assert len(keyed["base"]) == 4
+    assert keyed["base"] == keyed["stage1"] == keyed["stage2-fixed"] == keyed["stage3-mole"]
+    assert len({seed for _, seed in keyed["base"].values()}) == 4  # each image its own seed, shared across stages
+    # same seed and prompt, same model -> same image: base and stage1 (here the same weights) agree pixel for pixel
+    a = np.asarray(Image.open(tmp_path / "images" / "base" / "r1" / "00001.png"))
+    b = np.asarray(Image.open(tmp_path / "images" / "stage1" / "r1" / "00001.png"))
+    assert np.array_equal(a, b)

@@ -17,12 +17,15 @@ from mole.models import DiffusionModel
 from mole.tiny import random_expert, tiny_unet, unet_inputs
 from mole.training import load_config, train
 
-FAST = ["data.resolution=32", "batch_size=2", "tensorboard=false", "data.caption_dropout=0.0"]
+FAST = ["data.resolution=32", "batch_size=2", "total_batch_size=2", "tensorboard=false", "data.caption_dropout=0.0"]
 
 
 def run(preset, base, data, out, *extra):
+    # the presets carry the paper's alpha (64 / 128 at rank 256); a test's small rank keeps scale 1 unless it says
+    rank = next((e.split("=", 1)[1] for e in extra if e.startswith("expert.rank=")), None)
+    alpha = [f"expert.alpha={rank}"] if rank and not any(e.startswith("expert.alpha=") for e in extra) else []
     return train(load_config(preset=preset, overrides=[
-        f"model='{base}'", f"data.path='{data}'", f"output_dir='{out}'", *FAST, *extra]))  # fmt: skip
+        f"model='{base}'", f"data.path='{data}'", f"output_dir='{out}'", *FAST, *alpha, *extra]))  # fmt: skip
 
 
 def params_of(model_dir: Path, sub: str) -> dict[str, torch.Tensor]:
@@ -117,7 +120,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_sd15_dir, faces_d
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     (data / "broken.txt").write_text("a face")
     result = run("stage2-face", tiny_sd15_dir, data, tmp_path / "s2", "max_steps=6", "expert.rank=2",
-                 "batch_size=3")  # fmt: skip
+                 "batch_size=3", "total_batch_size=3")  # fmt: skip
     assert result.steps == 6 and result.skipped_images == 6  # one bad image in every batch of the 3-image set
 
 
@@ -158,6 +161,8 @@ def test_two_processes_keep_identical_weights(tmp_path, tiny_sd15_dir, faces_dir
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == "2"
+    # total_batch_size=2 over 2 processes of batch 1: no accumulation (the process count enters the arithmetic)
+    assert r0["batch"] == r1["batch"] == {"per_device": 1, "processes": 2, "grad_accum": 1, "total": 2}
     assert r0["checksum"] == r1["checksum"] > 0  # gradients were all-reduced: both processes hold the same expert
     assert r0["losses"] != r1["losses"]  # ... while each saw its own share of the data
     assert (tmp_path / "final" / "face.safetensors").is_file()
@@ -179,8 +184,9 @@ def test_probe_of_untrained_model_matches_a_direct_computation(tiny_sd15_dir):
 def test_accumulation_checkpointing_bf16_caches_and_tensorboard(tmp_path, tiny_sd15_dir, faces_dir):
     pytest.importorskip("tensorboard")
     result = run("stage2-face", tiny_sd15_dir, faces_dir, tmp_path / "s2", "max_steps=3", "expert.rank=2",
-                 "grad_accum=2", "gradient_checkpointing=true", "mixed_precision='bf16'", "data.cache_latents=true",
-                 "data.cache_text=true", "tensorboard=true", "log_every=1", "optim.lr=1e-3")  # fmt: skip
+                 "total_batch_size=4", "gradient_checkpointing=true", "mixed_precision='bf16'",
+                 "data.cache_latents=true", "data.cache_text=true", "tensorboard=true", "log_every=1",
+                 "optim.lr=1e-3")  # fmt: skip
     assert result.steps == 3 and len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     events = list((tmp_path / "s2").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

@@ -46,11 +46,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import load_config, train
+    from .training import annotated_toml, load_config, train
 
     cfg = load_config(args.config, preset=args.preset, overrides=args.set or [])
-    if args.print_config:
-        print(cfg.to_toml(), end="")
+    if args.print_config:  # the batch arithmetic for the processes this command runs on (WORLD_SIZE under launch)
+        print(annotated_toml(cfg, args.preset, int(os.environ.get("WORLD_SIZE", "1"))), end="")
         return 0
     result = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only the first process reports
@@ -61,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "last_loss": result.losses[-1] if result.losses else None,
         "probe_loss_first": result.probe_loss_first, "probe_loss_last": result.probe_loss_last,
         "final": [str(p) for p in result.final], "checkpoints": [str(p) for p in result.checkpoints],
-        "gate_log": result.gate_log[-1:] ,
+        "gate_log": result.gate_log[-1:] , "batch": result.batch,
     }, indent=2))  # fmt: skip
     return 0
 
@@ -266,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train one MoLE stage (1 fine-tune, 2 expert, 3 mixture)")
     tr.add_argument("--config", help="TOML file (see configs/)")
-    tr.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a stage")
+    tr.add_argument("--preset", choices=sorted(PRESETS),
+                    help="the paper's settings for a stage (steps, batch 64 by accumulation, optimizer, lr, rank, "
+                         "alpha, clip skip); --print-config names each one's source")  # fmt: skip
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
-    tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (each preset option's source, the batch arithmetic) and exit")
     tr.set_defaults(func=_cmd_train)
 
     gen = sub.add_parser("generate", help="generate images with MoLE (or the base / fixed-weight experts)")
@@ -291,11 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="human-centric benchmarks, metrics, repeats with standard errors")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    evp = ev_sub.add_parser("prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)")
+    evp = ev_sub.add_parser(
+        "prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)",
+        description="The paper's selection rule: keep the captions / prompts that contain a human word (whole word, "
+        "case-insensitive: woman, man, kid, girl, boy, person, teenager, ... see mole.eval.HUMAN_WORDS), drop "
+        "duplicates; for DiffusionDB also drop NSFW-flagged prompts and prompts with [ ] { } ( ) | < >. COCO 2017 "
+        "val captions (25,014) give 10,573 prompts; the paper's ~60k come from COCO 2014 captions. Keep all prompts "
+        "here: `mole eval run` samples 3k per repeat (num_prompts), three repeats.",
+    )  # fmt: skip
     evp.add_argument("kind", choices=["coco", "diffusiondb"])
     evp.add_argument("source", help="coco_captions_val2017.json or diffusiondb_prompts_10k.json (or your own)")
-    evp.add_argument("--out", required=True, help="output .jsonl")
-    evp.add_argument("--limit", type=int, help="sample this many prompts (default: all)")
+    evp.add_argument("--out", required=True, help="output .jsonl (+ .meta.json: rules, counts, source sha256)")
+    evp.add_argument("--limit", type=int, help="keep a fixed sample of this many prompts (default: all)")
     evp.add_argument("--seed", type=int, default=0)
     evp.set_defaults(func=_cmd_eval_prompts)
     evr = ev_sub.add_parser("run", help="generate, score and report the models of an eval TOML (resumable)")

@@ -108,19 +108,38 @@ class DiffusionModel:
         return (latents - shift) * vae.config.scaling_factor
 
     # ------------------------------------------------------------------ text
-    def encode_text(self, captions: list[str], text_encoder: nn.Module | None = None) -> TextConditioning:
+    def encode_text(
+        self, captions: list[str], text_encoder: nn.Module | None = None, clip_skip: int = 1
+    ) -> TextConditioning:
         """Captions -> the denoiser's text conditioning. `text_encoder` replaces pipe.text_encoder (e.g. a
-        DDP-wrapped copy being trained in stage 1); gradients flow only if it requires grad."""
+        DDP-wrapped copy being trained in stage 1); gradients flow only if it requires grad. `clip_skip` counts as
+        kohya and A1111 do: 1 is the last CLIP layer (the paper's setting), k > 1 the k-th from the end passed
+        through the final layer norm (SD1.5 / SD2.1 only; diffusers' `clip_skip` is this minus 1)."""
         pipe = self.pipe
         device = self.denoiser.device
-        if self.backbone in (Backbone.SD15, Backbone.SD21):
+        sd = self.backbone in (Backbone.SD15, Backbone.SD21)
+        if clip_skip != 1 and not sd:
+            raise ValueError(
+                f"clip_skip={clip_skip} applies to the CLIP text encoder of SD1.5 / SD2.1, not to "
+                f"{self.backbone.value}; use clip_skip=1"
+            )
+        if sd:
             tok = pipe.tokenizer(
                 captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                 return_tensors="pt",
             )  # fmt: skip
             encoder = text_encoder or pipe.text_encoder
-            hidden = encoder(tok.input_ids.to(device))[0]  # (b, 77, d)
-            return TextConditioning({"encoder_hidden_states": hidden})
+            if clip_skip == 1:
+                hidden = encoder(tok.input_ids.to(device))[0]  # (b, 77, d): final_layer_norm(last layer)
+                return TextConditioning({"encoder_hidden_states": hidden})
+            states = encoder(tok.input_ids.to(device), output_hidden_states=True).hidden_states  # embeddings + layers
+            if clip_skip >= len(states):
+                raise ValueError(
+                    f"clip_skip={clip_skip}: the text encoder has {len(states) - 1} layers; use 1 to {len(states) - 1}"
+                )
+            inner = getattr(encoder, "module", encoder)  # DDP keeps the model in .module
+            final_norm = getattr(inner, "text_model", inner).final_layer_norm  # transformers < 5 nests text_model
+            return TextConditioning({"encoder_hidden_states": final_norm(states[-clip_skip])})
         with torch.no_grad():
             if self.backbone is Backbone.SDXL:
                 embeds, _, pooled, _ = pipe.encode_prompt(

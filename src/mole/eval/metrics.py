@@ -6,9 +6,11 @@
 | name | values | needs |
 |---|---|---|
 | clip | clip_score = 100 * max(cos(image, text), 0) | transformers + CLIP weights (hub id or folder) |
-| hps | hps = 100 * cos(image, text) of HPS v2 / v2.1 | open_clip_torch + the HPS_v2(.1) checkpoint file |
+| hps | hps = cos(image, text) of HPS v2 / v2.1, as hpsv2.score | open_clip_torch + the HPS_v2(.1) checkpoint |
 | imagereward | image_reward | the image-reward package + ImageReward.pt (+ med_config.json) |
 | facehand | face_rate, face_conf, hand_rate, hand_conf | mediapipe (bundled models, runs offline) |
+
+Reports add the paper's units beside these raw scores: HPS (%) = 100 x hps, IR (%) = 100 x image_reward.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class HPSv2:
         tokens = self.tokenizer(list(prompts)).to(self.device)
         img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
         txt = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
-        return {"hps": (100 * (img * txt).sum(-1)).tolist()}
+        return {"hps": (img * txt).sum(-1).tolist()}  # raw, as hpsv2.score; reports add HPS (%) = 100 x hps
 
 
 # ---------------------------------------------------------------------------------------------------- ImageReward

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..inference.pipeline import MixMode, SamplingOptions
 from .metrics import Scorer, build_scorer
+from .paper import BENCHMARK_NAMES, benchmark_kind, paper_rows, paper_units
 from .prompts import read_benchmark
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class ModelSpec:
     mode: MixMode = MixMode.MOLE
     expert_weights: dict[str, float] | None = None
     strict_base: bool = True
+    reference: str | None = None  # the paper's row this model reproduces ("SD v1.5", "MoLE"): printed beneath it
 
     def __post_init__(self) -> None:
         self.mode = MixMode(self.mode)
@@ -200,20 +202,47 @@ def write_report(opts: EvalOptions, out: Path) -> dict:
         rows_by_model[spec.name] = rows
         summary[spec.name] = summarise(rows, opts.repeats)
     metrics = sorted({m for s in summary.values() for m in s})
+    units = {name: paper_units(s) for name, s in summary.items()}
+    columns = sorted({c for u in units.values() for c in u})
+    kind = benchmark_kind(opts.benchmark)
+    reference = paper_rows(kind)
     lines = [f"# Evaluation: {Path(opts.benchmark).name}", "",
              f"{opts.num_prompts} prompts x {opts.repeats} repeats per model, {opts.steps} steps, guidance "
-             f"{opts.guidance_scale}, {opts.scheduler}; mean +- standard error over repeats.", "",
-             "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]  # fmt: skip
-    for name, s in summary.items():
+             f"{opts.guidance_scale}, {opts.scheduler}; mean +- standard error over repeats; every model sees the "
+             "same prompts and seeds.", ""]  # fmt: skip
+    if columns:
+        lines += ["HPS (%) = 100 x hps and IR (%) = 100 x image_reward: the paper's units (Tables 1-3).", ""]
+    if reference:
+        lines += [f"Rows `paper: ...` are the paper's own numbers on {BENCHMARK_NAMES[kind]} (its benchmark: ~60k "
+                  "COCO 2014 captions, 3k prompts x 3 repeats; its HPS checkpoint): a reference for the protocol, "
+                  "not the same prompts.", ""]  # fmt: skip
+    header = metrics + columns
+    lines += ["| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+
+    def paper_line(row: str) -> str:
+        cells = ["-"] * len(metrics) + [f"{reference[row][c]:.2f}" if c in reference[row] else "-" for c in columns]
+        return f"| *paper: {row}* | " + " | ".join(cells) + " |"
+
+    shown = set()
+    for spec in opts.models:
+        s, u = summary[spec.name], units[spec.name]
         cells = [f"{s[m]['mean']:.4f} ± {s[m]['se']:.4f}" if m in s else "-" for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells += [f"{u[c]['mean']:.2f} ± {u[c]['se']:.2f}" if c in u else "-" for c in columns]
+        lines.append(f"| {spec.name} | " + " | ".join(cells) + " |")
+        if spec.reference in reference and columns:
+            lines.append(paper_line(spec.reference))
+            shown.add(spec.reference)
+    if columns:
+        lines += [paper_line(row) for row in reference if row not in shown]
     (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for m in metrics:
         vals = {n: s[m]["mean"] for n, s in summary.items() if m in s}
         errs = {n: (0.0 if math.isnan(s[m]["se"]) else s[m]["se"]) for n, s in summary.items() if m in s}
         bar_chart(vals, errs, out / f"bars_{m}.png", title=f"{m} (mean ± s.e.)")
-    report = {"summary": summary, "per_image": rows_by_model,
+    report = {"summary": summary, "paper_units": units, "per_image": rows_by_model,
+              "paper_reference": {"benchmark": kind, "rows": reference,
+                                  "models": {m.name: m.reference for m in opts.models if m.reference}},
               "options": {"benchmark": opts.benchmark, "num_prompts": opts.num_prompts, "repeats": opts.repeats,
                           "seed": opts.seed, "steps": opts.steps, "guidance_scale": opts.guidance_scale,
                           "scheduler": opts.scheduler, "models": [m.name for m in opts.models]}}  # fmt: skip

@@ -1,7 +1,9 @@
 """The three MoLE training stages on accelerate: one loop, stage set-ups, TOML configs with presets."""
 
 from .config import (
+    PRESET_SOURCES,
     PRESETS,
+    BatchPlan,
     DataConfig,
     ExpertTrainConfig,
     LRSchedule,
@@ -12,11 +14,14 @@ from .config import (
     Stage,
     TrainConfig,
     TrainConfigError,
+    annotated_toml,
     load_config,
 )
 from .loop import TrainResult, train
 
 __all__ = [
-    "PRESETS", "DataConfig", "ExpertTrainConfig", "LRSchedule", "MixedPrecision", "MixtureTrainConfig",
-    "OptimConfig", "OptimizerName", "Stage", "TrainConfig", "TrainConfigError", "TrainResult", "load_config", "train",
+    "PRESETS", "PRESET_SOURCES", "BatchPlan", "DataConfig", "ExpertTrainConfig", "LRSchedule", "MixedPrecision",
+    "MixtureTrainConfig",
+    "OptimConfig", "OptimizerName", "Stage", "TrainConfig", "TrainConfigError", "TrainResult", "annotated_toml",
+    "load_config", "train",
 ]  # fmt: skip

@@ -3,6 +3,7 @@ messages that name the field, the value and the fix, and written back as TOML be
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import types
@@ -15,6 +16,7 @@ import tomllib
 
 from ..config import GateInit, Gating, GlobalSource, MoLEConfigError
 from ..instruct.model import InstructConfig
+from .presets import PRESET_SOURCES, PRESETS
 
 
 class TrainConfigError(MoLEConfigError):
@@ -85,6 +87,20 @@ class MixtureTrainConfig:
     gate_init: GateInit = GateInit.DEFAULT
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """One optimizer step = per_device images x processes x grad_accum micro-steps = total images."""
+
+    per_device: int
+    processes: int
+    grad_accum: int
+    total: int
+
+    def describe(self) -> str:
+        return (f"{self.total} images per optimizer step = {self.per_device} per device x {self.processes} "
+                f"process(es) x {self.grad_accum} accumulation step(s)")  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     stage: Stage = Stage.MIXTURE
@@ -97,8 +113,11 @@ class TrainConfig:
     instruct: InstructConfig = field(default_factory=InstructConfig)
     train_text_encoder: bool = True  # stage 1 only (SD1.5 / SD2.1)
     max_steps: int = 1000  # optimizer steps
-    batch_size: int = 1  # per process
-    grad_accum: int = 1
+    batch_size: int = 1  # per process (the micro-batch one forward pass holds)
+    # images per optimizer step over all processes (the paper: 64); None: batch_size x processes x grad_accum
+    total_batch_size: int | None = None
+    grad_accum: int | None = None  # None: 1, or total_batch_size / (batch_size x processes) when that is set
+    clip_skip: int = 1  # kohya / A1111 numbering: 1 = the last CLIP layer, 2 = the penultimate (diffusers' 1)
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = 5.0  # None: plain MSE
@@ -119,7 +138,12 @@ class TrainConfig:
         need(bool(self.data.path), "data.path", self.data.path, "set the training image folder")
         need(self.max_steps >= 1, "max_steps", self.max_steps, "use at least 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, "use at least 1")
-        need(self.grad_accum >= 1, "grad_accum", self.grad_accum, "use at least 1")
+        need(self.grad_accum is None or self.grad_accum >= 1, "grad_accum", self.grad_accum, "use at least 1")
+        need(self.total_batch_size is None or self.total_batch_size >= 1, "total_batch_size", self.total_batch_size,
+             "use at least 1 (the paper: 64)")  # fmt: skip
+        need(self.clip_skip >= 1, "clip_skip", self.clip_skip,
+             "use 1 (the last CLIP layer, the paper's setting) or more (kohya / A1111 numbering)")  # fmt: skip
+        self.batch_plan(1)  # a micro-batch that cannot divide the total fails here, before any model loads
         need(self.data.resolution >= 8 and self.data.resolution % 8 == 0, "data.resolution", self.data.resolution,
              "use a multiple of 8")  # fmt: skip
         need(0.0 <= self.data.caption_dropout < 1.0, "data.caption_dropout", self.data.caption_dropout,
@@ -150,12 +174,37 @@ class TrainConfig:
                  "the text encoder trains, so its embeddings change; set train_text_encoder=false")  # fmt: skip
         return self
 
+    def batch_plan(self, num_processes: int) -> BatchPlan:
+        """How one optimizer step's batch is made on `num_processes` processes. With total_batch_size set, the
+        accumulation is computed from it and never rounded: a total that batch_size x processes does not divide is
+        an error naming the batch sizes that would."""
+        per_step = self.batch_size * num_processes
+        if self.total_batch_size is None:
+            accum = self.grad_accum or 1
+            return BatchPlan(self.batch_size, num_processes, accum, per_step * accum)
+        total = self.total_batch_size
+        if total % per_step:
+            fits = [b for b in range(1, total + 1) if total % (b * num_processes) == 0]
+            raise TrainConfigError(
+                f"total_batch_size={total} is not a multiple of batch_size={self.batch_size} x {num_processes} "
+                f"process(es) = {per_step}, so no whole number of accumulation steps reaches it; use batch_size in "
+                f"{fits} on {num_processes} process(es), or change total_batch_size"
+            )
+        accum = total // per_step
+        if self.grad_accum is not None and self.grad_accum != accum:
+            raise TrainConfigError(
+                f"grad_accum={self.grad_accum} contradicts total_batch_size={total} = batch_size={self.batch_size} "
+                f"x {num_processes} process(es) x {accum}; leave grad_accum unset (it is computed) or change "
+                "total_batch_size"
+            )
+        return BatchPlan(self.batch_size, num_processes, accum, total)
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
 
     def to_toml(self) -> str:
-        return _to_toml(self.to_dict())
+        return _to_toml(_mark_unset(self, self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -163,21 +212,22 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- presets
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's settings. Stage 1: UNet + text encoder, Lion, lr 2e-6 constant, Min-SNR gamma 5.
-    "stage1": {"stage": 1, "train_text_encoder": True, "min_snr_gamma": 5.0,
-               "optim": {"name": "lion", "lr": 2e-6, "schedule": "constant", "weight_decay": 1e-2,
-                         "betas": [0.9, 0.99]}},
-    # Stage 2: one rank-256 LoRA per close-up set, AdamW; face lr 2e-5, hand lr 1e-5.
-    "stage2-face": {"stage": 2, "expert": {"name": "face", "rank": 256}, "optim": {"name": "adamw", "lr": 2e-5}},
-    "stage2-hand": {"stage": 2, "expert": {"name": "hand", "rank": 256}, "optim": {"name": "adamw", "lr": 1e-5}},
-    # Stage 3: gates only, AdamW lr 1e-5, on the human-in-the-scene set.
-    "stage3": {"stage": 3, "optim": {"name": "adamw", "lr": 1e-5}, "mixture": {"gating": "both"}},
-    # InstructMoLE: 4 experts of rank 32 from scratch, softmax top-2 instruction routing, orthogonality + balance.
-    "instruct": {"stage": 4, "optim": {"name": "adamw", "lr": 1e-4},
-                 "instruct": {"num_experts": 4, "rank": 32, "routing": "softmax_topk", "top_k": 2,
-                              "ortho_weight": 0.1, "lb_weight": 0.01}},
-}  # fmt: skip
+def annotated_toml(cfg: TrainConfig, preset: str | None = None, num_processes: int = 1) -> str:
+    """The resolved config as TOML, each option the preset set followed by its source as a comment, and the batch
+    arithmetic (total = per device x processes x accumulation) for `num_processes` as a closing comment."""
+    sources = PRESET_SOURCES.get(preset, {}) if preset else {}
+    out, table = [], ""
+    for line in _to_toml(_mark_unset(cfg, cfg.to_dict()), keep_none=set(sources)).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            table = stripped[1:-1] + "."
+        key = stripped.lstrip("# ").split(" = ", 1)[0] if " = " in stripped else None
+        src = sources.get(table + key) if key else None
+        out.append(f"{line}  # {src}" if src else line)
+    plan = cfg.batch_plan(num_processes)
+    out.append("")
+    out.append(f"# batch: {plan.describe()}")
+    return "\n".join(out) + "\n"
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -255,9 +305,9 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         inner = [a for a in args if a is not type(None)]
+        if type(None) in args and (value is None or (value == UNSET and inner[0] is not str)):
+            return None
         return _coerce(inner[0], value, name)
     if is_dataclass(tp):
         return build_dataclass(tp, value, name + ".")
@@ -298,6 +348,22 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     return value
 
 
+UNSET = "none"  # how TOML (which has no null) writes an option that is off although its default is not, e.g.
+# min_snr_gamma = "none" (plain MSE) or optim.max_grad_norm = "none" (no clipping); also accepted from --set
+
+
+def _mark_unset(obj: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """data (obj.to_dict()) with UNSET for each None whose field default is not None, so the TOML reads back equal."""
+    out = dict(data)
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out[f.name] = _mark_unset(value, data[f.name])
+        elif value is None and f.default is not None and f.default is not dataclasses.MISSING:
+            out[f.name] = UNSET
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
@@ -326,11 +392,14 @@ def _toml_key(k: str) -> str:
     return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
 
 
-def _to_toml(data: dict[str, Any]) -> str:
-    """Write nested dicts as TOML; None values are left out (they mean "unset")."""
+def _to_toml(data: dict[str, Any], keep_none: set[str] = frozenset()) -> str:
+    """Write nested dicts as TOML; None values are left out (they mean "unset"), or written as a comment
+    `# key = (unset)` for the dotted keys in `keep_none`."""
     lines, tables = [], []
     for k, v in data.items():
         if v is None:
+            if k in keep_none:
+                lines.append(f"# {_toml_key(k)} = (unset)")
             continue
         if isinstance(v, dict) and v and all(not isinstance(x, dict) or k2 == "experts" for k2, x in v.items()):
             tables.append((k, v))
@@ -338,5 +407,9 @@ def _to_toml(data: dict[str, Any]) -> str:
             lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
     for name, table in tables:
         lines.append(f"\n[{name}]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None)
+        for k, v in table.items():
+            if v is not None:
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+            elif f"{name}.{k}" in keep_none:
+                lines.append(f"# {_toml_key(k)} = (unset)")
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class TrainResult:
     probe_loss_last: float  # the same batch, noise and timesteps after training
     gate_log: list[dict] = field(default_factory=list)  # stage 3: per-expert gate statistics at log steps
     trainable_checksum: float = 0.0  # sum of |trainable weights| on this process (equal on every process)
+    batch: dict = field(default_factory=dict)  # per_device, processes, grad_accum, total (images per step)
 
 
 def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -78,10 +79,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision.value,
-        gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers or None,
         project_dir=str(out),
     )
+    plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
+    accum = plan.grad_accum
+    accelerator.gradient_accumulation_steps = accum
+    logger.info("batch: %s", plan.describe())
     weight_dtype = {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
@@ -121,7 +125,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                               cfg.data.caption_dropout, cfg.seed)  # fmt: skip
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
-                               cfg.seed, start=start_step * cfg.grad_accum)  # fmt: skip
+                               cfg.seed, start=start_step * accum)  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers)  # fmt: skip
     batches = iter(loader)
@@ -142,11 +146,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def text_for(captions: list[str]) -> TextConditioning:
         if not cfg.data.cache_text:
-            return model.encode_text(captions, text_encoder=text_encoder)
+            return model.encode_text(captions, text_encoder=text_encoder, clip_skip=cfg.clip_skip)
         for c in captions:
             if c not in text_cache:
                 with torch.no_grad():
-                    text_cache[c] = model.encode_text([c])
+                    text_cache[c] = model.encode_text([c], clip_skip=cfg.clip_skip)
         kw = {}
         for key in text_cache[captions[0]].kwargs:
             kw[key] = torch.cat([text_cache[c].kwargs[key] for c in captions])
@@ -170,7 +174,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         return diffusion_loss(pred, target, t, alphas, model.prediction_type, cfg.min_snr_gamma)
 
     # ---- probe: the first batch, fixed noise and spread timesteps, before and after
-    probe_batch = collate([dataset[k] for k in sampler.batch(start_step * cfg.grad_accum)])
+    probe_batch = collate([dataset[k] for k in sampler.batch(start_step * accum)])
 
     def probe() -> float:
         if probe_batch["pixels"] is None:
@@ -191,7 +195,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- loop
     losses, gate_log, skipped, checkpoints = [], [], 0, []
-    micro_step = start_step * cfg.grad_accum
+    micro_step = start_step * accum
     step = start_step
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
     denoiser.train()
@@ -204,7 +208,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if batch["pixels"] is None:  # every image of this micro-batch was unreadable
             logger.warning("micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
             continue
-        completes_step = micro_step % cfg.grad_accum == 0
+        completes_step = micro_step % accum == 0
         log_gates = stage.records_gates and completes_step and (step + 1) % cfg.log_every == 0
         with accelerator.accumulate(*wrapped.values()):
             if log_gates:
@@ -277,6 +281,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         steps=step, start_step=start_step, losses=losses, skipped_images=skipped, final=final,
         checkpoints=list_checkpoints(ckpt_dir), probe_loss_first=probe_first, probe_loss_last=probe_last,
         gate_log=gate_log, trainable_checksum=float(sum(p.detach().double().abs().sum() for p in stage.params)),
+        batch=asdict(plan),
     )  # fmt: skip
 
 

@@ -46,6 +46,11 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> None:
 def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dtype) -> StageSetup:
     """Freeze everything, then make trainable what the stage trains; frozen weights go to `weight_dtype`."""
     pipe, denoiser = model.pipe, model.denoiser
+    if cfg.clip_skip != 1 and model.backbone not in (Backbone.SD15, Backbone.SD21):
+        raise TrainConfigError(
+            f"clip_skip={cfg.clip_skip} applies to the CLIP text encoder of SD1.5 / SD2.1, not to "
+            f"{model.backbone.value}; set clip_skip=1"
+        )
     model.vae.requires_grad_(False)
     _cast(model.vae, weight_dtype)
     for enc in model.text_encoders:
