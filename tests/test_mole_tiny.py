@@ -72,7 +72,8 @@ def test_pretrain_runs_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     from mole.pretrain.train import PretrainError, PretrainOptions, pretrain
 
     common = dict(data=str(SHARED / "data"), tokenizer=str(SHARED / "assets" / "clip_tokenizer"), vae_steps=2,
-                  steps=4, batch_size=2, vae_batch_size=2, checkpoint_every=2, sample_every=10**6, limit=3)
+                  steps=4, batch_size=2, vae_batch_size=2, checkpoint_every=2, sample_every=10**6, sample_steps=2,
+                  limit=3)
     straight = pretrain(PretrainOptions(out=str(tmp_path / "a"), **common))
     assert json.loads((tmp_path / "a" / "pretrain.json").read_text())["steps"] == 4
     assert (tmp_path / "a" / "pipeline" / "model_index.json").is_file()

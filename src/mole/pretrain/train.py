@@ -59,6 +59,7 @@ class PretrainOptions:
     mix: dict[str, float] = field(default_factory=lambda: {"scene": 0.4, "face": 0.3, "hand": 0.3})
     checkpoint_every: int = 250
     sample_every: int = 1000
+    sample_steps: int = 25  # DDIM steps of the sample sheets
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -269,7 +270,8 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, lat_std, captions, ki
             logger.info("step %d/%d loss %.4f (%.2f s/step)", done, o.steps, loss, (time.perf_counter() - t0) /
                         max(done - start, 1))  # fmt: skip
         if done % o.sample_every == 0 and done != o.steps:
-            _sample_sheet(unet, text_encoder, tokenizer, ema, out / "samples" / f"step{done:06d}.png", o.seed)
+            _sample_sheet(unet, text_encoder, tokenizer, ema, out / "samples" / f"step{done:06d}.png", o.seed,
+                          o.sample_steps)
             unet.train()
             text_encoder.train()
     unet.eval()
@@ -291,7 +293,7 @@ def _assemble(unet, text_encoder, tokenizer, vae):
 
 
 @torch.no_grad()
-def _sample_sheet(unet, text_encoder, tokenizer, ema: _EMA | None, path: Path, seed: int) -> Path:
+def _sample_sheet(unet, text_encoder, tokenizer, ema: _EMA | None, path: Path, seed: int, steps: int = 25) -> Path:
     import copy
 
     from ..inference.plot import grid
@@ -305,7 +307,7 @@ def _sample_sheet(unet, text_encoder, tokenizer, ema: _EMA | None, path: Path, s
     pipe.set_progress_bar_config(disable=True)
     images = []
     for k, prompt in enumerate(SAMPLE_PROMPTS):
-        images += pipe([prompt] * 2, num_inference_steps=25, guidance_scale=4.0, height=RESOLUTION, width=RESOLUTION,
+        images += pipe([prompt] * 2, num_inference_steps=steps, guidance_scale=4.0, height=RESOLUTION, width=RESOLUTION,
                        generator=torch.Generator().manual_seed(seed + k)).images  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=4, labels=[p[:28] for p in SAMPLE_PROMPTS for _ in range(2)]).save(path)
@@ -398,7 +400,7 @@ def pretrain(o: PretrainOptions, progress: Callable | None = None) -> dict:
     for module in (unet, text_encoder, vae):  # the rounded weights, for the final sample sheet too
         for p in module.parameters():
             p.data = p.data.half().float()
-    sheet = _sample_sheet(unet, text_encoder, tokenizer, None, out / "samples" / "final.png", o.seed)
+    sheet = _sample_sheet(unet, text_encoder, tokenizer, None, out / "samples" / "final.png", o.seed, o.sample_steps)
     with (out / "losses.jsonl").open("w") as fh:
         for row in hist:
             fh.write(json.dumps(row) + "\n")
