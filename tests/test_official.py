@@ -179,3 +179,65 @@ def test_official_file_errors_name_the_key_or_expert(tmp_path):
     with pytest.raises(MoLEFileError, match=r"gates for '.*attn2\.to_k'.*expert 'hand'.*no weights there"):
         load_mole(unet, gate, experts=[face, load_expert(thin, "hand")])
     assert not has_mole(unet)  # nothing was changed by any refusal
+
+
+def _same_file(a, b):
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata()
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for k in fa.keys():
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+            assert ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb), k
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_convert_round_trip_is_exact(tmp_path, kind):
+    from mole.convert import mole_to_official, official_to_mole
+
+    unet = tiny_unet(kind).eval()
+    folder = write_official(unet, tmp_path / "official")
+    save_file(load_file(str(folder / "face.safetensors")), str(folder / "face.safetensors"),
+              metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"})  # kohya files carry metadata  # fmt: skip
+    files = {"face": folder / "face.safetensors", "hand": folder / "hand.safetensors"}
+    one = official_to_mole(unet, folder / "gate.safetensors", files, tmp_path / "mole.safetensors", base_model=kind)
+    assert not has_mole(unet)  # left as given
+    inputs = unet_inputs(unet, hw=(16, 12))
+    direct = tiny_unet(kind).eval()
+    load_mole(direct, folder / "gate.safetensors", experts=_experts(folder))
+    load_mole(unet, one)  # our file: manifest, experts embedded
+    torch.testing.assert_close(out_of(unet, inputs), out_of(direct, inputs), rtol=0, atol=0)
+    with pytest.raises(MoLEFileError, match="exists; pass overwrite=True"):
+        official_to_mole(unet, folder / "gate.safetensors", files, one)
+    back = mole_to_official(one, tmp_path / "back")
+    assert {p.name for p in back.values()} == {"face.safetensors", "hand.safetensors", "gate.safetensors"}
+    for name in ("face", "hand", "gate"):
+        _same_file(folder / f"{name}.safetensors", back[name])
+    with pytest.raises(MoLEFileError, match="exist; pass overwrite=True"):
+        mole_to_official(one, tmp_path / "back")
+
+
+def test_a_model_trained_here_converts_to_the_official_layout(tmp_path):
+    from mole import inject_mole, remove_mole, save_mole
+    from mole.config import MoLEConfig
+    from mole.convert import mole_to_official
+    from mole.tiny import random_expert
+
+    unet = tiny_unet("sdxl").eval()
+    experts = [random_expert(unet, "face", seed=1, std=0.2), random_expert(unet, "hand", seed=2, rank=6, std=0.2)]
+    inject_mole(unet, experts, MoLEConfig(gating="both", global_source="expert_output"))
+    with torch.no_grad():
+        for layer in mole_layers(unet).values():
+            for p in layer.gates.parameters():
+                p.normal_()
+    ours = save_mole(unet, tmp_path / "mole.safetensors")
+    inputs = unet_inputs(unet, hw=(16, 12))
+    want = out_of(unet, inputs)
+    remove_mole(unet)
+    with pytest.raises(MoLEFileError, match="needs the base model"):
+        mole_to_official(ours, tmp_path / "official")
+    files = mole_to_official(ours, tmp_path / "official", model=unet)
+    assert any(k.startswith("moe_lora_unet_input_blocks_") for k in load_file(str(files["gate"])))
+    load_mole(unet, files["gate"], experts=[load_expert(files["face"], "face"), load_expert(files["hand"], "hand")])
+    torch.testing.assert_close(out_of(unet, inputs), want, rtol=1e-5, atol=1e-6)

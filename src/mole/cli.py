@@ -77,6 +77,41 @@ def _expert_weights(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
+def _expert_files(items: list[str] | None) -> dict[str, str] | None:
+    """--expert NAME=FILE (repeatable) -> {name: file}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--expert {item!r}: use NAME=FILE, e.g. --expert face=face_lora.safetensors")
+        if name.strip() in out:
+            raise ValueError(f"--expert {name.strip()!r} is given twice; give each expert once")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import mole_to_official, official_to_mole
+    from .formats.official import is_official_gate_file
+    from .inference.pipeline import load_pipeline
+
+    model = load_pipeline(args.base, device="cpu").denoiser if args.base else None
+    if is_official_gate_file(args.mole):
+        if model is None:
+            raise ValueError("--base is required to convert the paper's files: the manifest identifies the base model")
+        files = _expert_files(args.expert) or {}
+        out = official_to_mole(model, args.mole, files, args.out, base_model=args.base, overwrite=args.force)
+        print(json.dumps({"mole": str(out)}, indent=2))
+    else:
+        if args.expert:
+            raise ValueError("--expert is for converting the paper's gate file; a mole file embeds its experts")
+        written = mole_to_official(args.mole, args.out, model=model, overwrite=args.force)
+        print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .inference import GenerateOptions, MixMode, generate
 
@@ -95,6 +130,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
+        expert_files=_expert_files(args.expert),
     ))  # fmt: skip
     print(json.dumps({"images": len(index["images"]), "out": args.out,
                       "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
@@ -108,6 +144,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         base=args.base, mole=args.mole, prompts=_prompts(args), out_dir=args.out, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
+        expert_files=_expert_files(args.expert),
     ))  # fmt: skip
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
@@ -204,7 +241,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .inference import SCHEDULERS
 
     p.add_argument("--base", required=True, help="hub id or local diffusers pipeline folder")
-    p.add_argument("--mole", help="MoLE .safetensors (gates + experts)")
+    p.add_argument("--mole", help="MoLE .safetensors (gates + experts), or the paper's gate file (then --expert)")
+    p.add_argument("--expert", action="append", metavar="NAME=FILE",
+                   help="an expert LoRA by name, e.g. --expert face=face.safetensors (needed with the paper's gate "
+                        "file; else replaces the file's embedded expert)")  # fmt: skip
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
@@ -306,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--epochs", type=int, default=10)
     flt.add_argument("--no-synthetic", action="store_true", help="do not add blurred copies of the good images")
     flt.set_defaults(func=_cmd_data_filter)
+
+    conv = sub.add_parser("convert", help="the paper's three files (face, hand, gate) <-> one mole file")
+    conv.add_argument("--mole", required=True, help="the paper's gate file (-> one mole file) or a mole file "
+                      "(-> the official layout)")  # fmt: skip
+    conv.add_argument("--expert", action="append", metavar="NAME=FILE", help="face=FILE and hand=FILE (paper's files)")
+    conv.add_argument("--base", help="the base model (required for the paper's files; for SDXL mole files)")
+    conv.add_argument("--out", required=True, help="mole .safetensors, or a folder for the official layout")
+    conv.add_argument("--force", action="store_true", help="replace existing output files")
+    conv.set_defaults(func=_cmd_convert)
 
     info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
     info.add_argument("file")

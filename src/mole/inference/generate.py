@@ -34,6 +34,7 @@ class GenerateOptions(SamplingOptions):
     batch_size: int = 4
     modes: list[MixMode] = field(default_factory=lambda: [MixMode.MOLE])
     expert_weights: dict[str, float] | None = None
+    expert_files: dict[str, str] | None = None  # {name: LoRA file}: the experts of the paper's gate files, by name
     strict_base: bool = True
 
     def __post_init__(self) -> None:
@@ -107,7 +108,7 @@ def generate(opts: GenerateOptions) -> dict:
     by_mode: dict[str, list[Image.Image]] = {}
     for mode in opts.modes:
         if opts.mole:
-            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base)
+            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
         folder = out / mode.value
         folder.mkdir(parents=True, exist_ok=True)
         images: list[Image.Image] = []
