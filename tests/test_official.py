@@ -241,3 +241,29 @@ def test_a_model_trained_here_converts_to_the_official_layout(tmp_path):
     assert any(k.startswith("moe_lora_unet_input_blocks_") for k in load_file(str(files["gate"])))
     load_mole(unet, files["gate"], experts=[load_expert(files["face"], "face"), load_expert(files["hand"], "hand")])
     torch.testing.assert_close(out_of(unet, inputs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_generates_inspects_and_converts_with_the_papers_files(tmp_path, tiny_sd15_dir):
+    import json
+
+    from mole.cli import main
+    from mole.inference.pipeline import load_pipeline
+
+    unet = load_pipeline(tiny_sd15_dir, device="cpu").denoiser
+    folder = write_official(unet, tmp_path / "official")
+    experts = ["--expert", f"face={folder / 'face.safetensors'}", "--expert", f"hand={folder / 'hand.safetensors'}"]
+    common = ["--base", str(tiny_sd15_dir), "--mole", str(folder / "gate.safetensors"), *experts, "--prompt",
+              "a close-up photo of a face", "--steps", "2", "--device", "cpu"]  # fmt: skip
+    assert main(["generate", *common, "--out", str(tmp_path / "gen"), "--compare", "--experts", "face=1.0"]) == 0
+    index = json.loads((tmp_path / "gen" / "index.json").read_text())
+    assert {i["mode"] for i in index["images"]} == {"none", "fixed", "mole"}
+    assert main(["inspect", *common, "--out", str(tmp_path / "ins")]) == 0
+    # a missing expert is refused with the flag to add
+    assert main(["generate", *common[:4], *experts[:2], *common[8:], "--out", str(tmp_path / "x")]) == 2
+    out = tmp_path / "mole.safetensors"
+    assert main(["convert", "--base", str(tiny_sd15_dir), "--mole", str(folder / "gate.safetensors"), *experts,
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert main(["info", str(out)]) == 0
+    assert main(["convert", "--mole", str(out), "--out", str(tmp_path / "back")]) == 0
+    _same_file(folder / "gate.safetensors", tmp_path / "back" / "gate.safetensors")
+    assert main(["convert", "--mole", str(out), "--out", str(tmp_path / "back")]) == 2  # no silent overwrite
