@@ -258,6 +258,12 @@ def test_cli_generates_inspects_and_converts_with_the_papers_files(tmp_path, tin
     index = json.loads((tmp_path / "gen" / "index.json").read_text())
     assert {i["mode"] for i in index["images"]} == {"none", "fixed", "mole"}
     assert main(["inspect", *common, "--out", str(tmp_path / "ins")]) == 0
+    assert main(["generate", *common, "--out", str(tmp_path / "preset"), "--preset", "official"]) == 0
+    index = json.loads((tmp_path / "preset" / "index.json").read_text())
+    image = index["images"][0]
+    assert image["prompt"] == "a close-up photo of a face best quality, 8K" and image["steps"] == 2  # explicit wins
+    assert image["negative_prompt"] == " poor quality, unclear hand, bad face "
+    assert index["options"]["scheduler_config"]["steps_offset"] == 0
     # a missing expert is refused with the flag to add
     assert main(["generate", *common[:4], *experts[:2], *common[8:], "--out", str(tmp_path / "x")]) == 2
     out = tmp_path / "mole.safetensors"

@@ -125,12 +125,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         modes = [MixMode.MOLE]
     seeds = args.seeds if args.seeds else list(range(args.seed, args.seed + args.num_images))
+    preset = {}
+    if args.preset:
+        from .inference.presets import generate_preset
+
+        preset = generate_preset(args.preset)
+        # explicit flags win; the parser's defaults give way to the preset's
+        for key, default in (("steps", 50), ("guidance_scale", 7.5), ("scheduler", "ddim")):
+            if getattr(args, key) == default:
+                setattr(args, key, preset[key])
     index = generate(GenerateOptions(
         base=args.base, prompts=_prompts(args), mole=args.mole, out_dir=args.out, seeds=seeds,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
-        expert_files=_expert_files(args.expert),
+        expert_files=_expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
+        negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
     ))  # fmt: skip
     print(json.dumps({"images": len(index["images"]), "out": args.out,
                       "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
@@ -291,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-mole", action="store_true", help="the base model alone")
     gen.add_argument("--experts", action="append", metavar="NAME=W", help="fixed-weight mixing, e.g. face=1.0")
     gen.add_argument("--compare", action="store_true", help="base, fixed-weight and MoLE side by side")
+    gen.add_argument("--preset", choices=["official"], help="official: the paper's generation scripts' settings "
+                     "(DDIM 50 steps, CFG 7.5, kohya's DDIM, ' best quality, 8K' appended)")  # fmt: skip
     gen.set_defaults(func=_cmd_generate)
 
     ins = sub.add_parser("inspect", help="record the gates while generating and draw them (the paper's Fig. 7)")
