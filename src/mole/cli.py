@@ -247,10 +247,19 @@ def _cmd_eval_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    from .single_file import TOKENIZER_ENV
+
+    p.add_argument("--tokenizer", dest="base_tokenizer", metavar="DIR",
+                   help="CLIP tokenizer folder (vocab.json + merges.txt) for a single-file --base / model "
+                        f"checkpoint (same as {TOKENIZER_ENV}=DIR)")  # fmt: skip
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .inference import SCHEDULERS
 
-    p.add_argument("--base", required=True, help="hub id or local diffusers pipeline folder")
+    p.add_argument("--base", required=True, help="hub id, local diffusers pipeline folder or model.safetensors")
+    _tokenizer_arg(p)
     p.add_argument("--mole", help="MoLE .safetensors (gates + experts), or the paper's gate file (then --expert)")
     p.add_argument("--expert", action="append", metavar="NAME=FILE",
                    help="an expert LoRA by name, e.g. --expert face=face.safetensors (needed with the paper's gate "
@@ -289,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a stage")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _tokenizer_arg(tr)
     tr.set_defaults(func=_cmd_train)
 
     gen = sub.add_parser("generate", help="generate images with MoLE (or the base / fixed-weight experts)")
@@ -325,10 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     evr.add_argument("--num-prompts", type=int)
     evr.add_argument("--repeats", type=int)
     evr.add_argument("--out")
+    _tokenizer_arg(evr)
     evr.set_defaults(func=_cmd_eval_run)
     eva = ev_sub.add_parser("ablation", help="the paper's ablations: stage ladder and local/global/both gating")
     eva.add_argument("--benchmark", required=True, help="a benchmark .jsonl from `mole eval prompts`")
     eva.add_argument("--base", required=True, help="the original base model")
+    _tokenizer_arg(eva)
     eva.add_argument("--stage1", help="the stage-1 fine-tuned model (pipeline folder)")
     eva.add_argument("--mole", help="the stage-3 MoLE file (its experts also give the fixed-weight stage-2 rung)")
     eva.add_argument("--experts", action="append", metavar="NAME=W", help="stage-2 rung weights (default: all 1)")
@@ -365,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--expert", action="append", metavar="NAME=FILE", help="face=FILE and hand=FILE (paper's files)")
     conv.add_argument("--base", help="the base model (required for the paper's files; for SDXL mole files)")
     conv.add_argument("--out", required=True, help="mole .safetensors, or a folder for the official layout")
+    _tokenizer_arg(conv)
     conv.add_argument("--force", action="store_true", help="replace existing output files")
     conv.set_defaults(func=_cmd_convert)
 
@@ -380,6 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # INFO by default, DEBUG with -v
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    if getattr(args, "base_tokenizer", None):  # read wherever a single-file base is loaded (also in workers)
+        from .single_file import TOKENIZER_ENV
+
+        os.environ[TOKENIZER_ENV] = args.base_tokenizer
     try:
         return func(args)
     except (ValueError, FileNotFoundError) as exc:  # our errors name the field, value and fix

@@ -97,17 +97,22 @@ def build_denoiser(kind: str, dtype: torch.dtype = torch.float32, device: str | 
     return _build_model(kind, DENOISER[kind], dtype, device)
 
 
-def load_tokenizer(kind: str, source, component: str = "tokenizer"):
+_TOKENIZER_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length", "errors", "extra_ids",
+                   "legacy", "additional_special_tokens")
+
+
+def load_tokenizer(kind: str, source, component: str = "tokenizer", settings: dict | None = None):
     """The tokenizer `component` of `kind` from `source`: a tokenizer object (returned as it is) or a folder.
 
     CLIP kinds: a folder holding vocab.json and merges.txt (or a pipeline folder with tokenizer/ in it); the special
     tokens, padding and length come from the shipped config of that kind (SD2.1 and SDXL's tokenizer_2 pad with '!').
-    PixArt: a folder with spiece.model or the .model file itself."""
+    PixArt: a folder with spiece.model or the .model file itself. settings: tokenizer_config values to use instead."""
     if not isinstance(source, (str, Path)):
         return source
     kind = check_kind(kind)
     folder = Path(source)
-    config = {k: v for k, v in component_config(kind, component).items() if k != "tokenizer_class"}
+    settings = settings if settings is not None else component_config(kind, component)
+    config = {k: v.get("content", v) if isinstance(v, dict) else v for k, v in settings.items() if k in _TOKENIZER_KEYS}
     if kind == "pixart":
         from transformers import T5Tokenizer
 
@@ -120,13 +125,24 @@ def load_tokenizer(kind: str, source, component: str = "tokenizer"):
         return T5Tokenizer(str(model), **config)
     from transformers import CLIPTokenizer
 
-    for candidate in (folder, folder / component, folder / "tokenizer"):
-        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
-            return CLIPTokenizer(str(candidate / "vocab.json"), str(candidate / "merges.txt"), **config)
-    raise ValueError(
-        f"tokenizer={str(source)!r}: no vocab.json + merges.txt there (nor in its tokenizer/ subfolder); pass a CLIP "
-        "tokenizer folder, e.g. the tokenizer/ folder of any Stable Diffusion download"
-    )
+    found = clip_vocab_folder(folder, component)
+    if found is None:
+        raise ValueError(
+            f"tokenizer={str(source)!r}: no vocab.json + merges.txt (or tokenizer.json) there, nor in its tokenizer/ "
+            "subfolder; pass a CLIP tokenizer folder, e.g. the tokenizer/ folder of any Stable Diffusion download"
+        )
+    if (found / "vocab.json").is_file() and (found / "merges.txt").is_file():
+        return CLIPTokenizer(str(found / "vocab.json"), str(found / "merges.txt"), **config)
+    return CLIPTokenizer.from_pretrained(str(found), local_files_only=True, **config)
+
+
+def clip_vocab_folder(folder: Path, component: str = "tokenizer") -> Path | None:
+    """The folder holding a CLIP vocabulary (vocab.json + merges.txt, or a tokenizer.json): `folder`, its
+    `component` or its tokenizer/ subfolder."""
+    for c in (folder, folder / component, folder / "tokenizer"):
+        if ((c / "vocab.json").is_file() and (c / "merges.txt").is_file()) or (c / "tokenizer.json").is_file():
+            return c
+    return None
 
 
 def build_pipeline(kind: str, dtype: torch.dtype = torch.float32, tokenizer=None, device: str | None = None,

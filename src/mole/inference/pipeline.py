@@ -158,11 +158,12 @@ def load_loras(pipe, loras: Mapping[str, str | Path], weights: Mapping[str, floa
     return pipe
 
 
-def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """A diffusers pipeline from a hub id or local folder, on `device` (default: cuda if present, else cpu)."""
+def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None, tokenizer=None):
+    """A diffusers pipeline from a hub id, a local folder or a single-file checkpoint (model.safetensors; its
+    tokenizer: `tokenizer` or see mole.single_file), on `device` (default: cuda if present, else cpu)."""
     from ..models import DiffusionModel
 
-    model = DiffusionModel.from_pretrained(base, dtype=dtype)
+    model = DiffusionModel.from_pretrained(base, dtype=dtype, tokenizer=tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.pipe.to(device)
     if hasattr(model.pipe, "safety_checker") and model.pipe.safety_checker is None:
