@@ -1,15 +1,21 @@
 """The full-size model configs that ship with the package: architectures, parameter counts, MoLE target counts."""
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from mole.full import (
-    KINDS, build_denoiser, build_pipeline, component_config, config_dir, count_parameters, load_tokenizer,
-)  # fmt: skip
+    KINDS,
+    build_denoiser,
+    build_pipeline,
+    component_config,
+    config_dir,
+    count_parameters,
+    load_tokenizer,
+)
 from mole.targets import TARGETS, Backbone, detect_backbone, target_modules
 
 SHARED_CLIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "clip_tokenizer"
@@ -67,7 +73,8 @@ def test_configs_are_package_data():
     files = sorted(p.relative_to(root / "src" / "mole") for p in (root / "src" / "mole" / "configs_full").rglob("*"))
     files = [f for f in files if f.suffix]
     assert len(files) == 26
-    assert all(any(f.match(p) for p in patterns) for f in files), [f for f in files if not any(f.match(p) for p in patterns)]
+    unshipped = [f for f in files if not any(f.match(p) for p in patterns)]
+    assert unshipped == []
     for f in files:
         json.loads((root / "src" / "mole" / f).read_text())
 

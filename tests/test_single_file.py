@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,4 @@ def test_cli_names_the_tokenizer_fix(tmp_path, monkeypatch, caplog):
     assert main([*argv, "--tokenizer", str(folder / "tokenizer")]) == 2  # found; the tiny file is not full-size
     assert "configs_full/sd15" in caplog.text and "--tokenizer DIR" not in caplog.text
     assert not (tmp_path / "out").exists()
+    assert "MOLE_TOKENIZER" not in os.environ  # main() leaves the environment as it found it

@@ -393,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # INFO by default, DEBUG with -v
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    saved_env = dict(os.environ)
     if getattr(args, "base_tokenizer", None):  # read wherever a single-file base is loaded (also in workers)
         from .single_file import TOKENIZER_ENV
 
@@ -402,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # our errors name the field, value and fix
         logger.error("%s", exc)
         return 2
+    finally:
+        if getattr(args, "base_tokenizer", None):  # main() called as a function leaves the environment as it was
+            os.environ.clear()
+            os.environ.update(saved_env)
 
 
 if __name__ == "__main__":  # pragma: no cover
