@@ -211,6 +211,8 @@ def test_half_precision_runs_and_stays_close():
     [
         (nn.Conv2d(4, 4, 3), "kernel_size"),
         (nn.Conv2d(4, 4, 1, stride=2), "stride"),
+        (nn.Conv2d(4, 4, 3, groups=2), "groups=2"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
         (nn.Embedding(4, 4), "Embedding"),
     ],
 )

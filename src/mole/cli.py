@@ -89,6 +89,41 @@ def _expert_weights(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
+def _expert_files(items: list[str] | None) -> dict[str, str] | None:
+    """--expert NAME=FILE (repeatable) -> {name: file}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--expert {item!r}: use NAME=FILE, e.g. --expert face=face_lora.safetensors")
+        if name.strip() in out:
+            raise ValueError(f"--expert {name.strip()!r} is given twice; give each expert once")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import mole_to_official, official_to_mole
+    from .formats.official import is_official_gate_file
+    from .inference.pipeline import load_pipeline
+
+    model = load_pipeline(args.base, device="cpu").denoiser if args.base else None
+    if is_official_gate_file(args.mole):
+        if model is None:
+            raise ValueError("--base is required to convert the paper's files: the manifest identifies the base model")
+        files = _expert_files(args.expert) or {}
+        out = official_to_mole(model, args.mole, files, args.out, base_model=args.base, overwrite=args.force)
+        print(json.dumps({"mole": str(out)}, indent=2))
+    else:
+        if args.expert:
+            raise ValueError("--expert is for converting the paper's gate file; a mole file embeds its experts")
+        written = mole_to_official(args.mole, args.out, model=model, overwrite=args.force)
+        print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .inference import GenerateOptions, MixMode, generate
 
@@ -102,11 +137,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         modes = [MixMode.MOLE]
     seeds = args.seeds if args.seeds else list(range(args.seed, args.seed + args.num_images))
+    preset = {}
+    if args.preset:
+        from .inference.presets import generate_preset
+
+        preset = generate_preset(args.preset)
+        # explicit flags win; the parser's defaults give way to the preset's
+        for key, default in (("steps", 50), ("guidance_scale", 7.5), ("scheduler", "ddim")):
+            if getattr(args, key) == default:
+                setattr(args, key, preset[key])
     index = generate(GenerateOptions(
         base=args.base, prompts=_prompts(args), mole=args.mole, out_dir=args.out, seeds=seeds,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
+        expert_files=_expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
+        negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
     ))  # fmt: skip
     print(json.dumps({"images": len(index["images"]), "out": args.out,
                       "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
@@ -120,6 +166,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         base=args.base, mole=args.mole, prompts=_prompts(args), out_dir=args.out, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
+        expert_files=_expert_files(args.expert),
     ))  # fmt: skip
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
@@ -212,11 +259,23 @@ def _cmd_eval_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    from .single_file import TOKENIZER_ENV
+
+    p.add_argument("--tokenizer", dest="base_tokenizer", metavar="DIR",
+                   help="CLIP tokenizer folder (vocab.json + merges.txt) for a single-file --base / model "
+                        f"checkpoint (same as {TOKENIZER_ENV}=DIR)")  # fmt: skip
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .inference import SCHEDULERS
 
-    p.add_argument("--base", required=True, help="hub id or local diffusers pipeline folder")
-    p.add_argument("--mole", help="MoLE .safetensors (gates + experts)")
+    p.add_argument("--base", required=True, help="hub id, local diffusers pipeline folder or model.safetensors")
+    _tokenizer_arg(p)
+    p.add_argument("--mole", help="MoLE .safetensors (gates + experts), or the paper's gate file (then --expert)")
+    p.add_argument("--expert", action="append", metavar="NAME=FILE",
+                   help="an expert LoRA by name, e.g. --expert face=face.safetensors (needed with the paper's gate "
+                        "file; else replaces the file's embedded expert)")  # fmt: skip
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
@@ -272,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (each preset option's source, the batch arithmetic) and exit")
+    _tokenizer_arg(tr)
     tr.set_defaults(func=_cmd_train)
 
     gen = sub.add_parser("generate", help="generate images with MoLE (or the base / fixed-weight experts)")
@@ -284,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-mole", action="store_true", help="the base model alone")
     gen.add_argument("--experts", action="append", metavar="NAME=W", help="fixed-weight mixing, e.g. face=1.0")
     gen.add_argument("--compare", action="store_true", help="base, fixed-weight and MoLE side by side")
+    gen.add_argument("--preset", choices=["official"], help="official: the paper's generation scripts' settings "
+                     "(DDIM 50 steps, CFG 7.5, kohya's DDIM, ' best quality, 8K' appended)")  # fmt: skip
     gen.set_defaults(func=_cmd_generate)
 
     ins = sub.add_parser("inspect", help="record the gates while generating and draw them (the paper's Fig. 7)")
@@ -313,10 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     evr.add_argument("--num-prompts", type=int)
     evr.add_argument("--repeats", type=int)
     evr.add_argument("--out")
+    _tokenizer_arg(evr)
     evr.set_defaults(func=_cmd_eval_run)
     eva = ev_sub.add_parser("ablation", help="the paper's ablations: stage ladder and local/global/both gating")
     eva.add_argument("--benchmark", required=True, help="a benchmark .jsonl from `mole eval prompts`")
     eva.add_argument("--base", required=True, help="the original base model")
+    _tokenizer_arg(eva)
     eva.add_argument("--stage1", help="the stage-1 fine-tuned model (pipeline folder)")
     eva.add_argument("--mole", help="the stage-3 MoLE file (its experts also give the fixed-weight stage-2 rung)")
     eva.add_argument("--experts", action="append", metavar="NAME=W", help="stage-2 rung weights (default: all 1)")
@@ -347,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--no-synthetic", action="store_true", help="do not add blurred copies of the good images")
     flt.set_defaults(func=_cmd_data_filter)
 
+    conv = sub.add_parser("convert", help="the paper's three files (face, hand, gate) <-> one mole file")
+    conv.add_argument("--mole", required=True, help="the paper's gate file (-> one mole file) or a mole file "
+                      "(-> the official layout)")  # fmt: skip
+    conv.add_argument("--expert", action="append", metavar="NAME=FILE", help="face=FILE and hand=FILE (paper's files)")
+    conv.add_argument("--base", help="the base model (required for the paper's files; for SDXL mole files)")
+    conv.add_argument("--out", required=True, help="mole .safetensors, or a folder for the official layout")
+    _tokenizer_arg(conv)
+    conv.add_argument("--force", action="store_true", help="replace existing output files")
+    conv.set_defaults(func=_cmd_convert)
+
     info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
     info.add_argument("file")
     info.set_defaults(func=_cmd_info)
@@ -359,11 +433,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # INFO by default, DEBUG with -v
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    saved_env = dict(os.environ)
+    if getattr(args, "base_tokenizer", None):  # read wherever a single-file base is loaded (also in workers)
+        from .single_file import TOKENIZER_ENV
+
+        os.environ[TOKENIZER_ENV] = args.base_tokenizer
     try:
         return func(args)
     except (ValueError, FileNotFoundError) as exc:  # our errors name the field, value and fix
         logger.error("%s", exc)
         return 2
+    finally:
+        if getattr(args, "base_tokenizer", None):  # main() called as a function leaves the environment as it was
+            os.environ.clear()
+            os.environ.update(saved_env)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .formats.kohya_names import sgm_to_diffusers as _sgm_to_diffusers
 from .layers.lora import LoraPair
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,10 @@ def load_expert(path: str | Path, name: str, component: str = "unet", adapter: s
             )
         cfg_file = path / "adapter_config.json"
         if cfg_file.is_file():
-            config = json.loads(cfg_file.read_text())
+            try:
+                config = json.loads(cfg_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ExpertLoadError(f"expert {name!r}: {cfg_file} is not valid JSON ({exc})") from None
         path = found[0]
     if not path.is_file():
         raise ExpertLoadError(f"expert {name!r}: file {path} does not exist")
@@ -130,7 +134,13 @@ def load_expert(path: str | Path, name: str, component: str = "unet", adapter: s
     except ValueError as exc:
         raise ExpertLoadError(f"expert {name!r}: {exc}") from None
     if not config and metadata.get("lora_adapter_metadata"):
-        config = _diffusers_metadata_config(json.loads(metadata["lora_adapter_metadata"]), component)
+        try:
+            meta = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError as exc:
+            raise ExpertLoadError(
+                f"expert {name!r}: {path}: metadata 'lora_adapter_metadata' is not JSON ({exc})"
+            ) from None
+        config = _diffusers_metadata_config(meta, component)
     return expert_from_state_dict(state, name, component=component, adapter=adapter, config=config, source=str(path))
 
 
@@ -197,7 +207,11 @@ def _parse_dotted(state, component, adapter, config, source):
             continue
         m = _DOTTED.match(path)
         if m is None:
-            raise ExpertLoadError(f"{source}: key {key!r} is not a LoRA factor (expected <layer>.lora_A.weight, ...)")
+            kind = unsupported_kind(path)
+            what = f"a {kind} tensor, which MoLE cannot mix" if kind else "not a LoRA factor"
+            raise ExpertLoadError(
+                f"{source}: key {key!r} is {what} (expected <layer>.lora_A.weight / lora_B.weight / alpha)"
+            )
         kind = m["kind"]
         bucket = downs if kind in ("lora_A", "lora.down", "lora_linear_layer.down") else ups
         layer = m["path"]
@@ -222,7 +236,7 @@ def _parse_dotted(state, component, adapter, config, source):
         alpha = alphas.get(layer)
         if alpha is None:
             alpha = _peft_alpha(layer, rank, config)
-        layers[layer] = LoraPair(downs[layer], ups[layer], alpha)
+        layers[layer] = _pair(downs[layer], ups[layer], alpha, source, layer)
     return layers, skipped
 
 
@@ -261,9 +275,15 @@ def _parse_kohya(state, source):
     for key, value in state.items():
         m = _KOHYA.match(key)
         if m is None:
+            kind = unsupported_kind(key)
+            if kind:
+                raise ExpertLoadError(
+                    f"{source}: key {key!r} is a {kind} tensor; MoLE mixes plain LoRA / LoCon experts "
+                    "(lora_down / lora_up / alpha) only. Convert or merge it first, or use another expert"
+                )
             raise ExpertLoadError(
                 f"{source}: key {key!r} is not a kohya LoRA key (lora_unet_*.lora_down.weight / lora_up.weight / "
-                "alpha); LoHa, LoKr and DoRA tensors are not low-rank experts MoLE can mix"
+                "alpha)"
             )
         comp = m["comp"]
         if comp not in ("unet", "transformer"):  # kohya names the denoiser lora_unet_ even for DiTs
@@ -275,8 +295,39 @@ def _parse_kohya(state, source):
     layers = {}
     for flat in downs:
         alpha = float(alphas[flat]) if flat in alphas else float(downs[flat].shape[0])
-        layers[flat] = LoraPair(downs[flat], ups[flat], alpha)
+        layers[flat] = _pair(downs[flat], ups[flat], alpha, source, f"lora_unet_{flat}")
     return layers, skipped
+
+
+# Tensor names of LyCORIS / peft variants that are not a plain low-rank pair, and what they are.
+_UNSUPPORTED = (
+    (re.compile(r"(^|[._])hada_"), "LoHa (hada_*)"),
+    (re.compile(r"(^|[._])lokr_"), "LoKr (lokr_*)"),
+    (re.compile(r"(^|[._])dora_scale$"), "DoRA (dora_scale)"),
+    (re.compile(r"(^|\.)lora_magnitude_vector\b"), "DoRA (lora_magnitude_vector)"),
+    (re.compile(r"\.lora_mid\.weight$"), "LoCon with CP / Tucker decomposition (lora_mid)"),
+    (re.compile(r"\.(diff|diff_b)$"), "full weight difference (LyCORIS diff)"),
+    (re.compile(r"\.on_input$|\.(ia3_l|ia3)\b"), "IA3"),
+    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "GLoRA"),
+    (re.compile(r"\.oft_|\.oft_blocks$|\.oft_diag$"), "OFT"),
+    (re.compile(r"\.boft_"), "BOFT"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "norm fine-tune (LyCORIS w_norm / b_norm)"),
+)
+
+
+def unsupported_kind(key: str) -> str | None:
+    """The adapter kind a tensor name belongs to when it is a known kind MoLE cannot mix (LoHa, LoKr, DoRA, ...)."""
+    for pattern, kind in _UNSUPPORTED:
+        if pattern.search(key):
+            return kind
+    return None
+
+
+def _pair(down: torch.Tensor, up: torch.Tensor, alpha: float, source: str, key: str) -> LoraPair:
+    try:
+        return LoraPair(down, up, alpha)
+    except ValueError as exc:
+        raise ExpertLoadError(f"{source}: layer {key!r}: {exc}") from None
 
 
 def _check_pairs(downs: Mapping, ups: Mapping, source: str) -> None:
@@ -369,24 +420,6 @@ def expert_from_peft(model: nn.Module, adapter_name: str, name: str | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------- resolution
-_SGM_INPUT = re.compile(r"^input_blocks_(\d+)_1_")
-_SGM_OUTPUT = re.compile(r"^output_blocks_(\d+)_1_")
-
-
-def _sgm_to_diffusers(flat: str, layers_per_block: int) -> str:
-    """Map kohya SDXL names in SGM layout (input_blocks_4_1_...) to diffusers' flattened names."""
-    per = layers_per_block + 1  # layers plus the down/upsampler
-    if m := _SGM_INPUT.match(flat):
-        i = int(m[1]) - 1
-        return f"down_blocks_{i // per}_attentions_{i % per}_" + flat[m.end() :]
-    if m := _SGM_OUTPUT.match(flat):
-        i = int(m[1])
-        return f"up_blocks_{i // per}_attentions_{i % per}_" + flat[m.end() :]
-    if flat.startswith("middle_block_1_"):
-        return "mid_block_attentions_0_" + flat[len("middle_block_1_") :]
-    return flat
-
-
 def resolve_layers(expert: ExpertWeights, model: nn.Module) -> dict[str, LoraPair]:
     """Map the expert's layer keys to module paths of `model`; an unknown key raises naming it."""
     modules = dict(model.named_modules())

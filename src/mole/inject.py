@@ -16,9 +16,9 @@ from torch import nn
 
 from .config import MoLEConfig
 from .experts import ExpertLoadError, ExpertWeights, layers_fingerprint, resolve_layers, validate_expert_name
-from .layers import MoLELayer, check_wrappable
+from .layers import MoLELayer, check_wrappable, mole_layer_for
 from .layers.lora import LoraPair
-from .targets import TARGETS, Backbone, compile_targets, detect_backbone, is_target
+from .targets import INJECT_TARGETS, TARGETS, Backbone, compile_targets, detect_backbone, is_target
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def inject_mole(
         raise MoLEInjectError("model already has MoLE layers; call remove_mole(model) before injecting again")
     experts = _as_named(experts)
     backbone = Backbone(backbone) if backbone is not None else detect_backbone(model)
-    patterns = config.targets if config.targets is not None else TARGETS[backbone]
+    patterns = config.targets if config.targets is not None else INJECT_TARGETS[backbone]
     compiled = compile_targets(patterns)
 
     # Resolve and validate everything before touching the model (no partial injection).
@@ -139,7 +139,7 @@ def inject_mole(
     model.requires_grad_(False)
     for path in state.layer_paths:
         parent, attr = _parent(model, path)
-        layer = MoLELayer(modules[path], names, per_layer[path], config, path=path)
+        layer = mole_layer_for(modules[path], names, per_layer[path], config, path=path)
         setattr(parent, attr, layer)
     model.mole_state = state
     uncovered = [

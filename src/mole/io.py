@@ -25,6 +25,8 @@ from torch import nn
 
 from .config import MoLEConfig
 from .experts import ExpertWeights, KeyNaming, layers_fingerprint, read_safetensors, resolve_layers
+from .formats import MoLEFileError
+from .formats.official import is_official_gate_file, load_official
 from .inject import has_mole, inject_mole, mole_layers, mole_state, remove_mole
 from .layers.lora import LoraPair
 from .targets import Backbone
@@ -35,10 +37,6 @@ FORMAT = "mole-diffusion"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "mole_manifest"
 _MOLE_PARAM_MARKERS = (".lora_A", ".lora_B", ".gates.")
-
-
-class MoLEFileError(ValueError):
-    """A MoLE file does not fit the model or is malformed; the message names the key or expert."""
 
 
 # ---------------------------------------------------------------------------------------------------- base identity
@@ -280,8 +278,19 @@ def load_mole(
 
     experts: experts to use instead of (or, when the file does not embed them, in place of) the embedded ones;
     each must be the expert the gates were trained with (same fingerprint).
+
+    The paper's released gate files (JiePKU/MoLE, recognised by their ``moe_lora_unet_*.softmoe.*`` keys) load too:
+    pass experts=[face, hand] (matched by name); the model gets the official layer (global_source=expert_output).
+    They carry no base-model identity, so strict_base does not apply to them.
     """
     source = str(path)
+    if Path(path).is_file() and is_official_gate_file(path):
+        try:
+            _, tensors = read_safetensors(Path(path))
+        except ValueError as exc:
+            raise MoLEFileError(str(exc)) from None
+        load_official(model, tensors, experts, source)
+        return model
     manifest, tensors = read_mole_file(path)
     config = MoLEConfig.from_dict(manifest["config"])
     names = [e["name"] for e in manifest["experts"]]

@@ -66,14 +66,22 @@ class DiffusionModel:
         ]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> DiffusionModel:
-        """Load a diffusers pipeline from a hub id or a local save_pretrained folder."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None, config=None,
+                        **kwargs) -> DiffusionModel:  # fmt: skip
+        """Load a diffusers pipeline from a hub id, a local save_pretrained folder, or a single-file checkpoint
+        (model.safetensors / .ckpt in the original SD1.x / SD2.x / SDXL layout, loaded offline with the shipped
+        configs; `tokenizer` and `config` are for those files, see mole.single_file.load_single_file)."""
         from diffusers import DiffusionPipeline
 
         from .mole_tiny import is_mole_tiny, resolve_base
+        from .single_file import SUFFIXES, load_single_file
 
         name = "mole-tiny" if is_mole_tiny(path) else str(path)
         path = resolve_base(path)
+        if Path(path).suffix.lower() in SUFFIXES and not Path(path).is_dir():
+            if not Path(path).is_file():
+                raise ModelLoadError(f"base model {str(path)!r}: no such checkpoint file")
+            return cls(load_single_file(path, dtype=dtype, tokenizer=tokenizer, config=config), str(path))
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:

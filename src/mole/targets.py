@@ -42,6 +42,20 @@ TARGETS: dict[Backbone, tuple[str, ...]] = {
 }
 
 
+# The resnet and down/upsampler layers of the SD UNets: what kohya LoCon files (conv_dim set) add to the transformer
+# layers (kohya wraps every Linear / Conv2d inside ResnetBlock2D, Downsample2D and Upsample2D).
+_UNET_CONV = (
+    r"^(?:(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)"
+    r"|down_blocks\.\d+\.downsamplers\.0\.conv|up_blocks\.\d+\.upsamplers\.0\.conv)$"
+)
+
+# What inject_mole accepts expert weights for by default: the backbone's table, plus the LoCon layers of UNets.
+# (Fresh experts, new_expert(), cover TARGETS only.)
+INJECT_TARGETS: dict[Backbone, tuple[str, ...]] = {
+    b: (*t, _UNET_CONV) if b in (Backbone.SD15, Backbone.SD21, Backbone.SDXL) else t for b, t in TARGETS.items()
+}
+
+
 def detect_backbone(model: nn.Module) -> Backbone:
     """Name the backbone from the model class and its config (works for tiny test configs too)."""
     cls = type(model).__name__

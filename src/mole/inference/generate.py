@@ -34,6 +34,10 @@ class GenerateOptions(SamplingOptions):
     batch_size: int = 4
     modes: list[MixMode] = field(default_factory=lambda: [MixMode.MOLE])
     expert_weights: dict[str, float] | None = None
+    expert_files: dict[str, str] | None = None  # {name: LoRA file}: the experts of the paper's gate files, by name
+    prompt_suffix: str = ""  # appended to every prompt (the official scripts: " best quality, 8K")
+    negative_suffix: str = ""  # appended to every negative prompt (empty by default)
+    scheduler_config: dict | None = None  # overrides of the scheduler's config (e.g. kohya's DDIM)
     strict_base: bool = True
 
     def __post_init__(self) -> None:
@@ -95,6 +99,8 @@ def generate(opts: GenerateOptions) -> dict:
     model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
                                  progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe
+    if opts.scheduler_config:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **opts.scheduler_config)
     dtype = model.denoiser.dtype
     native = default_size(model)
     height, width = opts.height or native[0], opts.width or native[1]
@@ -107,7 +113,7 @@ def generate(opts: GenerateOptions) -> dict:
     by_mode: dict[str, list[Image.Image]] = {}
     for mode in opts.modes:
         if opts.mole:
-            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base)
+            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
         folder = out / mode.value
         folder.mkdir(parents=True, exist_ok=True)
         images: list[Image.Image] = []
@@ -115,16 +121,18 @@ def generate(opts: GenerateOptions) -> dict:
             chunk = jobs[start : start + opts.batch_size]
             generators = [torch.Generator(device=device).manual_seed(s) for _, _, s in chunk]
             kwargs = dict(
-                prompt=[p for _, p, _ in chunk], num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
+                prompt=[p + opts.prompt_suffix for _, p, _ in chunk], num_inference_steps=opts.steps,
+                guidance_scale=opts.guidance_scale,
                 height=height, width=width, generator=generators, **pipeline_kwargs(model),
             )  # fmt: skip
-            if opts.negative_prompt:
-                kwargs["negative_prompt"] = [opts.negative_prompt] * len(chunk)
+            negative = (opts.negative_prompt or "") + opts.negative_suffix
+            if negative:
+                kwargs["negative_prompt"] = [negative] * len(chunk)
             result = pipe(**kwargs).images
             for (pi, prompt, seed), image in zip(chunk, result):
-                meta = {"prompt": prompt, "negative_prompt": opts.negative_prompt, "seed": seed, "steps": opts.steps,
-                        "guidance_scale": opts.guidance_scale, "scheduler": opts.scheduler, "height": height,
-                        "width": width, "base": opts.base, "mole": opts.mole, "mode": mode.value,
+                meta = {"prompt": prompt + opts.prompt_suffix, "negative_prompt": negative or None, "seed": seed,
+                        "steps": opts.steps, "guidance_scale": opts.guidance_scale, "scheduler": opts.scheduler,
+                        "height": height, "width": width, "base": opts.base, "mole": opts.mole, "mode": mode.value,
                         "expert_weights": opts.expert_weights, "dtype": str(dtype).replace("torch.", ""),
                         "truncated": lengths[pi]["truncated"]}  # fmt: skip
                 path = folder / f"{pi:04d}_seed{seed}.png"

@@ -39,6 +39,7 @@ class InspectOptions(SamplingOptions):
     seed: int = 0
     map_steps: int = 5  # how many evenly spaced steps the local maps show
     strict_base: bool = True
+    expert_files: dict[str, str] | None = None  # {name: LoRA file}: the experts of the paper's gate files, by name
     negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ def inspect(opts: InspectOptions) -> dict:
     model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
                                  progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe
-    load_mole_weights(pipe, opts.mole, MixMode.MOLE, strict_base=opts.strict_base)
+    load_mole_weights(pipe, opts.mole, MixMode.MOLE, strict_base=opts.strict_base, expert_files=opts.expert_files)
     denoiser = model.denoiser
     layer_paths = list(mole_layers(denoiser))
     f = model.vae_scale_factor

@@ -19,6 +19,8 @@ from torch import nn
 
 from ..config import MoLEConfig
 from ..experts import load_expert
+from ..formats.official import EXPERTS as OFFICIAL_EXPERTS
+from ..formats.official import experts_by_name, is_official_gate_file
 from ..inject import has_mole, inject_mole, remove_mole, set_expert_weights
 from ..io import MoLEFileError, check_base, embedded_experts, load_mole, read_mole_file, read_mole_manifest
 from ..targets import Backbone
@@ -82,14 +84,19 @@ def load_mole_weights(
     mode: MixMode | str = MixMode.MOLE,
     expert_weights: Mapping[str, float] | None = None,
     strict_base: bool = True,
+    expert_files: Mapping[str, str | Path] | None = None,
 ):
     """Inject the MoLE file's experts into the pipeline's denoiser (gated, or at fixed weights); return the pipe.
 
     expert_weights: per-expert multipliers. In FIXED mode, experts not named get weight 0 (e.g. {"face": 1.0}
     runs the face LoRA alone); in MOLE mode they multiply the gated contributions.
+    expert_files: {name: LoRA file} experts to use by name: required with the paper's gate files (face and hand),
+    else in place of the experts a MoLE file embeds (they must be the ones it was trained with).
     """
     mode = MixMode(mode)
     denoiser = denoiser_of(pipe)
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    given = [load_expert(f, name, component=component) for name, f in (expert_files or {}).items()]
     previous = getattr(pipe, "mole_instruct", None)
     if previous is not None:  # detach an InstructMoLE router (and condition hooks) loaded before
         if previous.router is not None:
@@ -102,25 +109,36 @@ def load_mole_weights(
     if mode is MixMode.NONE:
         return pipe
     if mode is MixMode.MOLE:
-        if "instruct" in read_mole_manifest(path).get(
+        if not is_official_gate_file(path) and "instruct" in read_mole_manifest(path).get(
             "extra", {}
         ):  # InstructMoLE: the experts plus their instruction router
             from ..instruct import InstructMoLE
 
             pipe.mole_instruct = InstructMoLE.load(denoiser, path, strict_base=strict_base)
         else:
-            load_mole(denoiser, path, strict_base=strict_base)
+            load_mole(denoiser, path, experts=given or None, strict_base=strict_base)
         if expert_weights:
             set_expert_weights(denoiser, expert_weights)
         return pipe
-    manifest, tensors = read_mole_file(path)
-    check_base(denoiser, manifest, str(path), strict_base)
-    experts = embedded_experts(manifest, tensors, str(path))
-    missing = [e["name"] for e in manifest["experts"] if e["name"] not in experts]
-    if missing:
-        raise MoLEFileError(f"{path} does not embed experts {missing}; fixed-weight mixing needs them in the file")
-    inject_mole(denoiser, list(experts.values()), MoLEConfig(gating="none"),
-                backbone=Backbone(manifest["base_model"]["backbone"]))  # fmt: skip
+    if is_official_gate_file(path):  # the paper's release: the experts come as files, by name
+        experts = experts_by_name(given or None, str(path))
+        inject_mole(denoiser, [experts[n] for n in OFFICIAL_EXPERTS], MoLEConfig(gating="none"))
+    else:
+        manifest, tensors = read_mole_file(path)
+        check_base(denoiser, manifest, str(path), strict_base)
+        experts = embedded_experts(manifest, tensors, str(path))
+        names = [e["name"] for e in manifest["experts"]]
+        unknown = sorted({e.name for e in given} - set(names))
+        if unknown:
+            raise MoLEFileError(f"experts {unknown} were passed but {path} has experts {names}")
+        experts.update({e.name: e for e in given})
+        missing = [e["name"] for e in manifest["experts"] if e["name"] not in experts]
+        if missing:
+            raise MoLEFileError(
+                f"{path} does not embed experts {missing}; pass them as expert_files={{name: file}} (--expert)"
+            )
+        inject_mole(denoiser, list(experts.values()), MoLEConfig(gating="none"),
+                    backbone=Backbone(manifest["base_model"]["backbone"]))  # fmt: skip
     weights = {name: 0.0 for name in experts}
     weights.update(expert_weights or {name: 1.0 for name in experts})
     set_expert_weights(denoiser, weights)
@@ -140,11 +158,12 @@ def load_loras(pipe, loras: Mapping[str, str | Path], weights: Mapping[str, floa
     return pipe
 
 
-def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """A diffusers pipeline from a hub id or local folder, on `device` (default: cuda if present, else cpu)."""
+def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None, tokenizer=None):
+    """A diffusers pipeline from a hub id, a local folder or a single-file checkpoint (model.safetensors; its
+    tokenizer: `tokenizer` or see mole.single_file), on `device` (default: cuda if present, else cpu)."""
     from ..models import DiffusionModel
 
-    model = DiffusionModel.from_pretrained(base, dtype=dtype)
+    model = DiffusionModel.from_pretrained(base, dtype=dtype, tokenizer=tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.pipe.to(device)
     if hasattr(model.pipe, "safety_checker") and model.pipe.safety_checker is None:

@@ -27,37 +27,47 @@ from .gates import MoLEGates
 from .lora import LoraPair
 
 
+def is_pointwise(module: nn.Module) -> bool:
+    """A Linear, or a Conv2d that acts on every pixel alone (1x1, stride 1, unpadded, ungrouped): MoLELayer's case."""
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Conv2d
+        and tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and module.groups == 1
+        and tuple(module.dilation) == (1, 1)
+        and module.padding in (0, (0, 0), "valid")
+    )
+
+
 def check_wrappable(module: nn.Module, path: str) -> None:
-    """Raise a ValueError naming `path` when `module` cannot be wrapped."""
+    """Raise a ValueError naming `path` when `module` cannot be wrapped (Linear and ungrouped Conv2d can)."""
     if type(module) is nn.Conv2d:
         bad = []
-        if tuple(module.kernel_size) != (1, 1):
-            bad.append(f"kernel_size={tuple(module.kernel_size)}")
-        if tuple(module.stride) != (1, 1):
-            bad.append(f"stride={tuple(module.stride)}")
         if module.groups != 1:
             bad.append(f"groups={module.groups}")
-        if tuple(module.dilation) != (1, 1):
-            bad.append(f"dilation={tuple(module.dilation)}")
-        pad = module.padding
-        if pad not in (0, (0, 0), "valid"):
-            bad.append(f"padding={pad!r}")
+        if module.padding_mode != "zeros":
+            bad.append(f"padding_mode={module.padding_mode!r}")
         if bad:
             raise ValueError(
-                f"module {path!r} is a Conv2d with {', '.join(bad)}; MoLE wraps only 1x1, stride-1, "
-                "ungrouped, unpadded convolutions. Remove it from the targets."
+                f"module {path!r} is a Conv2d with {', '.join(bad)}; MoLE wraps ungrouped, zero-padded "
+                "convolutions only. Remove it from the targets."
             )
     elif type(module) is not nn.Linear:  # subclasses (peft, quantised layers) compute something else
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
         hint = " (a peft LoRA layer: call unload_lora() / unload() first)" if "peft" in kind else ""
         raise ValueError(
-            f"module {path!r} is a {kind}{hint}; MoLE wraps torch.nn.Linear and 1x1 torch.nn.Conv2d only. "
+            f"module {path!r} is a {kind}{hint}; MoLE wraps torch.nn.Linear and torch.nn.Conv2d only. "
             "Remove it from the targets."
         )
 
 
 class MoLELayer(nn.Module):
-    """Wraps one nn.Linear or 1x1 nn.Conv2d (kept as `.base`, untouched) with named low-rank experts and gates."""
+    """Wraps one nn.Linear or 1x1 nn.Conv2d (kept as `.base`, untouched) with named low-rank experts and gates.
+
+    Spatial convolutions (3x3, strided: LoCon experts) use the subclass `SpatialMoLELayer`; `mole_layer_for` picks.
+    """
 
     def __init__(
         self,
@@ -69,6 +79,12 @@ class MoLELayer(nn.Module):
     ) -> None:
         super().__init__()
         check_wrappable(base, path)
+        if type(self) is MoLELayer and not is_pointwise(base):
+            raise ValueError(
+                f"layer {path!r}: a Conv2d with kernel_size={tuple(base.kernel_size)}, stride={tuple(base.stride)}, "
+                f"padding={base.padding!r} is spatial; MoLELayer wraps Linear and pointwise convs, SpatialMoLELayer "
+                "the others (mole.layers.mole_layer_for picks)"
+            )
         if not expert_names:
             raise ValueError(f"layer {path!r}: a MoLE layer needs at least one expert name")
         unknown = sorted(set(experts) - set(expert_names))
@@ -105,6 +121,12 @@ class MoLELayer(nn.Module):
                     f"layer {path!r}: expert {name!r} has shape (in {pair.in_features}, out {pair.out_features}) "
                     f"but the base layer is (in {self.in_features}, out {self.out_features}); "
                     "the expert was trained for another model"
+                )
+            kernel = tuple(base.kernel_size) if self.is_conv else (1, 1)
+            if pair.kernel_size != kernel:
+                raise ValueError(
+                    f"layer {path!r}: expert {name!r} has a {pair.kernel_size} down kernel but the base layer's "
+                    f"kernel is {kernel}; the expert was trained for another model"
                 )
             downs.append(pair.down.detach().to(device=ref.device, dtype=ref.dtype))
             ups.append(pair.up.detach().to(device=ref.device, dtype=ref.dtype))

@@ -104,7 +104,7 @@ class BatchPlan:
 @dataclass
 class TrainConfig:
     stage: Stage = Stage.MIXTURE
-    model: str = ""  # hub id or local diffusers pipeline folder
+    model: str = ""  # hub id, local diffusers pipeline folder or single-file checkpoint (model.safetensors)
     output_dir: str = "runs/train"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
