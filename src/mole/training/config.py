@@ -173,10 +173,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stage2-hand": {"stage": 2, "expert": {"name": "hand", "rank": 256}, "optim": {"name": "adamw", "lr": 1e-5}},
     # Stage 3: gates only, AdamW lr 1e-5, on the human-in-the-scene set.
     "stage3": {"stage": 3, "optim": {"name": "adamw", "lr": 1e-5}, "mixture": {"gating": "both"}},
-    # InstructMoLE: 4 experts of rank 32 from scratch, softmax top-2 instruction routing, orthogonality + balance.
-    "instruct": {"stage": 4, "optim": {"name": "adamw", "lr": 1e-4},
-                 "instruct": {"num_experts": 4, "rank": 32, "routing": "softmax_topk", "top_k": 2,
-                              "ortho_weight": 0.1, "lb_weight": 0.01}},
+    # InstructMoLE as published (official variant): 8 experts of rank 32, top-4 instruction routing, shared rank-256
+    # LoRA, AdamW lr 1e-4 (gates 5e-5); instruct.variant="package" gives the package's earlier choices.
+    "instruct": {"stage": 4, "optim": {"name": "adamw", "lr": 1e-4}, "instruct": {"variant": "official"}},
 }  # fmt: skip
 
 

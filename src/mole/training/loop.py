@@ -95,7 +95,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.denoiser.enable_gradient_checkpointing()
         if "text_encoder" in stage.modules:
             stage.modules["text_encoder"].gradient_checkpointing_enable()
-    optimizer = make_optimizer(stage.params, cfg.optim)
+    optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
     schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
     prepared = accelerator.prepare(*stage.modules.values(), optimizer)
     wrapped = dict(zip(stage.modules, prepared[:-1]))
