@@ -160,14 +160,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         noise, t = _noise_batch(latents, sched.config.num_train_timesteps, gen, cfg.noise_offset)
         if timesteps is not None:
             t = timesteps.to(latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        if model.prediction_type == "flow":  # rectified flow (Flux): sigma = t / T, target n - x
+            sigma = (t.float() / sched.config.num_train_timesteps).view(-1, 1, 1, 1).to(latents.dtype)
+            noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
+        else:
+            noisy = sched.add_noise(latents, noise, t)
+            target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         cond = text_for(batch["captions"]).to(accelerator.device, weight_dtype)
         if stage.prepare_batch is not None:
             stage.prepare_batch(batch)
         with accelerator.autocast():
             pred = model.predict(noisy, t, cond, denoiser=denoiser)
-        return diffusion_loss(pred, target, t, alphas, model.prediction_type, cfg.min_snr_gamma)
+        snr_gamma = None if model.prediction_type == "flow" else cfg.min_snr_gamma
+        return diffusion_loss(pred, target, t, alphas, model.prediction_type, snr_gamma)
 
     # ---- probe: the first batch, fixed noise and spread timesteps, before and after
     probe_batch = collate([dataset[k] for k in sampler.batch(start_step * cfg.grad_accum)])
