@@ -146,7 +146,8 @@ def test_token_routing_option_uses_local_gates():
 def test_condition_tokens_join_and_leave_the_sequence(tmp_path):
     t = tiny_pixart()
     inp = pixart_inputs(t)
-    im = InstructMoLE(t, InstructConfig(variant="package", num_experts=3, rank=2, condition_types=["pose", "edge"]), text_dim=32)
+    cfg = InstructConfig(variant="package", num_experts=3, rank=2, condition_types=["pose", "edge"])
+    im = InstructMoLE(t, cfg, text_dim=32)
     with torch.no_grad():
         for layer in mole_layers(t).values():
             layer.lora_B.normal_(0, 0.1)
