@@ -63,7 +63,9 @@ def test_stage_two_and_three_build_on_stage_one_and_train_the_unet_only():
         assert s3.mixture.experts[s2.expert.name] == f"{s2.output_dir}/final/{s2.expert.name}.safetensors"
     assert s3.model == f"{s1.output_dir}/final"
     assert set(PRESETS) == {"stage1", "stage2-face", "stage2-hand", "stage3", "instruct"}
-    assert "not from the MoLE paper" in PRESET_SOURCES["instruct"]["optim.lr"]  # no paper value is claimed there
+    # no MoLE-paper value is claimed for InstructMoLE; its preset is the official variant
+    assert "not from the MoLE paper: InstructMoLE official code" in PRESET_SOURCES["instruct"]["optim.lr"]
+    assert PRESETS["instruct"]["instruct"]["variant"] == "official"
 
 
 # ---------------------------------------------------------------------------------------------------- batch 64

@@ -56,11 +56,13 @@ class DiffusionModel:
         self.backbone = detect_backbone(self.denoiser)
         if self.backbone is Backbone.GENERIC:
             raise ModelLoadError(
-                f"{name}: {type(self.denoiser).__name__} is not a supported backbone (SD1.5, SD2.1, SDXL, PixArt)"
+                f"{name}: {type(self.denoiser).__name__} is not a supported backbone (SD1.5, SD2.1, SDXL, PixArt, Flux)"
             )
         self.vae = pipe.vae
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type: str = self.noise_scheduler.config.prediction_type
+        if self.backbone is Backbone.FLUX:  # rectified flow: x_s = (1 - s) x + s n, the model predicts n - x
+            self.prediction_type = "flow"
         self.text_encoders = [
             m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m
         ]
@@ -149,6 +151,11 @@ class DiffusionModel:
             final_norm = getattr(inner, "text_model", inner).final_layer_norm  # transformers < 5 nests text_model
             return TextConditioning({"encoder_hidden_states": final_norm(states[-clip_skip])})
         with torch.no_grad():
+            if self.backbone is Backbone.FLUX:  # T5 states + CLIP pooled vector (txt_ids are zeros, made in predict)
+                length = min(512, pipe.tokenizer_2.model_max_length)
+                embeds, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=device,
+                                                       max_sequence_length=length)  # fmt: skip
+                return TextConditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled})
             if self.backbone is Backbone.SDXL:
                 embeds, _, pooled, _ = pipe.encode_prompt(
                     captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -179,9 +186,32 @@ class DiffusionModel:
             return denoiser(noisy, timesteps, **kw).sample
         if self.is_unet:
             return denoiser(noisy, timesteps, **kw).sample
+        if self.backbone is Backbone.FLUX:
+            return self._predict_flux(denoiser, noisy, timesteps, kw)
         out = denoiser(
             noisy, timestep=timesteps, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **kw
         ).sample
         if out.shape[1] == 2 * noisy.shape[1]:  # learned sigma: keep the mean prediction
             out = out.chunk(2, dim=1)[0]
         return out
+
+    def _predict_flux(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, kw: dict):
+        """Flux: pack (b, c, h, w) latents into 2x2 patches with their RoPE ids, timestep = t / 1000, guidance 1
+        (as InstructMoLE's training), unpack the velocity prediction."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Flux latents need even height and width, got {h}x{w}; use a resolution divisible by "
+                             f"{2 * self.vae_scale_factor}")  # fmt: skip
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        text = kw["encoder_hidden_states"]
+        txt_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        config = self.denoiser.config  # `denoiser` may be a DDP wrapper of it
+        guidance = torch.ones(b, device=noisy.device, dtype=noisy.dtype) if config.guidance_embeds else None
+        out = denoiser(hidden_states=packed, timestep=timesteps.to(noisy.dtype) / 1000, guidance=guidance,
+                       pooled_projections=kw["pooled_projections"], encoder_hidden_states=text, txt_ids=txt_ids,
+                       img_ids=img_ids).sample  # fmt: skip
+        f = self.vae_scale_factor
+        return FluxPipeline._unpack_latents(out[:, : packed.shape[1]], h * f, w * f, f)

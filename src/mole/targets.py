@@ -16,6 +16,7 @@ class Backbone(str, enum.Enum):
     SD21 = "sd21"  # UNet2DConditionModel, linear projections (use_linear_projection=True)
     SDXL = "sdxl"  # UNet2DConditionModel with text_time added conditioning
     PIXART = "pixart"  # PixArtTransformer2DModel (PixArt-alpha / sigma), a DiT
+    FLUX = "flux"  # FluxTransformer2DModel (FLUX.1 dev / schnell / Kontext): 19 double + 38 single blocks
     GENERIC = "generic"  # any other model: every attention / feed-forward Linear inside a transformer block
 
 
@@ -26,6 +27,8 @@ _UNET_TRANSFORMER = (
 )
 # DiT blocks (PixArt-alpha, DiT): self/cross attention and the feed-forward.
 _DIT_BLOCKS = r"^transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))$"
+# Flux: InstructMoLE's official targets, the double blocks' feed-forward output and the single blocks' proj_out.
+_FLUX = (r"^transformer_blocks\.\d+\.ff\.net\.2$", r"^single_transformer_blocks\.\d+\.proj_out$")
 # Anything attention- or MLP-like inside a block list (fits SD3 / Flux joint and single blocks).
 _GENERIC = (
     r"(?:^|\.)(?:transformer_blocks|single_transformer_blocks|blocks)\.\d+\..*"
@@ -38,6 +41,7 @@ TARGETS: dict[Backbone, tuple[str, ...]] = {
     Backbone.SD21: (_UNET_TRANSFORMER,),
     Backbone.SDXL: (_UNET_TRANSFORMER,),
     Backbone.PIXART: (_DIT_BLOCKS,),
+    Backbone.FLUX: _FLUX,
     Backbone.GENERIC: (_GENERIC,),
 }
 
@@ -66,6 +70,8 @@ def detect_backbone(model: nn.Module) -> Backbone:
         return Backbone.SD21 if get("use_linear_projection") else Backbone.SD15
     if cls in ("PixArtTransformer2DModel", "DiTTransformer2DModel"):
         return Backbone.PIXART
+    if cls == "FluxTransformer2DModel":
+        return Backbone.FLUX
     return Backbone.GENERIC
 
 

@@ -110,3 +110,67 @@ def routing_heatmap(
         d.text((left + j * cell + 4, top - 16), str(name)[:8], fill=(0, 0, 0), font=_font(11))
     d.text((4, 6), title, fill=(0, 0, 0), font=_font(13))
     img.save(path)
+
+
+class KontextConditions:
+    """Flux-Kontext conditions for training: condition latents (b, c, h, w) are packed into 2x2 patches, appended to
+    the image tokens (the transformer's x_embedder embeds both) with RoPE ids whose first coordinate is 1, and the
+    prediction keeps the image tokens only; FluxKontextPipeline(image=...) does the same at generation."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        if type(transformer).__name__ != "FluxTransformer2DModel":
+            raise ValueError(f"Kontext conditions need a FluxTransformer2DModel, not {type(transformer).__name__}")
+        self._pending: torch.Tensor | None = None
+        self._n_image: int | None = None
+        self._handles = [
+            transformer.register_forward_pre_hook(self._append, with_kwargs=True),
+            transformer.register_forward_hook(self._drop),
+        ]
+
+    def set(self, latents: torch.Tensor | None) -> None:
+        """Condition the next denoiser calls on `latents` (b, c, h, w) (even h, w); None clears."""
+        if latents is not None and (latents.ndim != 4 or latents.shape[-1] % 2 or latents.shape[-2] % 2):
+            raise ValueError(f"condition latents must be (b, c, h, w) with even h, w; got {tuple(latents.shape)}")
+        self._pending = latents
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, c, h, w) -> tokens (b, h/2 * w/2, 4c) and their ids (h/2 * w/2, 3) with id[:, 0] = 1."""
+        from diffusers import FluxKontextPipeline
+
+        b, c, h, w = latents.shape
+        tokens = FluxKontextPipeline._pack_latents(latents, b, c, h, w)
+        ids = FluxKontextPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        ids[..., 0] = 1
+        return tokens, ids
+
+    def _append(self, module, args, kwargs):
+        positional = "hidden_states" not in kwargs and bool(args)
+        hidden = args[0] if positional else kwargs.get("hidden_states")
+        self._n_image = None
+        if self._pending is None or hidden is None:
+            return None
+        latents = self._pending.to(hidden.device, hidden.dtype)
+        if latents.shape[0] != hidden.shape[0]:  # guidance doubles the batch
+            latents = latents.repeat(hidden.shape[0] // latents.shape[0], 1, 1, 1)
+        tokens, ids = self.pack(latents)
+        self._n_image = hidden.shape[1]
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = torch.cat([hidden, tokens], dim=1)
+        img_ids = kwargs["img_ids"]
+        kwargs["img_ids"] = torch.cat([img_ids, ids.to(img_ids.device, img_ids.dtype)], dim=-2)
+        return (tuple(args[1:]) if positional else tuple(args)), kwargs
+
+    def _drop(self, module, args, output):
+        n, self._n_image = self._n_image, None
+        if n is None:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][:, :n],) + tuple(output[1:])
+        output.sample = output.sample[:, :n]
+        return output
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

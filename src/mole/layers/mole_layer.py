@@ -104,8 +104,11 @@ class MoLELayer(nn.Module):
         self.global_source: GlobalSource = config.global_source
         self.fused = True  # False routes forward() through forward_naive()
         self.recorder = None  # set by mole.recording.record_gates
-        self.routing: torch.Tensor | None = None  # (b, e) per-sample expert weights set by an external router
-        self.track_orthogonality = False  # True: forward() leaves the experts' output-cosine matrix in last_cosine
+        # (b, e) per-sample or (b, n, e) per-token expert weights set by an external router
+        self.routing: torch.Tensor | None = None
+        # True: forward() leaves the experts' output inner products in last_inner and cosines in last_cosine
+        self.track_orthogonality = False
+        self.last_inner: torch.Tensor | None = None  # (b, e, e) <Y_i, Y_j> per sample, Y_i ungated
         self.last_cosine: torch.Tensor | None = None  # (b, e, e)
 
         ref = base.weight
@@ -238,8 +241,8 @@ class MoLELayer(nn.Module):
         logits = h.new_zeros(h.shape[0], self.num_experts).index_add(1, self.rank_owner, pooled)  # (b, e)
         return torch.sigmoid(logits + self.gates.global_bias.to(dtype))
 
-    def _output_cosines(self, h: torch.Tensor) -> torch.Tensor:
-        """(b, e, e) cosine similarity of the experts' flattened (ungated) outputs Y_i = scale_i B_i h_i, per sample,
+    def _output_inner(self, h: torch.Tensor) -> torch.Tensor:
+        """(b, e, e) inner products of the experts' flattened (ungated) outputs Y_i = scale_i B_i h_i, per sample,
         without forming them: <Y_i, Y_j> = scale_i scale_j sum_{r in i, s in j} (H^T H)_{rs} (B^T B)_{rs}."""
         hf = h.float()
         gram_h = torch.einsum("bnr,bns->brs", hf, hf)  # (b, r, r)
@@ -248,9 +251,12 @@ class MoLELayer(nn.Module):
         onehot = torch.nn.functional.one_hot(self.rank_owner, self.num_experts).float()  # (r, e)
         inner = torch.einsum("brs,re,sf->bef", gram_h * gram_b, onehot, onehot)  # (b, e, e) block sums
         scale = self.expert_scale.float()
-        inner = inner * scale[:, None] * scale[None, :]
-        norms = inner.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()  # (b, e)
-        return inner / (norms[:, :, None] * norms[:, None, :])
+        return inner * scale[:, None] * scale[None, :]
+
+    def _track(self, inner: torch.Tensor) -> None:
+        self.last_inner = inner
+        norms = inner.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()  # (b, e): max(|Y_i|, 1e-12)
+        self.last_cosine = inner / (norms[:, :, None] * norms[:, None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
@@ -275,15 +281,16 @@ class MoLELayer(nn.Module):
             else:
                 glob = self._global_from_expert_output(h, dtype)
             coef = coef * glob[:, None, :]
-        if self.routing is not None:  # InstructMoLE: one weight per expert and sample, the same for every token
-            coef = coef * self.routing.to(dtype)[:, None, :]
-            glob = self.routing if glob is None else glob
+        if self.routing is not None:  # InstructMoLE: per sample (the same for every token) or per token
+            r = self.routing.to(dtype)
+            coef = coef * (r[:, None, :] if r.ndim == 2 else r)
+            glob = self.routing if glob is None and r.ndim == 2 else glob
         if coef.ndim == 1:
             coef = coef.view(1, 1, e)
         if self.recorder is not None:
             self.recorder.record(self, local, glob, x)
         if self.track_orthogonality:
-            self.last_cosine = self._output_cosines(h)
+            self._track(self._output_inner(h))
         hc = self._expand_rows(coef, h)  # (b, n, r)
         if not self.is_conv and out.is_contiguous():
             o = self.out_features
@@ -299,7 +306,7 @@ class MoLELayer(nn.Module):
         dtype = tokens.dtype
         gates = self.gates
         total = torch.zeros(*tokens.shape[:2], self.out_features, dtype=dtype, device=tokens.device)
-        locals_, globals_ = [], []
+        locals_, globals_, ungated = [], [], []
         for i, name in enumerate(self.expert_names):
             pair = self.expert(name)
             s_i = g_i = None
@@ -312,7 +319,10 @@ class MoLELayer(nn.Module):
                     g_i = torch.sigmoid(gates.global_bias[i].to(dtype)).expand(tokens.shape[0])
                 locals_.append(s_i)
                 globals_.append(g_i)
+                ungated.append(torch.zeros_like(total))
                 continue
+            if self.track_orthogonality:
+                ungated.append(_lora(pair, tokens))
             y_i = _lora(pair, tokens * s_i[..., None] if s_i is not None else tokens)  # (b, n, o)
             if self.gating.uses_global and g_i is None:  # official variant: pool the expert's own scaled output
                 pooled = _lora(pair, tokens).mean(1)  # (b, o)
@@ -320,7 +330,8 @@ class MoLELayer(nn.Module):
             if g_i is not None:
                 y_i = y_i * g_i[:, None, None]
             if self.routing is not None:
-                y_i = y_i * self.routing[:, i].to(dtype)[:, None, None]
+                r = self.routing[..., i].to(dtype)
+                y_i = y_i * (r[:, None, None] if r.ndim == 1 else r[..., None])
             y_i = y_i * self.expert_weight[i].to(dtype)
             total = total + y_i
             locals_.append(s_i)
@@ -329,6 +340,9 @@ class MoLELayer(nn.Module):
             local = torch.stack(locals_, -1) if self.gating.uses_local else None
             glob = torch.stack(globals_, -1) if self.gating.uses_global else None
             self.recorder.record(self, local, glob, x)
+        if self.track_orthogonality:
+            flat = torch.stack(ungated, 1).flatten(2).float()  # (b, e, n*o)
+            self._track(flat @ flat.transpose(1, 2))
         return out + restore(total)
 
 

@@ -99,7 +99,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.denoiser.enable_gradient_checkpointing()
         if "text_encoder" in stage.modules:
             stage.modules["text_encoder"].gradient_checkpointing_enable()
-    optimizer = make_optimizer(stage.params, cfg.optim)
+    optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
     schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
     prepared = accelerator.prepare(*stage.modules.values(), optimizer)
     wrapped = dict(zip(stage.modules, prepared[:-1]))
@@ -164,14 +164,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         noise, t = _noise_batch(latents, sched.config.num_train_timesteps, gen, cfg.noise_offset)
         if timesteps is not None:
             t = timesteps.to(latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        if model.prediction_type == "flow":  # rectified flow (Flux): sigma = t / T, target n - x
+            sigma = (t.float() / sched.config.num_train_timesteps).view(-1, 1, 1, 1).to(latents.dtype)
+            noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
+        else:
+            noisy = sched.add_noise(latents, noise, t)
+            target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         cond = text_for(batch["captions"]).to(accelerator.device, weight_dtype)
         if stage.prepare_batch is not None:
             stage.prepare_batch(batch)
         with accelerator.autocast():
             pred = model.predict(noisy, t, cond, denoiser=denoiser)
-        return diffusion_loss(pred, target, t, alphas, model.prediction_type, cfg.min_snr_gamma)
+        snr_gamma = None if model.prediction_type == "flow" else cfg.min_snr_gamma
+        return diffusion_loss(pred, target, t, alphas, model.prediction_type, snr_gamma)
 
     # ---- probe: the first batch, fixed noise and spread timesteps, before and after
     probe_batch = collate([dataset[k] for k in sampler.batch(start_step * accum)])

@@ -87,17 +87,13 @@ _STAGE3: dict[str, tuple[Any, str]] = {
     "optim.warmup_steps": (0, f"{PAPER}, Stage 3: constant learning rate (no warm-up)"),
 }
 
-_IM = "not from the MoLE paper: this library's InstructMoLE default (the InstructMoLE settings are not checked here)"
+_IM = "not from the MoLE paper: InstructMoLE official code (yanq095/InstructMoLE: train_config.json, src/lora_moe.py)"
 _INSTRUCT: dict[str, tuple[Any, str]] = {
     "stage": (4, "InstructMoLE on a DiT: experts from scratch + instruction router, jointly"),
     "optim.name": ("adamw", _IM),
     "optim.lr": (1e-4, _IM),
-    "instruct.num_experts": (4, _IM),
-    "instruct.rank": (32, _IM),
-    "instruct.routing": ("softmax_topk", _IM),
-    "instruct.top_k": (2, _IM),
-    "instruct.ortho_weight": (0.1, _IM),
-    "instruct.lb_weight": (0.01, _IM),
+    "instruct.variant": ("official", f"{_IM}: resampler routing, TopKGate top-4 of 8 rank-32 experts, count-based "
+                                     "balance 0.1, batch-wide orthogonality 0.01, cosine decay (see README)"),
 }
 
 _TABLES: dict[str, dict[str, tuple[Any, str]]] = {

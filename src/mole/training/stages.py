@@ -36,6 +36,7 @@ class StageSetup:
     # trainable modules used through hooks, not through forward(): not wrapped by accelerate, grads reduced by hand
     side_modules: dict[str, nn.Module] | None = None
     prepare_batch: Callable[[dict], None] | None = None  # called with each batch before the denoiser runs
+    param_groups: list[dict] | None = None  # optimizer groups with their own lr (InstructMoLE's gates); else params
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> None:
@@ -100,16 +101,24 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
 
         if model.is_unet:
             raise TrainConfigError(
-                f"stage=4 (InstructMoLE) runs on DiTs (PixArt), not on the {model.backbone.value} UNet; use stages 1-3"
+                f"stage=4 (InstructMoLE) runs on DiTs (PixArt, Flux), not on the {model.backbone.value} UNet; "
+                "use stages 1-3"
             )
-        text_dim = denoiser.config.caption_channels or denoiser.config.cross_attention_dim
-        im = InstructMoLE(denoiser, cfg.instruct, text_dim=text_dim, seed=cfg.seed)
-        params = im.trainable_parameters()
+        dc = denoiser.config
+        text_dim = getattr(dc, "joint_attention_dim", None) or dc.caption_channels or dc.cross_attention_dim
+        im = InstructMoLE(denoiser, cfg.instruct, text_dim=text_dim, seed=cfg.seed, total_steps=cfg.max_steps)
+        groups = im.param_groups(cfg.optim.lr)
+        params = [p for g in groups for p in g["params"]]
         for p in params:
             p.data = p.data.float()
 
         prepare = None
-        if im.conditions is not None:
+        kontext = None
+        if cfg.instruct.condition_types and model.backbone is Backbone.FLUX:
+            from ..instruct import KontextConditions
+
+            kontext = KontextConditions(denoiser)
+        if im.conditions is not None or kontext is not None:
 
             def prepare(batch: dict) -> None:
                 if batch.get("conditions") is None:
@@ -118,16 +127,19 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
                         "use a jsonl manifest with condition and condition_type per record"
                     )
                 latents = model.encode_images(batch["conditions"], mode=True).to(weight_dtype)
-                im.conditions.set(latents, batch["condition_types"])
+                if kontext is not None:
+                    kontext.set(latents)
+                else:
+                    im.conditions.set(latents, batch["condition_types"])
 
         def save_final(out: Path) -> list[Path]:
             files = [im.save(out / "instruct.safetensors", base_model=cfg.model)]
-            if im.conditions is not None:
+            if cfg.instruct.condition_types:
                 files += _routing_by_condition(cfg, model, im, out)
             return files
 
         return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=False, aux_loss=im.aux_loss,
-                          side_modules={"instruct": im}, prepare_batch=prepare)  # fmt: skip
+                          side_modules={"instruct": im}, prepare_batch=prepare, param_groups=groups)  # fmt: skip
     else:
         mix = cfg.mixture
         experts = [load_expert(path, name, component=component) for name, path in mix.experts.items()]
@@ -160,7 +172,10 @@ def _routing_by_condition(cfg: TrainConfig, model: DiffusionModel, im, out: Path
     means = {}
     for ctype, captions in by_type.items():
         text = model.encode_text(captions).kwargs
-        weights = im.router(text["encoder_hidden_states"].float(), text.get("encoder_attention_mask"))
+        im.router.eval()  # no noise, no dropout: the routing a user gets at generation
+        pooled = text.get("pooled_projections")
+        weights = im.router(text["encoder_hidden_states"].float(), text.get("encoder_attention_mask"),
+                            None if pooled is None else pooled.float())  # fmt: skip
         means[ctype] = weights.mean((0, 1)).cpu()  # (E,) over layers and instructions
     names = [f"expert{i}" for i in range(cfg.instruct.num_experts)]
     routing_heatmap(means, names, out / "routing.png", title="mean routing weight by condition type")

@@ -1,0 +1,178 @@
+"""InstructMoLE on Flux and Flux-Kontext: tiny pipelines built from configs, experts on the official targets,
+conditions through the Kontext path, stage-4 training and generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from conftest import FACES, t5_tokenizer
+from mole import mole_layers
+from mole.instruct import InstructConfig, InstructMoLE, KontextConditions
+from mole.targets import TARGETS, Backbone, detect_backbone, target_modules
+
+SMALL = dict(rank=4, shared_rank=4, resampler_dim=32, resampler_heads=2)
+
+
+def tiny_flux(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # fmt: skip
+
+
+def tiny_flux_pipeline(kontext: bool = True, seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from mole.tiny import _tiny_clip_text, tiny_clip_tokenizer, tiny_vae
+
+    tok = t5_tokenizer()
+    tok.model_max_length = 16
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    clip_tok = tiny_clip_tokenizer()
+    clip = _tiny_clip_text(32, len(clip_tok))
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.1)
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+               text_encoder_2=t5, tokenizer_2=tok, transformer=tiny_flux(seed))  # fmt: skip
+
+
+def flux_inputs(t, batch=2, hw=(4, 6), seed=0):
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(batch, 4, hw[0] * 2, hw[1] * 2, generator=g)
+    return {
+        "hidden_states": FluxPipeline._pack_latents(lat, batch, 4, hw[0] * 2, hw[1] * 2),
+        "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g),
+        "pooled_projections": torch.randn(batch, 32, generator=g),
+        "timestep": torch.full((batch,), 0.5),
+        "guidance": torch.ones(batch),
+        "img_ids": FluxPipeline._prepare_latent_image_ids(batch, *hw, "cpu", torch.float32),
+        "txt_ids": torch.zeros(5, 3),
+    }
+
+
+def test_official_targets_are_the_57_flux_layers():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        full = FluxTransformer2DModel()  # FLUX.1 [dev] / Kontext sizes
+    assert detect_backbone(full) is Backbone.FLUX
+    paths = target_modules(full, TARGETS[Backbone.FLUX])
+    assert len(paths) == 57 and sum("single" in p for p in paths) == 38
+    assert all(p.endswith("ff.net.2") or p.endswith("proj_out") for p in paths)
+    assert not any("ff_context" in p for p in paths)
+
+
+def test_router_uses_t5_states_and_the_clip_pooled_vector():
+    t = tiny_flux().eval()
+    im = InstructMoLE(t, InstructConfig(**SMALL), text_dim=32, total_steps=10)
+    assert list(mole_layers(t)) == ["transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.proj_out",
+                                    "single_transformer_blocks.1.proj_out"]  # fmt: skip
+    assert im.pooled_dim == 32 and im.router.signal_dim == 32
+    inp = flux_inputs(t)
+    with torch.no_grad():
+        t(**inp)
+        w = im.router.last_weights.clone()
+        z = im.router.signal(inp["encoder_hidden_states"], None, inp["pooled_projections"])
+        z0 = im.router.signal(inp["encoder_hidden_states"], None, None)
+        torch.testing.assert_close(z - z0, inp["pooled_projections"])  # the pooled vector is added to the output
+        t(**{**inp, "pooled_projections": inp["pooled_projections"] * 3})
+        assert not torch.allclose(im.router.last_weights, w)
+    assert w.shape == (3, 2, 8) and ((w > 0).sum(-1) == 4).all()
+    shared = set(im.shared.paths)
+    assert {"x_embedder", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.norm1.linear",
+            "single_transformer_blocks.1.norm.linear", "single_transformer_blocks.0.proj_mlp",
+            "transformer_blocks.0.ff.net.0.proj"} <= shared  # fmt: skip
+    assert not any("add_q_proj" in p or "ff_context" in p or "proj_out" in p for p in shared)
+
+
+def test_kontext_conditions_are_extra_tokens_with_offset_ids():
+    from diffusers import FluxPipeline
+
+    t = tiny_flux().eval()
+    InstructMoLE(t, InstructConfig(**SMALL), text_dim=32, total_steps=10)
+    inp = flux_inputs(t)
+    cond = torch.randn(2, 4, 8, 12)
+    tokens = FluxPipeline._pack_latents(cond, 2, 4, 8, 12)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32)
+    ids[:, 0] = 1
+    with torch.no_grad():
+        manual = t(**{**inp, "hidden_states": torch.cat([inp["hidden_states"], tokens], 1),
+                      "img_ids": torch.cat([inp["img_ids"], ids])}).sample[:, :24]  # fmt: skip
+        plain = t(**inp).sample
+        kontext = KontextConditions(t)
+        kontext.set(cond)
+        hooked = t(**inp).sample
+        kontext.set(None)
+        again = t(**inp).sample
+    torch.testing.assert_close(hooked, manual)
+    assert hooked.shape == plain.shape and not torch.allclose(hooked, plain)
+    torch.testing.assert_close(again, plain)
+    with pytest.raises(ValueError, match="even h, w"):
+        kontext.set(torch.randn(2, 4, 7, 12))
+
+
+def test_flux_kontext_pipeline_generates_with_the_router():
+    pipe = tiny_flux_pipeline()
+    t = pipe.transformer.eval()
+    im = InstructMoLE(t, InstructConfig(**SMALL), text_dim=32, total_steps=10)
+    with torch.no_grad():
+        for layer in mole_layers(t).values():
+            layer.lora_B.normal_(0, 0.1)
+    seen = []
+    t.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True)
+    img = Image.new("RGB", (32, 32), (200, 100, 50))
+    out = pipe(prompt="make it blue", image=img, height=32, width=32, num_inference_steps=1, guidance_scale=2.5,
+               _auto_resize=False, max_area=32 * 32, max_sequence_length=16, output_type="np")  # fmt: skip
+    assert out.images.shape == (1, 32, 32, 3)
+    assert seen == [2 * 64]  # 8x8 image tokens + as many condition tokens
+    assert im.router.last_weights.shape == (3, 1, 8) and not im.router.training
+
+
+def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path):
+    from mole.training import load_config, train
+
+    if not FACES:
+        pytest.skip("shared data missing")
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    data = tmp_path / "data"
+    data.mkdir()
+    records = []
+    for i, f in enumerate(FACES[:2]):
+        face = Image.open(f).convert("RGB").resize((32, 32))
+        face.save(data / f"{i}.png")
+        face.filter(ImageFilter.FIND_EDGES).save(data / f"{i}_edge.png")
+        face.filter(ImageFilter.GaussianBlur(2)).save(data / f"{i}_blur.png")
+        records.append({"file": f"{i}.png", "caption": "draw the face outlined by these edges",
+                        "condition": f"{i}_edge.png", "condition_type": "edge"})  # fmt: skip
+        records.append({"file": f"{i}.png", "caption": "sharpen this blurry face photo",
+                        "condition": f"{i}_blur.png", "condition_type": "blur"})  # fmt: skip
+    (data / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    result = train(load_config(preset="instruct", overrides=[
+        f"model='{tmp_path / 'flux'}'", f"data.path='{data}'", f"data.manifest='{data / 'm.jsonl'}'",
+        f"output_dir='{tmp_path / 'o'}'", "max_steps=2", "data.resolution=32", "batch_size=2", "tensorboard=false",
+        "instruct.rank=4", "instruct.shared_rank=4", "instruct.resampler_dim=32", "instruct.resampler_heads=2",
+        "instruct.condition_types=['edge', 'blur']", "data.caption_dropout=0.0", "log_every=1",
+    ]))  # fmt: skip
+    assert [p.name for p in result.final] == ["instruct.safetensors", "routing.png", "routing.json"]
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["instruct/load_balance"] > 0 and "instruct/ortho" in r for r in rows)
+    assert rows[0]["instruct/aux_weight"] == pytest.approx(1.0)
+    assert rows[1]["instruct/aux_weight"] == pytest.approx(1e-5 + 0.5 * (1 - 1e-5) * 2 * 0.5)  # step 1 of 2
+    routing = json.loads((tmp_path / "o" / "final" / "routing.json").read_text())
+    assert set(routing) == {"edge", "blur"} and all(len(v) == 8 and 0 < sum(v) < 1 for v in routing.values())
+    fresh = tiny_flux_pipeline().transformer
+    im = InstructMoLE.load(fresh, result.final[0], strict_base=False)
+    assert len(mole_layers(fresh)) == 3 and len(im.shared.paths) == 17
+    trained = float(sum(layer.lora_B.abs().sum() for layer in mole_layers(fresh).values()))
+    assert trained > 0  # the experts moved from B = 0
