@@ -296,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     evp = ev_sub.add_parser(
         "prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)",
-        description="The paper's selection rule: keep the captions / prompts that contain a human word (whole word, "
-        "case-insensitive: woman, man, kid, girl, boy, person, teenager, ... see mole.eval.HUMAN_WORDS), drop "
+        description="The paper's selection rule: keep the captions / prompts about people (a person word, whole word, "
+        "case-insensitive: woman, man, kid, girl, boy, person, teenager, ... see mole.eval.HUMAN_WORDS; or a body "
+        "part or a person's name in the subject; not artist credits, 'no people' or 'a couple of elephants'), drop "
         "duplicates; for DiffusionDB also drop NSFW-flagged prompts and prompts with [ ] { } ( ) | < >. COCO 2017 "
-        "val captions (25,014) give 10,573 prompts; the paper's ~60k come from COCO 2014 captions. Keep all prompts "
+        "val captions (25,014) give 10,751 prompts; the paper's ~60k come from COCO 2014 captions. Keep all prompts "
         "here: `mole eval run` samples 3k per repeat (num_prompts), three repeats.",
     )  # fmt: skip
     evp.add_argument("kind", choices=["coco", "diffusiondb"])
