@@ -22,10 +22,11 @@ from .dataset import IMAGE_EXTS, load_rgb
 logger = logging.getLogger(__name__)
 
 
-def laplacian_variance(image: Image.Image, size: int = 512) -> float:
-    """Variance of the 4-neighbour Laplacian of the grey image (longer side scaled to `size`)."""
+def laplacian_variance(image: Image.Image, size: int | None = None) -> float:
+    """Variance of the 4-neighbour Laplacian of the grey image, at its own resolution (or, with `size`, with the
+    longer side scaled down to `size`: resampling changes the figure, so compare images at their source size)."""
     g = image.convert("L")
-    scale = size / max(g.size)
+    scale = 1.0 if size is None else size / max(g.size)
     if scale < 1:
         g = g.resize((max(1, round(g.width * scale)), max(1, round(g.height * scale))), Image.Resampling.BILINEAR)
     a = np.asarray(g, dtype=np.float64)
