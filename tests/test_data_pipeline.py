@@ -222,7 +222,7 @@ def test_bad_inputs_are_counted_and_skipped(tmp_path):
     assert kept <= {"cmyk.jpg", "deep16.png"} and len(kept) >= 1
 
 
-def test_blur_filter_trains_and_filters(tmp_path):
+def test_blur_filter_trains_and_filters(tmp_path, capsys):
     good = tmp_path / "good"
     good.mkdir()
     orl = sorted((SHARED / "data" / "faces" / "orl").glob("s*/*.pgm"))[::5][:60]
@@ -230,6 +230,10 @@ def test_blur_filter_trains_and_filters(tmp_path):
         Image.open(f).convert("RGB").resize((184, 224)).save(good / f"{i}.png")
     assert main(["data", "train-filter", "--good", str(good), "--out", str(tmp_path / "blur.safetensors"),
                  "--epochs", "12"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    # split by source image: each held-out face comes with its blurred twin, none of whose twins were trained on
+    assert result["holdout_sources"] == 12 and result["holdout"] == 24 and result["train"] == 96
+    assert result["split"] == "by source image" and result["holdout_accuracy"] >= 0.6  # 0.71 measured
     from mole.data.quality import BlurFilter
 
     filt = BlurFilter.load(tmp_path / "blur.safetensors")
