@@ -47,11 +47,58 @@ def test_diffusiondb_rules(tmp_path):
         {"text": "a castle on a hill"}, {"prompt": "a girl", "prompt_nsfw": 0.9},
         {"prompt": "portrait of a woman, oil painting"},
         {"prompt": "a boy with a kite", "image_nsfw": 0.1},
+        {"prompt": "a man on a horse", "prompt_nsfw": 0.1, "image_nsfw": 0.95},  # the second flag counts too
+        {"prompt": "a witch", "prompt_nsfw": 0.49, "image_nsfw": 0.5},
     ]))  # fmt: skip
     records, stats = diffusiondb_human_prompts(src)
     assert [r["prompt"] for r in records] == ["portrait of a woman, oil painting", "a boy with a kite"]
-    assert stats == {"source_records": 6, "dropped_nsfw": 1, "dropped_special_symbols": 1, "dropped_no_human_word": 1,
+    assert stats == {"source_records": 8, "dropped_nsfw": 3, "dropped_special_symbols": 1, "dropped_no_human_word": 1,
                      "dropped_duplicate": 1, "has_nsfw_flag": True, "kept": 2}  # fmt: skip
+
+
+def test_a_prompt_file_of_the_other_kind_is_an_error(tmp_path):
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "caption": "a man"}]}))
+    ddb = tmp_path / "ddb.json"
+    ddb.write_text(json.dumps([{"prompt": "a man"}]))
+    with pytest.raises(ValueError, match="coco.json.*not a diffusiondb prompt source.*coco builder"):
+        diffusiondb_human_prompts(coco)
+    with pytest.raises(ValueError, match="ddb.json.*not a coco prompt source.*diffusiondb builder"):
+        coco_human_prompts(ddb)
+    with pytest.raises(ValueError, match="not a diffusiondb"):
+        build_benchmark("diffusiondb", coco, tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+    assert len(coco_human_prompts(coco)[0]) == len(diffusiondb_human_prompts(ddb)[0]) == 1
+
+
+@pytest.mark.parametrize("text, human", [
+    ("A couple of elephants walking", False), ("portrait", False), ("portrait of a cat, oil painting", False),
+    ("a city street with no people", False), ("empty beach, no humans, no faces", False),
+    ("a passenger bus parked", False), ("a baby giraffe next to its mother giraffe", False),
+    ("castle, art by greg rutkowski and alphonse mucha", False), ("anthropomorphic fox wearing armor", False),
+    ("A couple in the kitchen", True), ("a couple of men holding umbrellas", True), ("a hunter in the woods", True),
+    ("old villager, oil painting", True), ("evil wizard, trending on artstation", True),
+    ("tom cruise with a long white beard", True), ("putin as darth vader", True), ("beyoncé posing", True),
+    ("portrait of a woman by greg rutkowski", True), ("A man giving a thumbs up", True),
+    ("A Woman's umbrella", True), ("Manhattan skyline", False), ("a mannequin", False),
+])  # fmt: skip
+def test_human_text_rules(text, human):
+    from mole.eval.human_text import human_evidence
+
+    assert (human_evidence(text) is not None) == human, human_evidence(text)
+
+
+@pytest.mark.parametrize("name", ["coco", "diffusiondb"])
+def test_human_prompt_rule_on_hand_labelled_samples(name):
+    """Precision >= 0.95 and recall >= 0.90 on >= 200 prompts labelled by reading them (tests/data/)."""
+    from mole.eval.human_text import is_human_text
+
+    rows = [json.loads(x) for x in (Path(__file__).parent / "data" / f"human_prompts_{name}_labelled.jsonl")
+            .read_text().splitlines() if x.strip()]  # fmt: skip
+    assert len(rows) >= 200 and 50 <= sum(r["human"] for r in rows) <= len(rows) - 50
+    pred = [is_human_text(r["prompt"]) for r in rows]
+    tp = sum(p and r["human"] for p, r in zip(pred, rows))
+    assert tp / sum(pred) >= 0.95 and tp / sum(r["human"] for r in rows) >= 0.90
 
 
 def test_benchmarks_from_shared_prompts_are_reproducible(tmp_path):
@@ -67,7 +114,7 @@ def test_benchmarks_from_shared_prompts_are_reproducible(tmp_path):
     assert meta["count"] == 50 and len(meta["source_sha256"]) == 64 and "woman" in meta["rules"]["human_words"]
     all_records, stats = coco_human_prompts(coco)
     # the sizes README and `mole eval prompts --help` quote (the paper's ~60k come from COCO 2014, not here)
-    assert stats["source_records"] == 25014 and stats["kept"] == len(all_records) == 10573
+    assert stats["source_records"] == 25014 and stats["kept"] == len(all_records) == 10751
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

@@ -210,9 +210,17 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         min_sharpness=args.min_sharpness, blur_filter=args.blur_filter, min_blur_score=args.min_blur_score,
         captioner=args.captioner or default_caption, captions_json=args.captions_json, tokenizer=args.tokenizer,
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
+        caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
+        min_face_confidence=args.min_face_confidence,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
     return 0
+
+
+def _caption_prompt(value: str | None) -> str | None:
+    from .data.captions import PAPER_CAPTION_PROMPT
+
+    return PAPER_CAPTION_PROMPT if value == "paper" else value
 
 
 def _cmd_data_filter(args: argparse.Namespace) -> int:
@@ -230,9 +238,18 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sharpness", type=float, default=30.0, help="variance-of-Laplacian floor (0: off)")
     p.add_argument("--blur-filter", help="a BlurNet from `mole data train-filter`")
     p.add_argument("--min-blur-score", type=float, default=0.5)
-    p.add_argument("--captioner", help="template:<text with {part}> | sidecar | hf:<model>")
-    p.add_argument("--captions-json", help="for sidecar: COCO captions json or {file name: caption}")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json, merges.txt) to truncate captions")
+    p.add_argument("--captioner", action="append",
+                   help="template:<text with {part}> | sidecar | hf:<model>; repeat for several (first caption wins)")
+    p.add_argument("--captions-json", action="append",
+                   help="for sidecar: COCO captions json or {file name: caption}; repeat for several")
+    p.add_argument("--caption-prompt", help="prompt for hf: captioners that take one ('paper': the paper's "
+                   "'Describe this image in one sentence with details.')")
+    p.add_argument("--tokenizer", default="auto", help="CLIP tokenizer folder (vocab.json, merges.txt) to truncate "
+                   "captions; auto (default): the real CLIP tokenizer when one is on this machine; none: words")
+    p.add_argument("--min-confidence", type=float,
+                   help="detector confidence floor (default: 0.8 for face close-ups, else 0.5)")
+    p.add_argument("--min-face-confidence", type=float, default=0.8,
+                   help="scenes: a face this confident marks a window as holding a person (default 0.8)")
     p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
     p.add_argument("--min-clip", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -358,10 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     evp = ev_sub.add_parser(
         "prompts", help="build COCO / DiffusionDB Human Prompts (jsonl + provenance)",
-        description="The paper's selection rule: keep the captions / prompts that contain a human word (whole word, "
-        "case-insensitive: woman, man, kid, girl, boy, person, teenager, ... see mole.eval.HUMAN_WORDS), drop "
+        description="The paper's selection rule: keep the captions / prompts about people (a person word, whole word, "
+        "case-insensitive: woman, man, kid, girl, boy, person, teenager, ... see mole.eval.HUMAN_WORDS; or a body "
+        "part or a person's name in the subject; not artist credits, 'no people' or 'a couple of elephants'), drop "
         "duplicates; for DiffusionDB also drop NSFW-flagged prompts and prompts with [ ] { } ( ) | < >. COCO 2017 "
-        "val captions (25,014) give 10,573 prompts; the paper's ~60k come from COCO 2014 captions. Keep all prompts "
+        "val captions (25,014) give 10,751 prompts; the paper's ~60k come from COCO 2014 captions. Keep all prompts "
         "here: `mole eval run` samples 3k per repeat (num_prompts), three repeats.",
     )  # fmt: skip
     evp.add_argument("kind", choices=["coco", "diffusiondb"])

@@ -1,8 +1,12 @@
 """Human-centric prompt benchmarks, built reproducibly from public prompt sets.
 
-COCO Human Prompts: COCO captions that contain a human word (whole-word, case-insensitive; list below).
-DiffusionDB Human Prompts: DiffusionDB prompts that contain a human word, are not NSFW-flagged (when the source has
-the flag) and have none of the special symbols [ ] { } ( ) | < > (weighting syntax, templates).
+COCO Human Prompts: COCO captions about people (`mole.eval.human_text`: person words, body parts in the subject,
+names of people; artist credits, "no people", "a couple of elephants", a bare "portrait" do not count).
+DiffusionDB Human Prompts: DiffusionDB prompts about people that are not NSFW-flagged (every flag the record has is
+read: prompt_nsfw and image_nsfw; any >= 0.5 drops it) and have none of the special symbols [ ] { } ( ) | < >
+(weighting syntax, templates).
+Measured on hand-labelled samples (tests/data/human_prompts_*_labelled.jsonl, bench/data_quality.py). COCO 2017 val
+(25,014 captions) gives about 10.5k prompts; the paper's ~60k come from the larger COCO 2014 caption set.
 Each benchmark is a jsonl of {"id", "prompt", "source", "source_id"} plus <name>.meta.json with its provenance
 (source file and sha256, rules, counts, seed).
 """
@@ -12,46 +16,54 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from pathlib import Path
 
-HUMAN_WORDS = (
-    "man", "men", "woman", "women", "person", "persons", "people", "boy", "boys", "girl", "girls", "kid", "kids",
-    "child", "children", "teenager", "teenagers", "teen", "teens", "baby", "babies", "toddler", "toddlers", "adult",
-    "adults", "guy", "guys", "lady", "ladies", "gentleman", "gentlemen", "player", "players", "skier", "skiers",
-    "surfer", "surfers", "skateboarder", "skateboarders", "snowboarder", "snowboarders", "rider", "riders", "father",
-    "mother", "dad", "mom", "son", "daughter", "brother", "sister", "husband", "wife", "bride", "groom", "couple",
-    "family", "friends", "crowd", "human", "humans", "portrait", "face", "faces", "hand", "hands", "pedestrian",
-    "pedestrians", "worker", "workers", "chef", "doctor", "nurse", "soldier", "soldiers", "police", "policeman",
-    "officer", "student", "students", "athlete", "athletes", "model", "actor", "actress", "king", "queen", "prince",
-    "princess", "warrior", "knight", "businessman", "businesswoman",
-)  # fmt: skip
-_HUMAN = re.compile(r"\b(" + "|".join(HUMAN_WORDS) + r")\b", re.IGNORECASE)
+from .human_text import PERSON_WORDS, is_human_text
+
+HUMAN_WORDS = PERSON_WORDS  # the person words of the rule (the old name, kept for callers)
+
 SPECIAL_SYMBOLS = "[]{}()|<>"
 _NSFW_KEYS = ("nsfw", "prompt_nsfw", "image_nsfw", "is_nsfw")
 
 
 def has_human_word(text: str) -> bool:
-    return _HUMAN.search(text) is not None
+    """True when `text` is about people (see mole.eval.human_text)."""
+    return is_human_text(text)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _is_nsfw(record: dict) -> bool:
+def _is_nsfw(record: dict, threshold: float = 0.5) -> bool:
+    """Any NSFW flag of the record at or above `threshold` (booleans as 0 / 1); every flag is read."""
     for key in _NSFW_KEYS:
-        if key in record:
-            value = record[key]
-            return bool(value) if isinstance(value, bool) else float(value) >= 0.5
+        value = record.get(key)
+        if value is None:
+            continue
+        if (float(bool(value)) if isinstance(value, bool) else float(value)) >= threshold:
+            return True
     return False
+
+
+def _wrong_file(path: Path, kind: str, found: str) -> ValueError:
+    other = "diffusiondb" if kind == "coco" else "coco"
+    return ValueError(
+        f"{path}: {found}, not a {kind} prompt source; give it to the {other} builder (`mole eval prompts {other} "
+        f"{path.name} ...`) or pass a {kind} file"
+    )
 
 
 def coco_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
     """(records, stats) from a COCO captions json ({"annotations": [{"id", "image_id", "caption"}]})."""
     path = Path(path)
     data = json.loads(path.read_text())
-    anns = data["annotations"] if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        found = "a list of prompt records" if isinstance(data, list) else "a JSON object without 'annotations'"
+        raise _wrong_file(path, "coco", found)
+    anns = data["annotations"]
+    if anns and not all(isinstance(a, dict) and "caption" in a for a in anns[:100]):
+        raise _wrong_file(path, "coco", "annotations without a 'caption'")
     out, seen = [], set()
     for a in anns:
         text = " ".join(str(a["caption"]).split())
@@ -69,6 +81,12 @@ def diffusiondb_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
     """(records, stats) from a DiffusionDB prompt list ([{"prompt"|"text": ..., optional NSFW flags}])."""
     path = Path(path)
     data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        found = "COCO captions (a JSON object with 'annotations')" if "annotations" in data else "a JSON object"
+        raise _wrong_file(path, "diffusiondb", found)
+    if data and not any(isinstance(r, str) or (isinstance(r, dict) and ("prompt" in r or "text" in r))
+                        for r in data[:100]):  # fmt: skip
+        raise _wrong_file(path, "diffusiondb", "records with neither 'prompt' nor 'text'")
     stats = {"source_records": len(data), "dropped_nsfw": 0, "dropped_special_symbols": 0,
              "dropped_no_human_word": 0, "dropped_duplicate": 0, "has_nsfw_flag": False}  # fmt: skip
     out, seen = [], set()
@@ -112,7 +130,9 @@ def build_benchmark(kind: str, source: str | Path, out: str | Path, limit: int |
             f.write(json.dumps({"id": i, **rec}) + "\n")
     meta = {
         "benchmark": f"{kind}-human-prompts", "source": str(source), "source_sha256": _sha256(source),
-        "rules": {"human_words": list(HUMAN_WORDS), "whole_word": True, "case_insensitive": True,
+        "rules": {"human_text": "mole.eval.human_text (person words, body parts and names in the subject; "
+                                "artist credits, negations, 'couple of <thing>' set aside)",
+                  "human_words": list(PERSON_WORDS), "whole_word": True, "case_insensitive": True,
                   "special_symbols_dropped": SPECIAL_SYMBOLS if kind == "diffusiondb" else None,
                   "nsfw_keys_checked": list(_NSFW_KEYS) if kind == "diffusiondb" else None},
         "stats": stats, "limit": limit, "seed": seed, "count": len(records),
