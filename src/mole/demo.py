@@ -23,11 +23,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-PROMPTS = {
-    "face": ["a close-up photo of a young woman's face", "a portrait of an old man's face",
-             "a close-up of a smiling man's face"],
-    "hand": ["a close-up photo of an open hand", "a close-up of a woman's left hand",
-             "a hand showing three fingers on a white background"],
+PROMPTS = {  # in the style of mole-tiny's captions; bench/mole_tiny_claims.py measures held-out wordings
+    "face": ["a close-up photo of a face", "a black and white close-up photo of a man's face",
+             "a close-up portrait of a person's face"],
+    "hand": ["a close-up photo of a hand showing two fingers", "a close-up photo of the palm of a woman's right hand",
+             "a close-up photo of the back of a man's left hand"],
     "scene": ["a man riding a skateboard down the street", "a woman holding an umbrella in the rain",
               "a group of people standing on a beach"],
 }  # fmt: skip
