@@ -27,7 +27,7 @@ def test_demo_runs_all_stages_and_reports_real_numbers(tmp_path, capsys):
     for name in ("face", "hand"):
         assert summary["experts"][name]["probe_loss_last"] < summary["experts"][name]["probe_loss_first"]
     assert (tmp_path / "inspect" / "gates_global.png").is_file() and (tmp_path / "generate" / "compare.png").is_file()
-    assert main(["info", summary["files"]["mole"]]) == 0
+    assert main(["info", "--json", summary["files"]["mole"]]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [e["name"] for e in info["experts"]] == ["face", "hand"] and info["tensor_counts"]["gate_values"] > 0
 

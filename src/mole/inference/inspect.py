@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inject import mole_layers
+from ..outputs import check_output_dir
 from ..recording import record_gates
 from ..targets import Backbone
 from .generate import check_prompt_lengths
@@ -40,6 +41,9 @@ class InspectOptions(SamplingOptions):
     map_steps: int = 5  # how many evenly spaced steps the local maps show
     strict_base: bool = True
     negative_prompt: str | None = None
+    overwrite: bool = False  # False: refuse an out_dir holding an earlier inspect's files
+
+    OUTPUTS = ("gates.json", "gates_global.png", "images.png", "image_*.png", "local_maps_*.png")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +66,7 @@ def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert
 
 
 def inspect(opts: InspectOptions) -> dict:
+    check_output_dir(opts.out_dir, InspectOptions.OUTPUTS, opts.overwrite, "mole inspect")
     model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
                                  progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe
