@@ -47,11 +47,23 @@ def _is_nsfw(record: dict) -> bool:
     return False
 
 
+def _read_json(path: Path, kind: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{kind} prompt source {path} is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:
+        raise ValueError(f"{kind} prompt source {path} is not valid JSON ({exc})") from None
+
+
 def coco_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
     """(records, stats) from a COCO captions json ({"annotations": [{"id", "image_id", "caption"}]})."""
     path = Path(path)
-    data = json.loads(path.read_text())
-    anns = data["annotations"] if isinstance(data, dict) else data
+    data = _read_json(path, "coco")
+    anns = data.get("annotations") if isinstance(data, dict) else data
+    if not isinstance(anns, list) or not all(isinstance(a, dict) and "caption" in a for a in anns):
+        raise ValueError(f"{path} is not a COCO captions file (an 'annotations' list of {{'caption': ...}}); for a "
+                         "DiffusionDB prompt list use `mole eval prompts diffusiondb`")  # fmt: skip
     out, seen = [], set()
     for a in anns:
         text = " ".join(str(a["caption"]).split())
@@ -68,7 +80,10 @@ def coco_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
 def diffusiondb_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
     """(records, stats) from a DiffusionDB prompt list ([{"prompt"|"text": ..., optional NSFW flags}])."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = _read_json(path, "diffusiondb")
+    if not isinstance(data, list):
+        raise ValueError(f"{path} is not a DiffusionDB prompt list (a JSON list of prompts or {{'prompt': ...}}); "
+                         "for COCO captions use `mole eval prompts coco`")  # fmt: skip
     stats = {"source_records": len(data), "dropped_nsfw": 0, "dropped_special_symbols": 0,
              "dropped_no_human_word": 0, "dropped_duplicate": 0, "has_nsfw_flag": False}  # fmt: skip
     out, seen = [], set()
@@ -125,4 +140,19 @@ def read_benchmark(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark {path} does not exist; build one with `mole eval prompts`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"benchmark {path} is not UTF-8 text (byte {exc.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"benchmark {path}:{n} is not valid JSON; build it with `mole eval prompts`") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f"benchmark {path}:{n} has no 'prompt' text; each line needs {{\"prompt\": ...}}")
+        records.append(rec)
+    return records

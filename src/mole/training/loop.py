@@ -83,6 +83,7 @@ def check_run_folder(cfg: TrainConfig, overwrite: bool = False) -> tuple[Path | 
             f"max_steps={cfg.max_steps} is below the step of the checkpoint to resume ({state['step']}, {resume_from});"
             f" set max_steps to at least {state['step']}, or start afresh in another output_dir"
         )
+    _check_inputs(cfg)
     own = resume_from is not None and resume_from.parent.resolve() == ckpt_dir.resolve()
     if not own and not overwrite:
         check_output_dir(out, RUN_ENTRIES, False, "mole train",
@@ -124,6 +125,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
     # ---- model and stage
+    samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
     model = DiffusionModel.from_pretrained(cfg.model)
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
@@ -154,7 +156,6 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
     # ---- data
-    samples = scan_samples(cfg.data.path, cfg.data.manifest)
     dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                               cfg.data.caption_dropout, cfg.seed)  # fmt: skip
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
@@ -340,6 +341,21 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
         checkpoints=list_checkpoints(ckpt_dir), probe_loss_first=probe_first, probe_loss_last=probe_last,
         gate_log=gate_log, trainable_checksum=float(sum(p.detach().double().abs().sum() for p in stage.params)),
     )  # fmt: skip
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    """Files the config names, checked in milliseconds before minutes of model loading."""
+    if not Path(cfg.data.path).is_dir():
+        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
+    model = Path(cfg.model).expanduser()
+    if model.exists() and not (model / "model_index.json").is_file():
+        raise TrainConfigError(f"model={cfg.model!r} is not a diffusers pipeline folder (no model_index.json); give "
+                               "a save_pretrained folder or a hub id")  # fmt: skip
+    if not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
+        raise TrainConfigError(f"model={cfg.model!r} does not exist; check the path (or give a hub id)")
+    for name, path in cfg.mixture.experts.items() if cfg.stage == 3 else ():
+        if not Path(path).exists():
+            raise TrainConfigError(f"mixture.experts.{name}={path!r} does not exist; give the expert's LoRA file")
 
 
 def _check_readable(cfg: TrainConfig, n: int, unreadable: set[int], empty_run: int) -> None:
