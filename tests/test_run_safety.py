@@ -99,8 +99,23 @@ def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: fl
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, tiny_sd15_dir, faces_dir, sig):
+def test_sigterm_becomes_a_stop_request_and_a_second_signal_aborts():
+    from mole.training.interrupt import StopRequest, TrainingInterrupted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert TrainingInterrupted(3, None, Path("o"), "SIGTERM").exit_code == 143
+
+
+def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, tiny_sd15_dir, faces_dir):
+    sig = signal.SIGINT
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cli_train(out, tiny_sd15_dir, faces_dir, "--set", "max_steps=100000"), env=env,

@@ -141,7 +141,11 @@ def _info_summary(path: str, manifest: dict, gates: int, experts: int) -> str:
     lines = [f"{path}"]
     lines.append(f"  base      {base.get('name') or '?'} ({base.get('backbone', '?')})")
     ex = manifest.get("experts") or []
-    names = ", ".join(f"{e.get('name')} (r={e.get('rank', '?')})" for e in ex) or "none"
+    def ranks(e: dict) -> str:
+        r = e.get("ranks") or []
+        return "/".join(str(x) for x in r) if isinstance(r, list) and r else "?"
+
+    names = ", ".join(f"{e.get('name')} (r={ranks(e)}, {e.get('num_layers', '?')} layers)" for e in ex) or "none"
     lines.append(f"  experts   {names}")
     if cfg:
         lines.append(f"  gating    {cfg.get('gating', '?')}, global source {cfg.get('global_source', '?')}")
