@@ -14,7 +14,7 @@ from pathlib import Path
 logger = logging.getLogger("mole")
 
 
-def _quiet_dependencies(verbose: int) -> None:
+def _quiet_dependencies(verbose: int, load: bool = True) -> None:
     """transformers / diffusers / huggingface_hub / absl (mediapipe) / TFLite: errors only and no loading bars,
     unless -vv. Environment settings the user made win."""
     if verbose >= 2:
@@ -30,6 +30,8 @@ def _quiet_dependencies(verbose: int) -> None:
                    "google", "absl", "mediapipe", "tensorboard"):  # fmt: skip
         warnings.filterwarnings("ignore", module=module)
         logging.getLogger(module).setLevel(logging.ERROR)
+    if not load and "diffusers" not in sys.modules:  # a light command (info): the environment above suffices
+        return
     try:
         from transformers.utils import logging as tlog
 
@@ -551,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mole").setLevel(level)
-    _quiet_dependencies(verbose if not debug else max(verbose, 2))
+    _quiet_dependencies(verbose if not debug else max(verbose, 2), load=args.command != "info")
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     func: Callable[[argparse.Namespace], int] = args.func
