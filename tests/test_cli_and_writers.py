@@ -41,6 +41,90 @@ def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert "sample_steps=0" in caplog.text
 
 
+def _errors(caplog):
+    return [r for r in caplog.records if r.levelno >= 40]
+
+
+@pytest.mark.parametrize("case", ["folder_config", "latin1_config", "bad_betas", "huge_lr", "alpha", "decay",
+                                  "missing_config"])  # fmt: skip
+def test_train_config_errors_are_one_line_with_exit_2(tmp_path, caplog, case):
+    folder = tmp_path / "cfgdir"
+    folder.mkdir()
+    latin = tmp_path / "l.toml"
+    latin.write_bytes('model = "caf\xe9"\n'.encode("latin-1"))
+    base = ["train", "--preset", "stage2-face", "--set", "model=m", "--set", "data.path=d", "--print-config"]
+    args, message = {
+        "folder_config": (["--config", str(folder)], "is a folder; give the .toml file"),
+        "latin1_config": (["--config", str(latin)], f"config file '{latin}' is not UTF-8"),
+        "bad_betas": (["--set", "optim.betas=[1.5, 2]"], "optim.betas[0]=1.5 is not valid"),
+        "huge_lr": (["--set", "optim.lr=1e8"], "optim.lr=100000000.0 is not valid"),
+        "alpha": (["--set", "expert.alpha=-3"], "expert.alpha=-3.0 is not valid"),
+        "decay": (["--set", "optim.weight_decay=-1"], "optim.weight_decay=-1.0 is not valid"),
+        "missing_config": (["--config", str(tmp_path / "nope.toml")], "does not exist"),
+    }[case]
+    assert main([*base, *args]) == 2
+    [err] = _errors(caplog)
+    assert message in err.getMessage() and "\n" not in err.getMessage()
+
+
+def test_debug_shows_the_traceback_and_internal_errors_say_so(tmp_path, caplog, monkeypatch):
+    with pytest.raises(FileNotFoundError):
+        main(["info", str(tmp_path / "missing.safetensors"), "--debug"])
+    import mole.cli as cli
+
+    def boom(args):
+        raise AssertionError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_info", boom)
+    parser_args = ["info", str(tmp_path / "x")]
+    monkeypatch.setattr(cli, "build_parser", _parser_with(cli, boom))
+    assert main(parser_args) == 1
+    [err] = _errors(caplog)
+    assert "internal error AssertionError: a bug (run with --debug" in err.getMessage()
+
+
+def _parser_with(cli, func):
+    build = cli.build_parser
+
+    def patched():
+        parser = build()
+        for sub in cli._leaf_parsers(parser):
+            if sub.prog.endswith(" info"):
+                sub.set_defaults(func=func)
+        return parser
+
+    return patched
+
+
+def test_verbosity_flags_set_the_level_before_or_after_the_subcommand(tmp_path, caplog):
+    import logging
+
+    missing = str(tmp_path / "missing.safetensors")
+    cases = {(): logging.WARNING, ("-v",): logging.INFO, ("-vv",): logging.DEBUG, ("-q",): logging.ERROR}
+    for flags, level in cases.items():
+        for argv in (["info", missing, *flags], [*flags, "info", missing]):
+            caplog.clear()
+            assert main(argv) == 2
+            assert logging.getLogger("mole").level == level, argv
+            assert len(_errors(caplog)) == 1  # the error shows even with -q
+    logging.getLogger("mole").setLevel(logging.NOTSET)
+
+
+def test_info_is_short_and_json_is_complete(tmp_path, capsys):
+    from mole import save_mole
+
+    model = tiny_unet("sd15")
+    inject_mole(model, [random_expert(model, "face", rank=4, seed=1), random_expert(model, "hand", rank=2, seed=2)])
+    path = save_mole(model, tmp_path / "m.safetensors", base_model="tiny/base")
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 10 and "face (r=4, 48 layers)" in text and "tiny/base" in text and "--json" in text
+    assert "weight_signature" not in text and "structure_sha256" not in text
+    assert main(["info", str(path), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["base_model"]["name"] == "tiny/base" and len(full["layers"]) == len(mole_layers(model))
+
+
 @pytest.mark.parametrize("fmt", [ExpertFormat.DIFFUSERS, ExpertFormat.KOHYA])
 def test_saved_experts_load_back_identically(tmp_path, fmt):
     model = tiny_unet("sd15")

@@ -20,6 +20,7 @@ from mole.data.quality import DuplicateIndex, hamming, laplacian_variance, phash
 
 mediapipe = pytest.importorskip("mediapipe")
 from mole.data.build import BuildOptions, build_dataset  # noqa: E402
+from mole.outputs import OutputExistsError  # noqa: E402
 
 COCO = SHARED / "data" / "scenes" / "coco_mini"
 
@@ -145,11 +146,41 @@ def test_face_closeups_from_real_faces(tmp_path):
             assert im.size == (96, 96)
         assert r["caption"] == "A close-up photo of a face" and r["scores"]["detection_confidence"] >= 0.5
         assert (tmp_path / "out" / r["file"]).with_suffix(".txt").read_text() == r["caption"]
-    # a rerun is a no-op
+    # a rerun is a no-op (other workers are fine)
     again = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="face",
-                                       size=96))  # fmt: skip
+                                       size=96, captioner="template:a close-up photo of a {part}", workers=2))
     assert again["kept"] == stats["kept"] and again["sources"] == stats["sources"]
     assert len((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()) == len(rows)
+    # a rerun with other options would mix two builds: refused, naming what changed and --overwrite
+    with pytest.raises(OutputExistsError, match=r"captioner: 'template:a close-up.*--overwrite"):
+        build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="face",
+                                   size=96))  # fmt: skip
+    assert len((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_data_output_inside_the_source_is_not_read_and_outputs_are_not_overwritten(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(FACES[:3]):
+        Image.open(f).convert("RGB").resize((184, 224)).save(src / f"face{i}.png")
+    out = src / "crops"
+    args = ["data", "closeups", str(src), str(out), "--size", "64", "--workers", "1"]
+    assert main(args) == 0
+    first = (out / "manifest.jsonl").read_text()
+    kept = len(first.splitlines())
+    assert kept >= 2
+    (out / "sources.jsonl").unlink()  # forget what was read: every file under src is a candidate again
+    (out / "stats.json").unlink()
+    assert main(args) == 0  # resumes the interrupted build
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == kept and not any("crops" in r["source"] for r in rows)  # its own crops are not sources
+    assert main(["data", "closeups", str(src), str(src), "--size", "64"]) == 2
+    assert "is or contains the source folder" in caplog.text
+    # train-filter never replaces an existing file unless told to
+    target = tmp_path / "blur.safetensors"
+    target.write_bytes(b"keep me")
+    assert main(["data", "train-filter", "--good", str(src), "--out", str(target)]) == 2
+    assert target.read_bytes() == b"keep me" and "--overwrite" in caplog.text
 
 
 def test_hand_closeups_and_shards(tmp_path):

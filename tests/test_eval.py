@@ -31,6 +31,7 @@ from mole.eval import (
     run_eval,
 )
 from mole.eval.prompts import has_human_word
+from mole.eval.runner import repeat_prompts
 from mole.tiny import tiny_clip_tokenizer
 
 
@@ -244,8 +245,8 @@ def eval_setup(tmp_path_factory):
 def _opts(root, out, **kw):
     mole = str(root / "mole.safetensors")
     models = [ModelSpec("base", str(root / "base")), ModelSpec("mole", str(root / "base"), mole)]
-    return EvalOptions(benchmark=str(root / "bench.jsonl"), out_dir=str(out), num_prompts=3, repeats=2, steps=2,
-                       models=models, **kw)  # fmt: skip
+    kw = {"num_prompts": 3, "repeats": 2, "steps": 2, **kw}
+    return EvalOptions(benchmark=str(root / "bench.jsonl"), out_dir=str(out), models=models, **kw)
 
 
 def test_run_reports_mean_and_standard_error_and_resumes(tmp_path, eval_setup):
@@ -263,17 +264,73 @@ def test_run_reports_mean_and_standard_error_and_resumes(tmp_path, eval_setup):
     assert report["summary"]["base"]["brightness"]["mean"] != report["summary"]["mole"]["brightness"]["mean"]
     md = (tmp_path / "report.md").read_text()
     assert "| mole |" in md and "±" in md and (tmp_path / "bars_brightness.png").is_file()
-    # repeats draw different prompt samples
-    prompts_by_rep = [{r["prompt"] for r in report["per_image"]["base"] if r["repeat"] == k} for k in (0, 1)]
-    assert prompts_by_rep[0] != prompts_by_rep[1] or len(prompts_by_rep[0]) == 3
+    # repeats draw different prompt samples: each its own seeded sample of the benchmark
+    bench = [json.loads(x) for x in (eval_setup / "bench.jsonl").read_text().splitlines()]
+    prompts_by_rep = [[r["prompt"] for r in report["per_image"]["base"] if r["repeat"] == k] for k in (0, 1)]
+    assert prompts_by_rep == [[b["prompt"] for b in repeat_prompts(bench, 3, k, 0)] for k in (0, 1)]
+    assert set(prompts_by_rep[0]) != set(prompts_by_rep[1])
 
     # a rerun redoes nothing; a lost image is regenerated alone and its score is kept
     again = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
     assert again["run"] == {"generated": 0, "scored": 0}
-    (tmp_path / "images" / "mole" / "r1" / "00002.png").unlink()
+    [lost] = (tmp_path / "images" / "mole").rglob("r1/00002_*.png")
+    lost.unlink()
     third = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
     assert third["run"] == {"generated": 1, "scored": 0}
     assert third["summary"] == report["summary"]
+
+
+def test_eval_cache_is_keyed_by_what_changes_the_images(tmp_path, eval_setup):
+    """Other steps, sampler or MoLE file: new images and scores, never the cached ones; the old ones come back."""
+    scorer = Brightness()
+    first = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
+    other_steps = run_eval(_opts(eval_setup, tmp_path, steps=3), scorers={"bright": scorer})
+    assert other_steps["run"] == {"generated": 12, "scored": 12}
+    assert other_steps["summary"]["mole"] != first["summary"]["mole"]
+    other_sampler = run_eval(_opts(eval_setup, tmp_path, scheduler="euler"), scorers={"bright": scorer})
+    assert other_sampler["run"] == {"generated": 12, "scored": 12}
+    # a changed MoLE file (same path): only the MoLE model is redone
+    mole_copy = tmp_path / "m.safetensors"
+    mole_copy.write_bytes((eval_setup / "mole.safetensors").read_bytes())
+    models = [ModelSpec("mole", str(eval_setup / "base"), str(mole_copy))]
+    opts = EvalOptions(benchmark=str(eval_setup / "bench.jsonl"), out_dir=str(tmp_path / "m"), num_prompts=3,
+                       repeats=2, steps=2, models=models)  # fmt: skip
+    a = run_eval(opts, scorers={"bright": scorer})
+    assert a["run"] == {"generated": 6, "scored": 6}
+    assert run_eval(opts, scorers={"bright": scorer})["run"] == {"generated": 0, "scored": 0}  # the cache is hit
+    changed = tmp_path / "changed.safetensors"
+    _scaled_gates(mole_copy, changed)
+    mole_copy.write_bytes(changed.read_bytes())
+    b = run_eval(opts, scorers={"bright": scorer})
+    assert b["run"] == {"generated": 6, "scored": 6}
+    # the first settings again: all cached, the same numbers
+    again = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
+    assert again["run"] == {"generated": 0, "scored": 0} and again["summary"] == first["summary"]
+    assert again["options"]["steps"] == 2
+
+
+def _scaled_gates(src, dst):
+    """A copy of a MoLE file with every gate value changed (same manifest, same size)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors = {k: (v + 1.0 if k.startswith("gates.") else v) for k, v in tensors.items()}
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_half_written_score_line_is_dropped_and_rescored(tmp_path, eval_setup):
+    scorer = Brightness()
+    first = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
+    [score_file] = (tmp_path / "scores" / "mole").glob("*.jsonl")
+    lines = score_file.read_text().splitlines()
+    score_file.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # a kill mid-write
+    again = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
+    assert again["run"] == {"generated": 0, "scored": 1}
+    assert again["summary"] == first["summary"]
+    assert all(json.loads(x) for x in score_file.read_text().splitlines())
 
 
 def test_eval_cli_with_a_toml(tmp_path, eval_setup, capsys):

@@ -141,6 +141,48 @@ def test_cli_generate_and_inspect(tmp_path, tiny_mole, capsys):
     assert main(["generate", *args, "--prompt", "x", "--experts", "face=abc"]) == 2
 
 
+def test_cli_never_overwrites_earlier_images(tmp_path, tiny_mole, capsys, caplog, monkeypatch):
+    args = ["generate", "--base", str(tiny_mole / "base"), "--mole", str(tiny_mole / "mole.safetensors"),
+            "--steps", "1", "--prompt", "a face"]  # fmt: skip
+    out = tmp_path / "g"
+    assert main([*args, "--out", str(out)]) == 0
+    first = (out / "mole" / "0000_seed0.png").read_bytes()
+    index = (out / "index.json").read_text()
+    assert main([*args, "--out", str(out), "--seed", "0", "--guidance-scale", "2"]) == 2
+    assert "--overwrite" in caplog.text and (out / "index.json").read_text() == index
+    assert (out / "mole" / "0000_seed0.png").read_bytes() == first
+    assert main([*args, "--out", str(out), "--guidance-scale", "2", "--overwrite"]) == 0
+    assert (out / "mole" / "0000_seed0.png").read_bytes() != first
+    # the default folder is never shared by two runs: runs/generate, then runs/generate-2
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["out"] == "runs/generate"
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["out"] == "runs/generate-2"
+    assert (tmp_path / "runs" / "generate" / "index.json").is_file()
+    # arguments are checked before the pipeline loads: each of these fails in milliseconds with one line
+    bad = {
+        ("--device", "tpu9"): "device='tpu9' is not a torch device",
+        ("--height", "100"): "--height 100: use a positive multiple of 8",
+        ("--mole", str(tmp_path / "none.safetensors")): "does not exist",
+        ("--mole", str(tmp_path)): "is a folder",
+    }
+    for extra, message in bad.items():
+        caplog.clear()
+        assert main([*args, "--out", str(tmp_path / "x"), *extra]) == 2, extra
+        assert message in caplog.text and "Traceback" not in caplog.text
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "a face"}\n')
+    caplog.clear()
+    assert main([*args[:-2], "--prompt-file", str(prompts), "--out", str(tmp_path / "x")]) == 2
+    assert "record 1 has no 'prompt' text" in caplog.text
+    prompts.write_bytes("a caf\xe9\n".encode("latin-1"))
+    prompts = prompts.rename(tmp_path / "p.txt")
+    caplog.clear()
+    assert main([*args[:-2], "--prompt-file", str(prompts), "--out", str(tmp_path / "x")]) == 2
+    assert f"prompt file {prompts} is not UTF-8" in caplog.text
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("kind", ["sdxl", "pixart"])
 def test_generate_and_inspect_other_pipelines(tmp_path, kind):
     pipeline_with_mole(tmp_path, kind)

@@ -193,3 +193,47 @@ def test_save_refuses_other_suffixes_and_writes_atomically(tmp_path, sd15):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind
     _, tensors = read_mole_file(tmp_path / "m.safetensors")
     assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
+
+
+def test_base_check_covers_every_tensor_and_reports_the_distance(tmp_path, sd15):
+    """A base that differs only in one up-block tensor (far from the first wrapped layers) is refused, named, and
+    the message gives the CLI flag; the same base in fp16 rounding, or with strict_base=False, is accepted."""
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "mole.safetensors")
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k and
+             ".gates." not in k}  # fmt: skip
+    name = next(k for k in sorted(state) if k.startswith("up_blocks.1.") and k.endswith("norm.weight"))
+    other = tiny_unet("sd15").eval()
+    changed = dict(state)
+    changed[name] = state[name] + 0.5
+    other.load_state_dict(changed)
+    with pytest.raises(MoLEFileError, match=rf"1 of \d+ tensors \(most: {name};.*--no-strict-base"):
+        load_mole(other, path)
+    load_mole(other, path, strict_base=False)  # a fine-tuned copy, on purpose
+    rounded = tiny_unet("sd15").eval()
+    rounded.load_state_dict({k: v.half().float() for k, v in state.items()})
+    load_mole(rounded, path)  # fp16 rounding of the same base is the same base
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gates_are_refused_by_key(tmp_path, sd15, bad):
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "mole.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = sorted(k for k in tensors if k.startswith("gates."))[3]
+    tensors[key].view(-1)[0] = bad
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    fresh = tiny_unet("sd15").eval()
+    fresh.load_state_dict(model_base_state(model))
+    with pytest.raises(MoLEFileError, match=rf"{key} holds 1 NaN/Inf"):
+        load_mole(fresh, tmp_path / "bad.safetensors")
+    assert not mole_layers(fresh)  # nothing half-loaded
+
+
+def model_base_state(model):
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k and
+            ".gates." not in k}  # fmt: skip

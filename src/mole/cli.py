@@ -14,12 +14,113 @@ from pathlib import Path
 logger = logging.getLogger("mole")
 
 
+def _quiet_dependencies(verbose: int, load: bool = True) -> None:
+    """transformers / diffusers / huggingface_hub / absl (mediapipe) / TFLite: errors only and no loading bars,
+    unless -vv. Environment settings the user made win."""
+    if verbose >= 2:
+        return
+    quiet_env = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DIFFUSERS_NO_ADVISORY_WARNINGS": "1",
+                 "GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "3"}  # fmt: skip
+    for key, value in quiet_env.items():
+        os.environ.setdefault(key, value)
+    import warnings
+
+    for module in ("transformers", "diffusers", "huggingface_hub", "accelerate", "torch", "timm", "open_clip",
+                   "google", "absl", "mediapipe", "tensorboard"):  # fmt: skip
+        warnings.filterwarnings("ignore", module=module)
+        logging.getLogger(module).setLevel(logging.ERROR)
+    if not load and "diffusers" not in sys.modules:  # a light command (info): the environment above suffices
+        return
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - optional
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _check_file(path: str | None, what: str, flag: str) -> None:
+    """An input file that must exist and be a readable file (not a folder), checked before anything heavy."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist; check the path")
+    if not p.is_file():
+        raise ValueError(f"{flag} {path} is a folder; give the {what} file inside it")
+    if not os.access(p, os.R_OK):
+        raise PermissionError(f"{flag} {path}: not readable (permissions)")
+
+
+def _check_mole_arg(path: str | None) -> None:
+    """--mole: a readable MoLE file with a manifest (header only, cheap)."""
+    if path is None:
+        return
+    _check_file(path, "MoLE .safetensors", "--mole")
+    from .io import read_mole_manifest
+
+    read_mole_manifest(path)
+
+
+def _check_base_arg(base: str, flag: str = "--base") -> None:
+    """A local base must be a diffusers pipeline folder; anything else must look like a hub id (org/name)."""
+    p = Path(base).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "model_index.json").is_file():
+            raise ValueError(f"{flag} {base} is not a diffusers pipeline folder (no model_index.json); give the "
+                             "folder written by save_pretrained, or a hub id such as runwayml/stable-diffusion-v1-5")
+        return
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base:
+        raise FileNotFoundError(f"{flag} {base}: no such folder; check the path (or give a hub id)")
+
+
+def _output_dir(args: argparse.Namespace, default: str, names: list[str], what: str) -> str:
+    """--out given: refuse a used folder unless --overwrite (then remove exactly `names`). Not given: the default,
+    or default-2, -3, ... when that holds an earlier run."""
+    from .outputs import check_output_dir, fresh_dir
+
+    if args.out is None:
+        out = str(fresh_dir(default, names))
+        if out != default:
+            logger.warning("%s exists; writing to %s (use --out to choose)", default, out)
+        return out
+    check_output_dir(args.out, names, args.overwrite, what)
+    return args.out
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, run_demo, summary_table
 
-    summary = run_demo(DemoOptions(out_dir=args.out, base=args.base, mole=args.mole, train=args.train,
-                                   train_steps=args.train_steps, sample_steps=args.steps, rank=args.rank,
-                                   seeds=args.seeds, seed=args.seed))  # fmt: skip
+    opts = DemoOptions(out_dir=args.out or "runs/demo", base=args.base, mole=args.mole, train=args.train,
+                       train_steps=args.train_steps, sample_steps=args.steps, rank=args.rank, seeds=args.seeds,
+                       seed=args.seed)  # fmt: skip (checked before any folder is touched)
+    if args.out is None:
+        from .outputs import fresh_dir
+
+        args.out = str(fresh_dir("runs/demo"))
+    elif Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        out = Path(args.out)
+        if not args.overwrite:
+            raise ValueError(f"mole demo: output folder {args.out!r} is not empty; pass --overwrite to replace an "
+                             "earlier demo there, or choose another --out")  # fmt: skip
+        if not ((out / "summary.json").is_file() or (out / "base" / "model_index.json").is_file()):
+            raise ValueError(f"mole demo --overwrite: {args.out!r} does not hold an earlier demo (no summary.json, "
+                             "no base/); choose an empty or new --out")  # fmt: skip
+        import shutil
+
+        logger.warning("--overwrite: removing the earlier demo in %s", out)
+        shutil.rmtree(out)
+    opts.out_dir = Path(args.out)
+    summary = run_demo(opts)
     print(json.dumps(summary, indent=2) if args.json else summary_table(summary))
     return 0
 
@@ -38,21 +139,62 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .io import read_mole_file
 
+    _check_file(args.file, "MoLE .safetensors", "file")
     manifest, tensors = read_mole_file(args.file)
     gates = sum(t.numel() for k, t in tensors.items() if k.startswith("gates."))
     experts = sum(t.numel() for k, t in tensors.items() if k.startswith("experts."))
-    print(json.dumps({**manifest, "tensor_counts": {"gate_values": gates, "expert_values": experts}}, indent=2))
+    if args.json:
+        print(json.dumps({**manifest, "tensor_counts": {"gate_values": gates, "expert_values": experts}}, indent=2))
+        return 0
+    print(_info_summary(args.file, manifest, gates, experts))
     return 0
+
+
+def _info_summary(path: str, manifest: dict, gates: int, experts: int) -> str:
+    """A few readable lines: base, experts, gating, layers, sizes, versions."""
+    base = manifest.get("base_model") or {}
+    cfg = manifest.get("config") or {}
+    lines = [f"{path}"]
+    lines.append(f"  base      {base.get('name') or '?'} ({base.get('backbone', '?')})")
+    ex = manifest.get("experts") or []
+    def ranks(e: dict) -> str:
+        r = e.get("ranks") or []
+        return "/".join(str(x) for x in r) if isinstance(r, list) and r else "?"
+
+    names = ", ".join(f"{e.get('name')} (r={ranks(e)}, {e.get('num_layers', '?')} layers)" for e in ex) or "none"
+    lines.append(f"  experts   {names}")
+    if cfg:
+        lines.append(f"  gating    {cfg.get('gating', '?')}, global source {cfg.get('global_source', '?')}")
+    layers = manifest.get("layers")
+    if layers is not None:
+        lines.append(f"  layers    {len(layers)}")
+    lines.append(f"  values    {gates:,} gate, {experts:,} expert")
+    extra = manifest.get("extra") or {}
+    if "instruct" in extra:
+        lines.append("  kind      InstructMoLE (experts + instruction router)")
+    versions = manifest.get("versions") or {}
+    if versions:
+        lines.append("  written   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    lines.append("  (full manifest: mole info --json FILE)")
+    return "\n".join(lines)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import annotated_toml, load_config, train
+    from .training.interrupt import TrainingInterrupted
 
     cfg = load_config(args.config, preset=args.preset, overrides=args.set or [])
     if args.print_config:  # the batch arithmetic for the processes this command runs on (WORLD_SIZE under launch)
         print(annotated_toml(cfg, args.preset, int(os.environ.get("WORLD_SIZE", "1"))), end="")
         return 0
-    result = train(cfg)
+    try:
+        result = train(cfg, overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            cmd = _resume_command(args.argv)
+            print(f"stopped by {exc.signal_name} at step {exc.step}; checkpoint: {exc.checkpoint}\n"
+                  f"resume with: {cmd}", file=sys.stderr)  # fmt: skip
+        return exc.exit_code
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only the first process reports
         return 0
     print(json.dumps({
@@ -64,6 +206,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "gate_log": result.gate_log[-1:] , "batch": result.batch,
     }, indent=2))  # fmt: skip
     return 0
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that was run, with --overwrite dropped and resume=latest added."""
+    import shlex
+
+    kept = [a for a in argv if a != "--overwrite"]
+    return "mole " + " ".join(shlex.quote(a) for a in kept) + " --set resume=latest"
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -128,6 +278,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .inference import GenerateOptions, MixMode, generate
 
     weights = _expert_weights(args.experts)
+    _check_sampling_args(args)
+    out = _output_dir(args, "runs/generate", GenerateOptions.OUTPUTS, "mole generate")
     if args.compare:
         modes = [MixMode.NONE, MixMode.FIXED, MixMode.MOLE]
     elif args.no_mole:
@@ -147,14 +299,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             if getattr(args, key) == default:
                 setattr(args, key, preset[key])
     index = generate(GenerateOptions(
-        base=args.base, prompts=_prompts(args), mole=args.mole, out_dir=args.out, seeds=seeds,
+        base=args.base, prompts=_prompts(args), mole=args.mole, out_dir=out, seeds=seeds,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
         expert_files=_expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
         negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
+        overwrite=args.overwrite,
     ))  # fmt: skip
-    print(json.dumps({"images": len(index["images"]), "out": args.out,
+    print(json.dumps({"images": len(index["images"]), "out": out,
                       "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
     return 0
 
@@ -162,22 +315,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inference import InspectOptions, inspect
 
+    _check_sampling_args(args)
+    out = _output_dir(args, "runs/inspect", InspectOptions.OUTPUTS, "mole inspect")
     data = inspect(InspectOptions(
-        base=args.base, mole=args.mole, prompts=_prompts(args), out_dir=args.out, seed=args.seed, steps=args.steps,
+        base=args.base, mole=args.mole, prompts=_prompts(args), out_dir=out, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
         expert_files=_expert_files(args.expert),
+        overwrite=args.overwrite,
     ))  # fmt: skip
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
     }
-    print(json.dumps({"out": args.out, "global_gate": summary}, indent=2))
+    print(json.dumps({"out": out, "global_gate": summary}, indent=2))
     return 0
 
 
 def _cmd_eval_prompts(args: argparse.Namespace) -> int:
     from .eval import build_benchmark
+    from .outputs import check_output_file
 
+    _check_file(args.source, "prompt source", "source")
+    check_output_file(args.out, args.overwrite, "mole eval prompts --out")
     path = build_benchmark(args.kind, args.source, args.out, limit=args.limit, seed=args.seed)
     meta = json.loads(Path(str(path) + ".meta.json").read_text())
     print(json.dumps({"benchmark": str(path), "count": meta["count"], "stats": meta["stats"]}, indent=2))
@@ -187,6 +346,7 @@ def _cmd_eval_prompts(args: argparse.Namespace) -> int:
 def _cmd_eval_run(args: argparse.Namespace) -> int:
     from .eval import load_eval_config, run_eval
 
+    _check_file(args.config, "eval TOML", "--config")
     overrides = {}
     if args.num_prompts is not None:
         overrides["num_prompts"] = args.num_prompts
@@ -194,7 +354,9 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
         overrides["repeats"] = args.repeats
     if args.out is not None:
         overrides["out_dir"] = args.out
-    report = run_eval(load_eval_config(args.config, overrides))
+    opts = load_eval_config(args.config, overrides)
+    opts.overwrite = args.overwrite
+    report = run_eval(opts)
     print(json.dumps({"summary": report["summary"], "run": report["run"]}, indent=2, default=float))
     return 0
 
@@ -212,6 +374,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
         min_face_confidence=args.min_face_confidence,
+        overwrite=args.overwrite,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
     return 0
@@ -225,7 +388,9 @@ def _caption_prompt(value: str | None) -> str | None:
 
 def _cmd_data_filter(args: argparse.Namespace) -> int:
     from .data.quality import train_blur_filter
+    from .outputs import check_output_file
 
+    check_output_file(args.out, args.overwrite, "mole data train-filter --out")
     result = train_blur_filter(args.good, args.bad, args.out, epochs=args.epochs, synthetic_blur=not args.no_synthetic)
     print(json.dumps(result, indent=2))
     return 0
@@ -254,6 +419,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-clip", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--shard-size", type=int, default=0, help="also write webdataset tar shards of N samples")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier build in OUT made with other options")
     p.set_defaults(func=_cmd_data_build)
 
 
@@ -264,12 +430,15 @@ def _cmd_eval_ablation(args: argparse.Namespace) -> int:
     bad = sorted(set(gating) - {"local", "global", "both"})
     if bad:
         raise ValueError(f"--gating {bad}: use local=FILE, global=FILE, both=FILE")
+    _check_base_arg(args.base)
+    for path in [args.mole, *gating.values()]:
+        _check_mole_arg(path)
     models = ablation_models(args.base, stage1=args.stage1, mole=args.mole, gating=gating,
                              expert_weights=_expert_weights(args.experts))  # fmt: skip
     metrics = [MetricSpec(*(m.split("=", 1) if "=" in m else (m, None))) for m in (args.metric or ["facehand"])]
     report = run_eval(EvalOptions(
         benchmark=args.benchmark, models=models, metrics=metrics, out_dir=args.out, num_prompts=args.num_prompts,
-        repeats=args.repeats, steps=args.steps, seed=args.seed,
+        repeats=args.repeats, steps=args.steps, seed=args.seed, overwrite=args.overwrite,
     ))  # fmt: skip
     print(json.dumps({"models": [m.name for m in models], "summary": report["summary"], "run": report["run"]},
                      indent=2, default=float))  # fmt: skip
@@ -282,6 +451,26 @@ def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", dest="base_tokenizer", metavar="DIR",
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for a single-file --base / model "
                         f"checkpoint (same as {TOKENIZER_ENV}=DIR)")  # fmt: skip
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Everything a sampling command can check in milliseconds, before the pipeline loads (minutes on SD1.5)."""
+    from .inference.pipeline import check_device
+
+    _check_base_arg(args.base)
+    if not getattr(args, "no_mole", False):
+        _check_mole_arg(args.mole)
+    if args.prompt_file:
+        _check_file(args.prompt_file, "prompt", "--prompt-file")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v < 8 or v % 8):
+            raise ValueError(f"--{name} {v}: use a positive multiple of 8 (e.g. 512)")
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: use at least 1")
+    check_device(args.device)
+    if not _prompts(args):
+        raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -304,15 +493,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--no-strict-base", action="store_true", help="accept a base whose weights differ (fine-tunes)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mole", description="Mixture of Low-rank Experts for diffusion models")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    _common_args(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="MoLE on mole-tiny (a small real model): base / fixed / MoLE, gates, checks")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--out", help="output folder (default: runs/demo, or runs/demo-2, ... when that is used)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     demo.add_argument("--base", default="mole-tiny", help="base pipeline (default: mole-tiny)")
     demo.add_argument("--mole", default="mole-tiny", help="MoLE file (default: mole-tiny's)")
     demo.add_argument("--train", metavar="DATA", help="re-run stages 2 and 3 from DATA/face, DATA/hand, DATA/mix")
@@ -349,11 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (each preset option's source, the batch arithmetic) and exit")
     _tokenizer_arg(tr)
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an output_dir that holds an earlier run (its checkpoints, final/ and "
+                         "metrics are removed); to continue that run use --set resume=latest")  # fmt: skip
     tr.set_defaults(func=_cmd_train)
 
     gen = sub.add_parser("generate", help="generate images with MoLE (or the base / fixed-weight experts)")
     _sampling_args(gen)
-    gen.add_argument("--out", default="runs/generate")
+    gen.add_argument("--out", help="output folder (default: runs/generate, or runs/generate-2, ... when used)")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     gen.add_argument("--seeds", type=int, nargs="+", help="explicit seeds (overrides --seed/--num-images)")
     gen.add_argument("--negative-prompt")
@@ -367,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="record the gates while generating and draw them (the paper's Fig. 7)")
     _sampling_args(ins)
-    ins.add_argument("--out", default="runs/inspect")
+    ins.add_argument("--out", help="output folder (default: runs/inspect, or runs/inspect-2, ... when used)")
     ins.add_argument("--map-steps", type=int, default=5, help="steps shown in the local score maps")
     ins.set_defaults(func=_cmd_inspect)
 
@@ -387,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--out", required=True, help="output .jsonl (+ .meta.json: rules, counts, source sha256)")
     evp.add_argument("--limit", type=int, help="keep a fixed sample of this many prompts (default: all)")
     evp.add_argument("--seed", type=int, default=0)
+    evp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     evp.set_defaults(func=_cmd_eval_prompts)
     evr = ev_sub.add_parser("run", help="generate, score and report the models of an eval TOML (resumable)")
     evr.add_argument("--config", required=True, help="TOML with benchmark, [[models]], [[metrics]] (see configs/)")
@@ -394,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     evr.add_argument("--repeats", type=int)
     evr.add_argument("--out")
     _tokenizer_arg(evr)
+    evr.add_argument("--overwrite", action="store_true",
+                     help="replace the results in the output folder when they were made with other settings")
     evr.set_defaults(func=_cmd_eval_run)
     eva = ev_sub.add_parser("ablation", help="the paper's ablations: stage ladder and local/global/both gating")
     eva.add_argument("--benchmark", required=True, help="a benchmark .jsonl from `mole eval prompts`")
@@ -409,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     eva.add_argument("--repeats", type=int, default=3)
     eva.add_argument("--steps", type=int, default=50)
     eva.add_argument("--seed", type=int, default=0)
+    eva.add_argument("--overwrite", action="store_true",
+                     help="replace the results in --out when they were made with other settings")
     eva.set_defaults(func=_cmd_eval_ablation)
 
     data = sub.add_parser("data", help="build training sets: scene crops, face / hand close-ups, blur filter")
@@ -427,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--out", required=True, help="output .safetensors")
     flt.add_argument("--epochs", type=int, default=10)
     flt.add_argument("--no-synthetic", action="store_true", help="do not add blurred copies of the good images")
+    flt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     flt.set_defaults(func=_cmd_data_filter)
 
     conv = sub.add_parser("convert", help="the paper's three files (face, hand, gate) <-> one mole file")
@@ -439,17 +639,57 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace existing output files")
     conv.set_defaults(func=_cmd_convert)
 
-    info = sub.add_parser("info", help="print the manifest of a MoLE .safetensors file")
+    info = sub.add_parser("info", help="a short summary of a MoLE .safetensors file (--json: the full manifest)")
     info.add_argument("file")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.set_defaults(func=_cmd_info)
+    for action in _leaf_parsers(parser):
+        _common_args(action, argparse.SUPPRESS)
     return parser
 
 
+def _common_args(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more output (-v info, -vv debug)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="errors only")
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every subcommand parser (so -v / -q / --debug also work after the subcommand)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _leaf_parsers(sub)
+
+
+# errors a user causes (bad arguments, files, settings); anything else is reported as an internal error
+USER_ERRORS = (ValueError, OSError, LookupError, FloatingPointError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # INFO by default, DEBUG with -v
+    args.argv = argv
+    verbose = getattr(args, "verbose", 0) or 0
+    quiet = bool(getattr(args, "quiet", False))
+    debug = bool(getattr(args, "debug", False))
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mole").setLevel(level)
+    _quiet_dependencies(verbose if not debug else max(verbose, 2), load=args.command != "info")
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
     func: Callable[[argparse.Namespace], int] = args.func
     saved_env = dict(os.environ)
     if getattr(args, "base_tokenizer", None):  # read wherever a single-file base is loaded (also in workers)
@@ -458,9 +698,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[TOKENIZER_ENV] = args.base_tokenizer
     try:
         return func(args)
-    except (ValueError, FileNotFoundError) as exc:  # our errors name the field, value and fix
-        logger.error("%s", exc)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        logger.error("interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        from .eval.metrics import MetricUnavailable
+
+        if isinstance(exc, USER_ERRORS + (MetricUnavailable,)):  # ours name the field, value and fix
+            logger.error("%s", _one_line(exc))
+            return 2
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc):
+            logger.error("out of memory: lower --batch-size / the resolution, or use --dtype fp16")
+            return 2
+        logger.error("internal error %s: %s (run with --debug for the traceback; please report it)",
+                     type(exc).__name__, _one_line(exc))  # fmt: skip
+        return 1
     finally:
         if getattr(args, "base_tokenizer", None):  # main() called as a function leaves the environment as it was
             os.environ.clear()

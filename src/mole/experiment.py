@@ -59,6 +59,7 @@ class ExperimentOptions:
     seed: int = 0
     face_prompts: list[str] = field(default_factory=lambda: list(FACE_PROMPTS))
     hand_prompts: list[str] = field(default_factory=lambda: list(HAND_PROMPTS))
+    overwrite: bool = False  # replace earlier training runs under out_dir (else they are refused)
 
 
 def _train_cfg(o: ExperimentOptions, stage: Stage, data: str, out: str, **kw) -> TrainConfig:
@@ -100,17 +101,18 @@ def run_gate_experiment(o: ExperimentOptions) -> dict:
     stage1 = None
     if o.finetune_steps > 0:
         stage1 = train(_train_cfg(o, Stage.FINETUNE, o.mix_dir, str(out / "stage1"), max_steps=o.finetune_steps,
-                                  optim=OptimConfig(name="adamw", lr=o.finetune_lr)))  # fmt: skip
+                                  optim=OptimConfig(name="adamw", lr=o.finetune_lr)),
+                       overwrite=o.overwrite)  # fmt: skip
         o = replace(o, base=str(stage1.final[0]))
     experts = {}
     for name, folder in (("face", o.face_dir), ("hand", o.hand_dir)):
         experts[name] = train(_train_cfg(o, Stage.EXPERT, folder, str(out / f"stage2-{name}"),
                                          max_steps=o.expert_steps, expert=ExpertTrainConfig(name=name, rank=o.rank),
-                                         optim=OptimConfig(lr=o.expert_lr)))  # fmt: skip
+                                         optim=OptimConfig(lr=o.expert_lr)), overwrite=o.overwrite)  # fmt: skip
     face, hand = experts["face"], experts["hand"]
     mix = train(_train_cfg(o, Stage.MIXTURE, o.mix_dir, str(out / "stage3"), max_steps=o.gate_steps,
                            mixture=MixtureTrainConfig(experts={"face": str(face.final[0]), "hand": str(hand.final[0])}),
-                           optim=OptimConfig(lr=o.gate_lr)))  # fmt: skip
+                           optim=OptimConfig(lr=o.gate_lr)), overwrite=o.overwrite)  # fmt: skip
     model = DiffusionModel.from_pretrained(o.base)
     load_mole(model.denoiser, mix.final[0])
     on_face = gate_means_for_prompts(model, o.face_prompts, o.sample_steps, o.guidance_scale, o.resolution, o.seed)

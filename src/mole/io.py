@@ -12,6 +12,7 @@ a missing, extra or wrongly shaped tensor is an error that names it, never a par
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -69,6 +70,46 @@ def weight_signature(model: nn.Module, layer_paths: Sequence[str], layers: int =
     return values
 
 
+SAMPLES_PER_TENSOR = 4
+
+
+def weight_samples(model: nn.Module, per_tensor: int = SAMPLES_PER_TENSOR) -> torch.Tensor:
+    """`per_tensor` evenly spaced values of every base parameter (MoLE wrappers looked through), in the order of
+    the sorted parameter names: (num_tensors, per_tensor) float32. Milliseconds even for SDXL; a base that differs
+    anywhere (mid block, up blocks, one norm layer) shows up in its tensor's row."""
+    named = []
+    for name, p in model.named_parameters():
+        if any(m in name for m in _MOLE_PARAM_MARKERS):
+            continue
+        named.append((name.replace(".base.", "."), p))
+    rows = []
+    for _, p in sorted(named, key=lambda x: x[0]):
+        w = p.detach().reshape(-1)
+        idx = torch.linspace(0, w.numel() - 1, per_tensor).long().to(w.device)
+        rows.append(w[idx].float().cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, per_tensor)
+
+
+def _encode_samples(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().astype("<f4").tobytes()).decode()
+
+
+def _decode_samples(text: str, per_tensor: int) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype="<f4").copy()).reshape(-1, per_tensor)
+
+
+def samples_distance(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, int, int]:
+    """(overall relative distance, tensors that differ by more than 1 %, index of the most different tensor)."""
+    if ours.shape != theirs.shape:
+        return float("inf"), max(len(ours), len(theirs)), 0
+    a, b = ours.double(), theirs.double()
+    overall = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    per = (a - b).norm(dim=1) / (b.norm(dim=1) + 1e-6)
+    return overall, int((per > 1e-2).sum()), int(per.argmax()) if len(per) else 0
+
+
 def _signature_distance(a: Sequence[float], b: Sequence[float]) -> float:
     ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     if ta.shape != tb.shape:
@@ -108,6 +149,7 @@ def build_manifest(model: nn.Module, base_model: str | None = None, embedded: bo
             "backbone": state.backbone.value,
             "structure_sha256": structure_hash(model),
             "weight_signature": weight_signature(model, state.layer_paths),
+            "weight_samples": {"per_tensor": SAMPLES_PER_TENSOR, "values": _encode_samples(weight_samples(model))},
         },
         "config": state.config.to_dict(),
         "experts": [
@@ -241,6 +283,10 @@ def embedded_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], source
             alpha = tensors.get(f"{prefix}{layer}.alpha")
             if b is None or alpha is None:
                 raise MoLEFileError(f"{source}: key {prefix}{layer}.lora_B or .alpha is missing")
+            for part, t in (("lora_A", a), ("lora_B", b), ("alpha", alpha)):
+                if not torch.isfinite(t).all():
+                    raise MoLEFileError(f"{source}: {prefix}{layer}.{part} holds NaN/Inf values; the file is damaged "
+                                        "or came from a diverged run")  # fmt: skip
             layers[layer] = LoraPair(a, b, float(alpha))
         if layers:
             out[name] = ExpertWeights(name, layers, KeyNaming.DOTTED, source=info.get("source", source))
@@ -258,13 +304,25 @@ def check_base(model: nn.Module, manifest: dict, source: str, strict: bool = Tru
         )
     if not strict:
         return
-    state_layers = manifest["layers"]
-    dist = _signature_distance(weight_signature(model, state_layers), base["weight_signature"])
+    fix = ("Load the right base model, or pass --no-strict-base (strict_base=False in Python) if you mean to move "
+           "the gates to a fine-tuned copy")  # fmt: skip
+    stored = base.get("weight_samples")
+    if stored:  # every tensor of the base (files written since format 1.x with weight_samples)
+        k = int(stored["per_tensor"])
+        overall, differing, worst = samples_distance(weight_samples(model, k), _decode_samples(stored["values"], k))
+        if differing:
+            names = [n for n, _ in _plain_param_shapes(model)]
+            raise MoLEFileError(
+                f"{source} was made for base model {base['name']!r}, but the weights of {ours!r} differ: "
+                f"{differing} of {len(names)} tensors (most: {names[worst] if worst < len(names) else '?'}; relative "
+                f"distance {overall:.3g} over samples of every tensor). {fix}"
+            )
+        return
+    dist = _signature_distance(weight_signature(model, manifest["layers"]), base["weight_signature"])
     if dist > 1e-2:
         raise MoLEFileError(
             f"{source} was made for base model {base['name']!r}, but the weights of {ours!r} differ "
-            f"(relative distance {dist:.3g} on sampled weights). Load the right base model, or pass "
-            "strict_base=False if you mean to move the gates to a fine-tuned copy"
+            f"(relative distance {dist:.3g} on sampled weights). {fix}"
         )
 
 
@@ -378,6 +436,10 @@ def _load_gates(model: nn.Module, manifest: dict, tensors: Mapping[str, torch.Te
         t = tensors[key]
         if t.shape != p.shape:
             raise MoLEFileError(f"{source}: {key} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise MoLEFileError(f"{source}: {key} holds {bad} NaN/Inf value(s); the file is damaged or came from a "
+                                "diverged run: use an earlier checkpoint")  # fmt: skip
     with torch.no_grad():
         for key, (p, order) in expected.items():
             p.copy_(tensors[key][order].to(p.dtype))

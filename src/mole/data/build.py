@@ -79,6 +79,7 @@ class BuildOptions:
     dedupe_distance: int = 3
     workers: int = 1
     shard_size: int = 0  # > 0: also write webdataset tar shards of this many samples
+    overwrite: bool = False  # replace an earlier build in out_dir made with other options (else refused)
 
     def __post_init__(self) -> None:
         if self.mode not in ("scenes", "closeups"):
@@ -221,8 +222,29 @@ def _reset_for_options(out: Path, opts: BuildOptions, key: str) -> dict | None:
     return changed
 
 
+# options that do not change what a build keeps (a rerun with other values resumes the same build)
+_RESUMABLE = {"workers", "shard_size", "overwrite", "out_dir"}
+BUILD_OUTPUTS = ("images", "manifest.jsonl", "sources.jsonl", "stats.json", "shards")
+
+
+def _check_earlier_build(opts: BuildOptions, out: Path) -> None:
+    """A folder mole data did not build (or --overwrite) is checked here; a rerun of an earlier build resumes, and
+    one with other options is re-processed by _reset_for_options, which says which options changed."""
+    from ..outputs import check_output_dir
+
+    if opts.overwrite:
+        check_output_dir(out, BUILD_OUTPUTS, True, "mole data")
+        return
+    if not (out / "stats.json").is_file() and not (out / "manifest.jsonl").is_file():
+        check_output_dir(out, BUILD_OUTPUTS, False, "mole data")
+
+
 def build_dataset(opts: BuildOptions) -> dict:
     out = Path(opts.out_dir)
+    if Path(opts.source).resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"out_dir={opts.out_dir!r} is or contains the source folder {opts.source!r}; write the "
+                         "dataset to another folder")  # fmt: skip
+    _check_earlier_build(opts, out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
     sources_log = out / "sources.jsonl"  # one line per processed source (+ the options key): makes reruns resumable
@@ -236,7 +258,12 @@ def build_dataset(opts: BuildOptions) -> dict:
         for line in manifest.read_text().splitlines():
             if line.strip():
                 dedupe.add_if_new(int(json.loads(line)["phash"], 16))
-    sources = sorted(str(p) for p in Path(opts.source).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    out_abs = out.resolve()
+    sources = sorted(str(p) for p in Path(opts.source).rglob("*")
+                     if p.suffix.lower() in IMAGE_EXTS and not p.resolve().is_relative_to(out_abs))  # fmt: skip
+    if out_abs.is_relative_to(Path(opts.source).resolve()):
+        logger.info("the output folder %s is inside the source folder: its files are not read as sources", out)
+
     todo = [s for s in sources if s not in done]
     captioner = build_captioner(opts.captioner, part=opts.part if opts.mode == "closeups" else "person",
                                 captions_json=opts.captions_json, prompt=opts.caption_prompt)  # fmt: skip

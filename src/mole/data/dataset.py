@@ -206,6 +206,7 @@ def collate(items: list[dict]) -> dict:
         "captions": [it["caption"] for it in good],
         "indices": [it["index"] for it in good],
         "skipped": len(items) - len(good),
+        "bad_indices": [it["index"] for it in items if it["bad"]],
     }
 
 

@@ -54,10 +54,19 @@ def _wrong_file(path: Path, kind: str, found: str) -> ValueError:
     )
 
 
+def _read_json(path: Path, kind: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{kind} prompt source {path} is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:
+        raise ValueError(f"{kind} prompt source {path} is not valid JSON ({exc})") from None
+
+
 def coco_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
     """(records, stats) from a COCO captions json ({"annotations": [{"id", "image_id", "caption"}]})."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = _read_json(path, "coco")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         found = "a list of prompt records" if isinstance(data, list) else "a JSON object without 'annotations'"
         raise _wrong_file(path, "coco", found)
@@ -80,7 +89,7 @@ def coco_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
 def diffusiondb_human_prompts(path: str | Path) -> tuple[list[dict], dict]:
     """(records, stats) from a DiffusionDB prompt list ([{"prompt"|"text": ..., optional NSFW flags}])."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = _read_json(path, "diffusiondb")
     if isinstance(data, dict):
         found = "COCO captions (a JSON object with 'annotations')" if "annotations" in data else "a JSON object"
         raise _wrong_file(path, "diffusiondb", found)
@@ -145,4 +154,19 @@ def read_benchmark(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark {path} does not exist; build one with `mole eval prompts`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"benchmark {path} is not UTF-8 text (byte {exc.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"benchmark {path}:{n} is not valid JSON; build it with `mole eval prompts`") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f"benchmark {path}:{n} has no 'prompt' text; each line needs {{\"prompt\": ...}}")
+        records.append(rec)
+    return records

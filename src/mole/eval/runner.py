@@ -1,19 +1,23 @@
 """`mole eval`: N prompts x R repeats per model, scored, reported as mean +- standard error (the paper's Tables 1-3).
 
 Repeat r draws its own N prompts from the benchmark (seeded by seed + r) and its own image seeds. Everything is
-cached on disk and resumed:
-    out/images/<model>/r<r>/<i>.png     generated once (a rerun generates only missing images)
-    out/scores/<model>.jsonl            one line per (repeat, image, metric family) (a rerun scores only what is new)
+cached on disk and resumed, keyed by everything that changes an image (<key>: the base and MoLE file fingerprints,
+mode, expert weights, steps, sampler, guidance, size, dtype, device type and seed; the file name: the prompt):
+    out/images/<model>/<key>/r<r>/<i>_<prompt hash>.png   generated once (a rerun generates only missing images)
+    out/scores/<model>/<key>.jsonl      one line per (repeat, image, metric family) (a rerun scores only what is new;
+                                        a half-written last line, left by a kill, is dropped)
     out/report.md, out/report.json, out/bars_<metric>.png
 The standard error of a model's metric is std(repeat means, ddof=1) / sqrt(R).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +68,7 @@ class EvalOptions(SamplingOptions):
     repeats: int = 3
     seed: int = 0
     batch_size: int = 4
+    overwrite: bool = False  # remove earlier images, scores and reports in out_dir first (else: resumed by key)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,7 +85,17 @@ def load_eval_config(path: str | Path, overrides: dict | None = None) -> EvalOpt
     """An EvalOptions from TOML ([[models]] and [[metrics]] tables), validated like the training config."""
     from ..training.config import build_dataclass
 
-    data = tomllib.loads(Path(path).read_text())
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"eval config {path} is a folder; give the .toml file")
+    if not path.is_file():
+        raise FileNotFoundError(f"eval config {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"eval config {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"eval config {path} is not valid TOML: {exc}") from None
     data.update(overrides or {})
     return build_dataclass(EvalOptions, data, "")
 
@@ -94,7 +109,67 @@ def image_seed(seed: int, repeat: int, index: int) -> int:
     return seed * 10_000_019 + repeat * 1_000_003 + index
 
 
-def _generate_missing(opts: EvalOptions, spec: ModelSpec, jobs: list[tuple[Path, str, int]]) -> int:
+def file_fingerprint(path: str | Path) -> str:
+    """A cheap content fingerprint: size plus hashes of the first and last MiB (a file), or of every file's relative
+    path, size and first/last KiB (a folder, e.g. a local pipeline). A hub id fingerprints as itself."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return str(path)
+    span = (1 << 20) if path.is_file() else 1024
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if f != path else ''}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(span))
+            if size > span:
+                fh.seek(max(span, size - span))
+                h.update(fh.read(span))
+    return h.hexdigest()[:16]
+
+
+def cache_key(opts: EvalOptions, spec: ModelSpec) -> str:
+    """12 hex characters naming everything that changes a model's images (not the prompt: that names the file)."""
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = opts.dtype if opts.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    settings = {"base": spec.base, "base_fp": file_fingerprint(spec.base), "mole": spec.mole,
+                "mole_fp": file_fingerprint(spec.mole) if spec.mole else None, "mode": spec.mode.value,
+                "expert_weights": spec.expert_weights, "steps": opts.steps, "scheduler": opts.scheduler,
+                "guidance_scale": opts.guidance_scale, "height": opts.height, "width": opts.width, "dtype": dtype,
+                "device": torch.device(device).type, "seed": opts.seed}  # fmt: skip
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _image_path(out: Path, spec: ModelSpec, key: str, repeat: int, index: int, prompt: str) -> Path:
+    ph = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+    return out / "images" / spec.name / key / f"r{repeat}" / f"{index:05d}_{ph}.png"
+
+
+def read_scores(path: Path) -> list[dict]:
+    """The rows of a scores file; a line cut short by a kill (or otherwise not JSON) is dropped from the file."""
+    if not path.is_file():
+        return []
+    rows, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    if bad:
+        logger.warning("%s: dropped %d unreadable line(s) (an interrupted write); they are scored again", path, bad)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+    return rows
+
+
+def _generate_missing(opts: EvalOptions, spec: ModelSpec, jobs: list[tuple[Path, str, int]], bar=None) -> int:
     missing = [j for j in jobs if not j[0].is_file()]
     if not missing:
         return 0
@@ -115,13 +190,20 @@ def _generate_missing(opts: EvalOptions, spec: ModelSpec, jobs: list[tuple[Path,
             tmp = path.with_suffix(".tmp.png")
             image.save(tmp)
             tmp.replace(path)  # a crash never leaves a half-written image that a rerun would trust
+        if bar is not None:
+            bar.update(len(chunk))
     del model, pipe
     return len(missing)
 
 
 def run_eval(opts: EvalOptions, scorers: dict[str, Scorer] | None = None) -> dict:
     """Generate, score and report; `scorers` replaces building them from opts.metrics (custom or test scorers)."""
+    from tqdm.auto import tqdm
+
     out = Path(opts.out_dir)
+    for spec in opts.models:  # cheap checks first: a missing MoLE file fails before any model loads
+        if spec.mole and not Path(spec.mole).is_file():
+            raise FileNotFoundError(f"models[{spec.name}].mole={spec.mole!r} does not exist")
     bench = read_benchmark(opts.benchmark)
     if not bench:
         raise ValueError(f"benchmark {opts.benchmark} holds no prompts")
@@ -129,26 +211,35 @@ def run_eval(opts: EvalOptions, scorers: dict[str, Scorer] | None = None) -> dic
         m.name: build_scorer(m.name, m.weights, opts.device, **({"med_config": m.med_config} if m.med_config else {}))
         for m in opts.metrics
     }  # fmt: skip
-    stats = {"generated": 0, "scored": 0}
+    if opts.overwrite:
+        for name in ("images", "scores", "report.md", "report.json", *[p.name for p in out.glob("bars_*.png")]):
+            p = out / name
+            if p.exists():
+                logger.warning("--overwrite: removing %s", p)
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    plans = []
     for spec in opts.models:
+        key = cache_key(opts, spec)
         jobs, keys = [], []
         for r in range(opts.repeats):
             for i, rec in enumerate(repeat_prompts(bench, opts.num_prompts, r, opts.seed)):
-                path = out / "images" / spec.name / f"r{r}" / f"{i:05d}.png"
+                path = _image_path(out, spec, key, r, i, rec["prompt"])
                 jobs.append((path, rec["prompt"], image_seed(opts.seed, r, i)))
                 keys.append((r, i, rec))
-        stats["generated"] += _generate_missing(opts, spec, jobs)
-        score_file = out / "scores" / f"{spec.name}.jsonl"
+        score_file = out / "scores" / spec.name / f"{key}.jsonl"
+        done = {(row["repeat"], row["index"], row["scorer"], row.get("path")) for row in read_scores(score_file)}
+        todo = {sname: [(j, k) for j, k in zip(jobs, keys) if (k[0], k[1], sname, str(j[0])) not in done]
+                for sname in scorers}  # fmt: skip
+        plans.append((spec, jobs, todo, score_file))
+    total = sum(sum(not j[0].is_file() for j in jobs) + sum(map(len, todo.values())) for _, jobs, todo, _ in plans)
+    stats = {"generated": 0, "scored": 0}
+    bar = tqdm(total=total, desc="eval", unit="image", disable=None if logger.isEnabledFor(logging.WARNING) else True)
+    for spec, jobs, todo_by_scorer, score_file in plans:
+        stats["generated"] += _generate_missing(opts, spec, jobs, bar)
         score_file.parent.mkdir(parents=True, exist_ok=True)
-        done = set()
-        if score_file.is_file():
-            for line in score_file.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    done.add((rec["repeat"], rec["index"], rec["scorer"]))
         with score_file.open("a") as fh:
             for sname, scorer in scorers.items():
-                todo = [(j, k) for j, k in zip(jobs, keys) if (k[0], k[1], sname) not in done]
+                todo = todo_by_scorer[sname]
                 for start in range(0, len(todo), 16):
                     chunk = todo[start : start + 16]
                     images = [Image.open(j[0]).convert("RGB") for j, _ in chunk]
@@ -160,7 +251,10 @@ def run_eval(opts: EvalOptions, scorers: dict[str, Scorer] | None = None) -> dic
                         fh.write(json.dumps(row) + "\n")
                     fh.flush()
                     stats["scored"] += len(chunk)
-    report = write_report(opts, out)
+                    bar.update(len(chunk))
+    bar.close()
+    report = write_report(opts, out, {spec.name: {str(j[0]) for j in jobs} for spec, jobs, _, _ in plans},
+                          {spec.name: sf for spec, _, _, sf in plans})  # fmt: skip
     report["run"] = stats
     return report
 
@@ -191,14 +285,18 @@ def summarise(rows: list[dict], repeats: int) -> dict[str, dict[str, float]]:
 _ROW_KEYS = {"model", "repeat", "index", "scorer", "prompt", "prompt_id", "seed", "path"}
 
 
-def write_report(opts: EvalOptions, out: Path) -> dict:
+def write_report(opts: EvalOptions, out: Path, paths: dict[str, set[str]] | None = None,
+                 score_files: dict[str, Path] | None = None) -> dict:  # fmt: skip
+    """Report the rows of this run's images only (paths: model -> image paths; default: every row in range)."""
     from ..inference.plot import bar_chart
 
     rows_by_model, summary = {}, {}
     for spec in opts.models:
-        f = out / "scores" / f"{spec.name}.jsonl"
-        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+        f = (score_files or {}).get(spec.name) or out / "scores" / spec.name / f"{cache_key(opts, spec)}.jsonl"
+        rows = read_scores(f)
         rows = [r for r in rows if r["repeat"] < opts.repeats and r["index"] < opts.num_prompts]
+        if paths is not None:
+            rows = [r for r in rows if r.get("path") in paths[spec.name]]
         rows_by_model[spec.name] = rows
         summary[spec.name] = summarise(rows, opts.repeats)
     metrics = sorted({m for s in summary.values() for m in s})
@@ -245,7 +343,9 @@ def write_report(opts: EvalOptions, out: Path) -> dict:
                                   "models": {m.name: m.reference for m in opts.models if m.reference}},
               "options": {"benchmark": opts.benchmark, "num_prompts": opts.num_prompts, "repeats": opts.repeats,
                           "seed": opts.seed, "steps": opts.steps, "guidance_scale": opts.guidance_scale,
-                          "scheduler": opts.scheduler, "models": [m.name for m in opts.models]}}  # fmt: skip
+                          "scheduler": opts.scheduler, "height": opts.height, "width": opts.width,
+                          "dtype": opts.dtype, "models": [m.name for m in opts.models],
+                          "cache_keys": {m.name: cache_key(opts, m) for m in opts.models}}}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     return report
 

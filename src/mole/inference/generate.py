@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..outputs import check_output_dir
 from ..targets import Backbone
 from .pipeline import MixMode, SamplingOptions, default_size, load_mole_weights, open_sampler, pipeline_kwargs
 from .plot import grid
@@ -39,6 +40,9 @@ class GenerateOptions(SamplingOptions):
     negative_suffix: str = ""  # appended to every negative prompt (empty by default)
     scheduler_config: dict | None = None  # overrides of the scheduler's config (e.g. kohya's DDIM)
     strict_base: bool = True
+    overwrite: bool = False  # False: refuse an out_dir holding an earlier run's images and index
+
+    OUTPUTS = ("images.jsonl", "index.json", "compare.png", "mole", "fixed", "none")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,14 +58,34 @@ class GenerateOptions(SamplingOptions):
 def read_prompt_file(path: str | Path) -> list[str]:
     """One prompt per line (blank lines and lines starting with # skipped), or a .json/.jsonl of {"prompt": ...}."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-    if path.suffix == ".json":
-        data = json.loads(text)
-        return [d["prompt"] if isinstance(d, dict) else str(d) for d in data]
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} is a folder; give a text, .json or .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    if path.suffix in (".jsonl", ".json"):
+        try:
+            lines = [x for x in text.splitlines() if x.strip()]
+            data = [json.loads(x) for x in lines] if path.suffix == ".jsonl" else json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"prompt file {path} is not valid {path.suffix[1:].upper()} ({exc})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"prompt file {path}: expected a list of prompts or of {{\"prompt\": ...}} records")
+        out = []
+        for n, d in enumerate(data, 1):
+            if isinstance(d, dict):
+                if not isinstance(d.get("prompt"), str):
+                    raise ValueError(f"prompt file {path}: record {n} has no 'prompt' text (keys: {sorted(d)}); "
+                                     "give each record a \"prompt\" key")  # fmt: skip
+                out.append(d["prompt"])
+            elif isinstance(d, str):
+                out.append(d)
+            else:
+                raise ValueError(f"prompt file {path}: record {n} is {d!r}, not a prompt or a {{'prompt': ...}} record")
+        return out
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -95,7 +119,9 @@ def _png(image: Image.Image, path: Path, meta: dict) -> None:
 
 
 def generate(opts: GenerateOptions) -> dict:
-    """Generate every (prompt, seed) in every mode; return an index of what was written."""
+    """Generate every (prompt, seed) in every mode; return an index of what was written. An out_dir holding an
+    earlier run's images is refused unless opts.overwrite (which removes them first)."""
+    check_output_dir(opts.out_dir, GenerateOptions.OUTPUTS, opts.overwrite, "mole generate")
     model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
                                  progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe

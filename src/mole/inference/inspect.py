@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inject import mole_layers
+from ..outputs import check_output_dir
 from ..recording import record_gates
 from ..targets import Backbone
 from .generate import check_prompt_lengths
@@ -41,6 +42,9 @@ class InspectOptions(SamplingOptions):
     strict_base: bool = True
     expert_files: dict[str, str] | None = None  # {name: LoRA file}: the experts of the paper's gate files, by name
     negative_prompt: str | None = None
+    overwrite: bool = False  # False: refuse an out_dir holding an earlier inspect's files
+
+    OUTPUTS = ("gates.json", "gates_global.png", "images.png", "image_*.png", "local_maps_*.png")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +67,7 @@ def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert
 
 
 def inspect(opts: InspectOptions) -> dict:
+    check_output_dir(opts.out_dir, InspectOptions.OUTPUTS, opts.overwrite, "mole inspect")
     model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
                                  progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe

@@ -61,8 +61,28 @@ class SamplingOptions:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={self.scheduler!r} is unknown; use one of {sorted(SCHEDULERS)}")
         for h in (self.height, self.width):
-            if h is not None and h % 8:
-                raise ValueError(f"height/width={h}: use a multiple of 8")
+            if h is not None and (h < 8 or h % 8):
+                raise ValueError(f"height/width={h}: use a positive multiple of 8")
+        check_device(self.device)
+
+
+def check_device(device: str | None) -> None:
+    """A device string torch knows and this machine has (None: automatic)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: no CUDA GPU is visible here; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device={device!r}: use cpu, cuda, cuda:N or mps")
 
 
 class MixMode(str, enum.Enum):

@@ -46,7 +46,10 @@ def save_checkpoint(
     config_toml: str,
     extra: dict | None = None,
     keep: int = 2,
+    run_id: str | None = None,
 ) -> Path:
+    """Write checkpoint `step` atomically; then delete this run's (`run_id`'s) older checkpoints beyond `keep`.
+    Checkpoints of other runs in the folder are never deleted."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:07d}"
     tmp = folder / f".tmp-{PREFIX}{step:07d}"
@@ -56,11 +59,12 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(schedule.state_dict(), tmp / "schedule.pt")
     (tmp / "config.toml").write_text(config_toml)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "run_id": run_id, **(extra or {})}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(folder)[:-keep]:
+    own = [c for c in list_checkpoints(folder) if checkpoint_state(c).get("run_id") == run_id]
+    for old in own[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint written: %s", final)
     return final
@@ -72,6 +76,14 @@ def list_checkpoints(folder: Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def checkpoint_state(path: Path) -> dict:
+    """state.json of a checkpoint folder ({} when unreadable)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def resolve_resume(resume: str | None, folder: Path) -> Path | None:

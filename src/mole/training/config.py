@@ -148,7 +148,22 @@ class TrainConfig:
              "use a multiple of 8")  # fmt: skip
         need(0.0 <= self.data.caption_dropout < 1.0, "data.caption_dropout", self.data.caption_dropout,
              "use a probability in [0, 1)")  # fmt: skip
-        need(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "use a positive rate")
+        need(0 < self.optim.lr < 1 and math.isfinite(self.optim.lr), "optim.lr", self.optim.lr,
+             "use a positive rate below 1 (the paper: 1e-5 to 2e-5; Lion 2e-6)")  # fmt: skip
+        for i, b in enumerate(self.optim.betas):
+            need(0.0 <= b < 1.0, f"optim.betas[{i}]", b, "use values in [0, 1), e.g. betas = [0.9, 0.999]")
+        need(self.optim.weight_decay >= 0 and math.isfinite(self.optim.weight_decay), "optim.weight_decay",
+             self.optim.weight_decay, "use 0 or a small positive value (e.g. 1e-2)")  # fmt: skip
+        need(self.optim.eps > 0 and math.isfinite(self.optim.eps), "optim.eps", self.optim.eps,
+             "use a small positive value (e.g. 1e-8)")  # fmt: skip
+        need(self.optim.max_grad_norm is None or self.optim.max_grad_norm > 0, "optim.max_grad_norm",
+             self.optim.max_grad_norm, "use a positive norm (e.g. 1.0) or leave it unset")  # fmt: skip
+        need(self.noise_offset >= 0 and math.isfinite(self.noise_offset), "noise_offset", self.noise_offset,
+             "use 0 or a small positive value (e.g. 0.05)")  # fmt: skip
+        need(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "use 0 or more")
+        alpha = self.expert.alpha
+        need(alpha is None or (alpha > 0 and math.isfinite(alpha)), "expert.alpha", alpha,
+             "use a positive alpha (the scale is alpha / rank) or leave it unset")  # fmt: skip
         need(self.optim.warmup_steps >= 0, "optim.warmup_steps", self.optim.warmup_steps, "use 0 or more")
         need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", self.min_snr_gamma,
              "use a positive gamma (paper: 5) or leave it unset for plain MSE")  # fmt: skip
@@ -267,9 +282,14 @@ def load_config(
         data = merge(data, PRESETS[preset])
     if path is not None:
         try:
-            data = merge(data, tomllib.loads(Path(path).read_text()))
+            data = merge(data, tomllib.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise TrainConfigError(f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise TrainConfigError(f"config file {str(path)!r} is a folder; give the .toml file") from None
+        except UnicodeDecodeError as exc:
+            raise TrainConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); "
+                                   "save it as UTF-8") from None  # fmt: skip
         except tomllib.TOMLDecodeError as exc:
             raise TrainConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     for text in overrides:

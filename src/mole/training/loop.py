@@ -18,21 +18,30 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..data import CaptionedImages, StepBatchSampler, collate, scan_samples
+from ..data.dataset import DataError
 from ..models import DiffusionModel, TextConditioning
+from ..outputs import check_output_dir
 from ..recording import record_gates
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import MixedPrecision, TrainConfig
+from .checkpoint import checkpoint_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import MixedPrecision, TrainConfig, TrainConfigError
+from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
 from .stages import setup_stage
 
 logger = logging.getLogger(__name__)
+
+# what a run writes into output_dir (tensorboard logs go to "mole/"); a fresh run refuses a folder holding any
+RUN_ENTRIES = ("config.toml", "metrics.jsonl", "checkpoints", "final", "mole")
+# consecutive micro-batches without one readable image after which training stops instead of spinning
+MAX_EMPTY_BATCHES = 50
 
 
 @dataclass
@@ -63,8 +72,32 @@ def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator
     return noise.to(latents.device, latents.dtype), t.to(latents.device)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run one stage as configured; return what it did (losses, files)."""
+def check_run_folder(cfg: TrainConfig, overwrite: bool = False) -> tuple[Path | None, dict]:
+    """Before anything heavy: the checkpoint to resume from (and its state), or, for a fresh start, a check that
+    output_dir holds no earlier run (unless overwrite). Raises with the field, the value and the fix."""
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = resolve_resume(cfg.resume, ckpt_dir)
+    state = checkpoint_state(resume_from) if resume_from is not None else {}
+    if resume_from is not None and int(state.get("step", 0)) > cfg.max_steps:
+        raise TrainConfigError(
+            f"max_steps={cfg.max_steps} is below the step of the checkpoint to resume ({state['step']}, {resume_from});"
+            f" set max_steps to at least {state['step']}, or start afresh in another output_dir"
+        )
+    _check_inputs(cfg)
+    own = resume_from is not None and resume_from.parent.resolve() == ckpt_dir.resolve()
+    if not own and not overwrite:
+        check_output_dir(out, RUN_ENTRIES, False, "mole train",
+                         resume_hint="continue that run with --set resume=latest")  # fmt: skip
+    return resume_from, state
+
+
+def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
+    """Run one stage as configured; return what it did (losses, files).
+
+    A fresh run (no resume) refuses an output_dir that holds an earlier run; overwrite=True removes that run's
+    files (config.toml, metrics.jsonl, checkpoints/, final/, tensorboard logs) first. SIGINT / SIGTERM during the
+    loop finish the current step, write a checkpoint and raise TrainingInterrupted."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
@@ -72,6 +105,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     cfg.validate()
     out = Path(cfg.output_dir)
+    resume_from, resume_state = check_run_folder(cfg, overwrite)
+    fresh = resume_from is None
+    run_id = resume_state.get("run_id") if not fresh else uuid.uuid4().hex
     trackers = _trackers(cfg)
     # accelerate keeps one process-wide state; a second run in this process (Python API, tests) may ask for other
     # mixed-precision settings. The process group (PartialState) is left alone.
@@ -86,10 +122,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     accum = plan.grad_accum
     accelerator.gradient_accumulation_steps = accum
     logger.info("batch: %s", plan.describe())
+    if fresh and overwrite and accelerator.is_main_process:
+        check_output_dir(out, RUN_ENTRIES, True, "mole train")
+    accelerator.wait_for_everyone()
     weight_dtype = {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
     # ---- model and stage
+    samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
     model = DiffusionModel.from_pretrained(cfg.model)
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
@@ -114,14 +154,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- resume
     ckpt_dir = out / "checkpoints"
     start_step = 0
-    resume_from = resolve_resume(cfg.resume, ckpt_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, ckpt_modules, optimizer, schedule)
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
     # ---- data
-    samples = scan_samples(cfg.data.path, cfg.data.manifest)
     dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                               cfg.data.caption_dropout, cfg.seed)  # fmt: skip
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
@@ -194,82 +232,107 @@ def train(cfg: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(cfg.to_toml())
+        _trim_metrics(out / "metrics.jsonl", start_step)
     if trackers:
         accelerator.init_trackers("mole", config=_flat(cfg.to_dict()))
     metrics_file = out / "metrics.jsonl"
 
     # ---- loop
     losses, gate_log, skipped, checkpoints = [], [], 0, []
+    unreadable: set[int] = set()  # distinct unreadable images met so far
+    empty_run = 0  # consecutive micro-batches without a readable image
     micro_step = start_step * accum
     step = start_step
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
     denoiser.train()
     acc_loss, acc_n, t0 = 0.0, 0, time.perf_counter()
-    while step < cfg.max_steps:
-        batch = next(batches)
-        skipped += batch["skipped"]
-        gen = _step_generator(cfg.seed, micro_step, accelerator.process_index)
-        micro_step += 1
-        if batch["pixels"] is None:  # every image of this micro-batch was unreadable
-            logger.warning("micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
-            continue
-        completes_step = micro_step % accum == 0
-        log_gates = stage.records_gates and completes_step and (step + 1) % cfg.log_every == 0
-        with accelerator.accumulate(*wrapped.values()):
-            if log_gates:
-                with record_gates(stage.modules["denoiser"], keep_local=True) as rec:
-                    loss = loss_on(batch, micro_step, gen)
-                gate_stats = _gate_stats(rec)
-            else:
-                loss, gate_stats = loss_on(batch, micro_step, gen), None
-            aux_logs = {}
-            if stage.aux_loss is not None:
-                aux, aux_logs = stage.aux_loss(step)
-                loss = loss + aux
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and accelerator.num_processes > 1:
-                for p in side_params:  # used through hooks: DDP did not see them
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                accelerator.clip_grad_norm_(stage.params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        acc_loss += float(loss.detach())
-        acc_n += 1
-        if not accelerator.sync_gradients:
-            continue
-        schedule.step()
-        step += 1
-        mean_loss = acc_loss / acc_n
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss became {mean_loss} at step {step}; lower optim.lr or use bf16 over fp16")
-        losses.append(mean_loss)
-        acc_loss, acc_n = 0.0, 0
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
-                      "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
-            record.update(aux_logs)
-            if gate_stats:
-                record.update(gate_stats)
-                gate_log.append({"step": step, **gate_stats})
-            if accelerator.is_main_process:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if trackers:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-                accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
-            elif accelerator.is_main_process:
-                checkpoints.append(
-                    save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(),
-                                    {"micro_step": micro_step, "skipped_images": skipped}, cfg.keep_checkpoints)
-                )  # fmt: skip
-    bar.close()
+
+    def save_now() -> Path | None:
+        accelerator.wait_for_everyone()
+        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
+            return None
+        if not accelerator.is_main_process:
+            return None
+        path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(),
+                               {"micro_step": micro_step, "skipped_images": skipped}, cfg.keep_checkpoints,
+                               run_id=run_id)  # fmt: skip
+        checkpoints.append(path)
+        return path
+
+    stop = StopRequest().__enter__()
+    try:
+        while step < cfg.max_steps:
+            batch = next(batches)
+            skipped += batch["skipped"]
+            unreadable.update(batch["bad_indices"])
+            gen = _step_generator(cfg.seed, micro_step, accelerator.process_index)
+            micro_step += 1
+            if batch["pixels"] is None:  # every image of this micro-batch was unreadable
+                empty_run += 1
+                _check_readable(cfg, len(dataset), unreadable, empty_run)
+                logger.warning("micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
+                continue
+            empty_run = 0
+            completes_step = micro_step % accum == 0
+            log_gates = stage.records_gates and completes_step and (step + 1) % cfg.log_every == 0
+            with accelerator.accumulate(*wrapped.values()):
+                if log_gates:
+                    with record_gates(stage.modules["denoiser"], keep_local=True) as rec:
+                        loss = loss_on(batch, micro_step, gen)
+                    gate_stats = _gate_stats(rec)
+                else:
+                    loss, gate_stats = loss_on(batch, micro_step, gen), None
+                aux_logs = {}
+                if stage.aux_loss is not None:
+                    aux, aux_logs = stage.aux_loss(step)
+                    loss = loss + aux
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.num_processes > 1:
+                    for p in side_params:  # used through hooks: DDP did not see them
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(stage.params, cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            acc_loss += float(loss.detach())
+            acc_n += 1
+            if not accelerator.sync_gradients:
+                continue
+            schedule.step()
+            step += 1
+            mean_loss = acc_loss / acc_n
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"loss became {mean_loss} at step {step}; lower optim.lr or use bf16 over fp16"
+                )
+            losses.append(mean_loss)
+            acc_loss, acc_n = 0.0, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
+                          "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+                record.update(aux_logs)
+                if gate_stats:
+                    record.update(gate_stats)
+                    gate_log.append({"step": step, **gate_stats})
+                if accelerator.is_main_process:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if trackers:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_now()
+            elif _stop_requested(stop, accelerator):
+                save_now()
+            if step < cfg.max_steps and _stop_requested(stop, accelerator):
+                saved = checkpoints[-1] if checkpoints else None
+                raise TrainingInterrupted(step, saved, out, stop.signal_name or "SIGINT")
+    finally:
+        stop.__exit__()
+        bar.close()
     denoiser.eval()
     probe_last = probe()
 
@@ -288,6 +351,55 @@ def train(cfg: TrainConfig) -> TrainResult:
         gate_log=gate_log, trainable_checksum=float(sum(p.detach().double().abs().sum() for p in stage.params)),
         batch=asdict(plan),
     )  # fmt: skip
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    """Files the config names, checked in milliseconds before minutes of model loading."""
+    if not Path(cfg.data.path).is_dir():
+        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
+    model = Path(cfg.model).expanduser()
+    if model.exists() and not (model / "model_index.json").is_file():
+        raise TrainConfigError(f"model={cfg.model!r} is not a diffusers pipeline folder (no model_index.json); give "
+                               "a save_pretrained folder or a hub id")  # fmt: skip
+    if not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
+        raise TrainConfigError(f"model={cfg.model!r} does not exist; check the path (or give a hub id)")
+    for name, path in cfg.mixture.experts.items() if cfg.stage == 3 else ():
+        if not Path(path).exists():
+            raise TrainConfigError(f"mixture.experts.{name}={path!r} does not exist; give the expert's LoRA file")
+
+
+def _check_readable(cfg: TrainConfig, n: int, unreadable: set[int], empty_run: int) -> None:
+    """Stop instead of spinning when no image (or no batch for a long run of micro-steps) can be read."""
+    if len(unreadable) >= n or empty_run >= MAX_EMPTY_BATCHES:
+        raise DataError(
+            f"data.path={cfg.data.path!r}: {len(unreadable)} of {n} images are unreadable"
+            + (" (all of them)" if len(unreadable) >= n else f" and {empty_run} batches in a row had none readable")
+            + "; replace or remove the broken files (the warnings above name them)"
+        )
+
+
+def _stop_requested(stop: StopRequest, accelerator) -> bool:
+    """The stop flag, agreed by every process (any process that got the signal stops them all)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _trim_metrics(path: Path, start_step: int) -> None:
+    """On resume: drop metric lines of steps after the checkpoint (the interrupted run wrote them; they are redone),
+    and a half-written last line."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= start_step:
+            keep.append(line)
+    path.write_text("".join(x + "\n" for x in keep))
 
 
 def _gate_stats(rec) -> dict[str, float]:
