@@ -63,17 +63,30 @@ def _check_file(path: str | None, what: str, flag: str) -> None:
 
 def _check_mole_arg(path: str | None) -> None:
     """--mole: a readable MoLE file with a manifest (header only, cheap)."""
-    if path is None:
+    from .mole_tiny import is_mole_tiny
+
+    if path is None or is_mole_tiny(path):
         return
     _check_file(path, "MoLE .safetensors", "--mole")
+    from .formats.official import is_official_gate_file
     from .io import read_mole_manifest
 
+    if is_official_gate_file(path):  # the paper's released gate file: read with its --expert files
+        return
     read_mole_manifest(path)
 
 
 def _check_base_arg(base: str, flag: str = "--base") -> None:
-    """A local base must be a diffusers pipeline folder; anything else must look like a hub id (org/name)."""
+    """A local base must be a diffusers pipeline folder or a single-file checkpoint; `mole-tiny` names the shipped
+    model; anything else must look like a hub id (org/name)."""
+    from .mole_tiny import is_mole_tiny
+    from .single_file import SUFFIXES
+
+    if is_mole_tiny(base):
+        return
     p = Path(base).expanduser()
+    if p.is_file() and p.suffix.lower() in SUFFIXES:  # a single-file checkpoint: read when the model loads
+        return
     if p.exists():
         if not p.is_dir() or not (p / "model_index.json").is_file():
             raise ValueError(f"{flag} {base} is not a diffusers pipeline folder (no model_index.json); give the "

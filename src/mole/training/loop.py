@@ -357,11 +357,16 @@ def _check_inputs(cfg: TrainConfig) -> None:
     """Files the config names, checked in milliseconds before minutes of model loading."""
     if not Path(cfg.data.path).is_dir():
         raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
+    from ..mole_tiny import is_mole_tiny
+    from ..single_file import SUFFIXES
+
     model = Path(cfg.model).expanduser()
-    if model.exists() and not (model / "model_index.json").is_file():
+    if is_mole_tiny(cfg.model) or (model.is_file() and model.suffix.lower() in SUFFIXES):
+        pass  # the shipped model, or a single-file checkpoint: read when the model loads
+    elif model.exists() and not (model / "model_index.json").is_file():
         raise TrainConfigError(f"model={cfg.model!r} is not a diffusers pipeline folder (no model_index.json); give "
                                "a save_pretrained folder or a hub id")  # fmt: skip
-    if not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
+    elif not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
         raise TrainConfigError(f"model={cfg.model!r} does not exist; check the path (or give a hub id)")
     for name, path in cfg.mixture.experts.items() if cfg.stage == 3 else ():
         if not Path(path).exists():
