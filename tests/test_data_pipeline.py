@@ -120,8 +120,10 @@ def test_a_changed_option_reprocesses_and_says_so(tmp_path, caplog):
     assert first["kept"] == 0 and first["dropped"]["blurry_laplacian"] >= 2
     same = build_dataset(BuildOptions(**opts, min_sharpness=1e9, workers=1))  # workers is not part of the key
     assert same["sources"] == 3 and "reprocessed_for_options" not in same
+    with pytest.raises(OutputExistsError, match=r"min_sharpness: 1000000000.0 -> 0.*--overwrite"):
+        build_dataset(BuildOptions(**opts, min_sharpness=0))  # never silently mixed or replaced
     with caplog.at_level("WARNING"):
-        again = build_dataset(BuildOptions(**opts, min_sharpness=0))
+        again = build_dataset(BuildOptions(**opts, min_sharpness=0, overwrite=True))
     assert again["kept"] >= 2 and again["sources"] == 3 and "blurry_laplacian" not in again["dropped"]
     assert again["reprocessed_for_options"] == {"min_sharpness": [1e9, 0]}
     assert "min_sharpness: 1000000000.0 -> 0" in caplog.text and "re-processing every source" in caplog.text

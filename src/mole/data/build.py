@@ -180,7 +180,7 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- main
 # options that never change what a source yields (how fast, where, how packed)
-_NOT_IN_KEY = ("source", "out_dir", "workers", "shard_size")
+_NOT_IN_KEY = ("source", "out_dir", "workers", "shard_size", "overwrite")
 
 
 def _key_options(opts: BuildOptions | dict) -> dict:
@@ -228,15 +228,32 @@ BUILD_OUTPUTS = ("images", "manifest.jsonl", "sources.jsonl", "stats.json", "sha
 
 
 def _check_earlier_build(opts: BuildOptions, out: Path) -> None:
-    """A folder mole data did not build (or --overwrite) is checked here; a rerun of an earlier build resumes, and
-    one with other options is re-processed by _reset_for_options, which says which options changed."""
-    from ..outputs import check_output_dir
+    """A rerun with the same options resumes; other options would mix two builds: refused, naming what changed and
+    --overwrite (which removes the earlier build first, so every source is processed again)."""
+    from ..outputs import OutputExistsError, check_output_dir
 
+    stats = out / "stats.json"
     if opts.overwrite:
-        check_output_dir(out, BUILD_OUTPUTS, True, "mole data")
-        return
-    if not (out / "stats.json").is_file() and not (out / "manifest.jsonl").is_file():
+        if not stats.is_file():  # not a build of ours: check_output_dir decides what may go
+            check_output_dir(out, BUILD_OUTPUTS, True, "mole data")
+        return  # an earlier build: _reset_for_options re-processes every source and names what changed
+    if not stats.is_file():
+        if (out / "manifest.jsonl").is_file():  # an interrupted first build: resumed (no options to compare yet)
+            return
         check_output_dir(out, BUILD_OUTPUTS, False, "mole data")
+        return
+    try:
+        before = json.loads(stats.read_text()).get("options") or {}
+    except ValueError:
+        before = {}
+    now = asdict(opts)
+    changed = sorted(k for k in now if k not in _RESUMABLE and k in before and before[k] != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
+        raise OutputExistsError(
+            f"mole data: {str(out)!r} holds a build made with other options ({diffs}); pass --overwrite "
+            "(overwrite=True) to build again with the new options, or choose another output folder"
+        )
 
 
 def build_dataset(opts: BuildOptions) -> dict:

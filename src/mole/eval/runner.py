@@ -111,7 +111,12 @@ def image_seed(seed: int, repeat: int, index: int) -> int:
 
 def file_fingerprint(path: str | Path) -> str:
     """A cheap content fingerprint: size plus hashes of the first and last MiB (a file), or of every file's relative
-    path, size and first/last KiB (a folder, e.g. a local pipeline). A hub id fingerprints as itself."""
+    path, size and first/last KiB (a folder, e.g. a local pipeline). A hub id fingerprints as itself; `mole-tiny` as
+    the files it names."""
+    from ..mole_tiny import is_mole_tiny, mole_path, resolve_base
+
+    if is_mole_tiny(path):  # as a base and as a MoLE file: both files, so a rebuilt mole-tiny is a new key
+        return file_fingerprint(resolve_base(path)) + file_fingerprint(mole_path())
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
