@@ -152,7 +152,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .io import read_mole_file
 
-    _check_file(args.file, "MoLE .safetensors", "file")
+    from .mole_tiny import is_mole_tiny
+
+    if not is_mole_tiny(args.file):
+        _check_file(args.file, "MoLE .safetensors", "file")
     manifest, tensors = read_mole_file(args.file)
     gates = sum(t.numel() for k, t in tensors.items() if k.startswith("gates."))
     experts = sum(t.numel() for k, t in tensors.items() if k.startswith("experts."))
