@@ -151,7 +151,6 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .io import read_mole_file
-
     from .mole_tiny import is_mole_tiny
 
     if not is_mole_tiny(args.file):
