@@ -385,26 +385,42 @@ def max_batch_size(kind: str, stage: int, budget_gb: float, limit: int = 64, **k
 
 
 def estimate_from_config(path: str | Path, **overrides) -> MemoryEstimate:
-    """The estimate for a training config (TOML): its stage, model kind, batch size, resolution, mixed precision,
-    optimizer, gradient checkpointing, expert rank (stage 2) or experts (stage 3: their files' ranks when readable)."""
-    from .single_file import checkpoint_shapes, detect_kind, is_single_file
+    """The estimate for a training config file (TOML); `overrides` replace estimate_memory's arguments."""
     from .training.config import load_config
 
-    cfg = load_config(path)
-    model = str(cfg.model)
-    kind = _kind_of(model, is_single_file, checkpoint_shapes, detect_kind)
+    return estimate_for_train_config(load_config(path), **overrides)
+
+
+def estimate_for_preset(base: str, preset: str, **overrides) -> MemoryEstimate:
+    """The estimate for a training preset (stage1, stage2-face, stage2-hand, stage3) on `base`."""
+    from .single_file import checkpoint_shapes, detect_kind, is_single_file
+    from .training.config import PRESETS, TrainConfig, merge
+
+    if preset not in PRESETS:
+        raise EstimateError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+    kind = _kind_of(str(base), is_single_file, checkpoint_shapes, detect_kind)
+    data = merge(PRESETS[preset], {"model": base, "data": {"resolution": NATIVE_RESOLUTION[kind]}})
+    return estimate_for_train_config(TrainConfig.from_dict(data), **overrides)
+
+
+def estimate_for_train_config(cfg, **overrides) -> MemoryEstimate:
+    """The estimate for a TrainConfig: its stage, model kind, batch size, resolution, mixed precision, optimizer,
+    gradient checkpointing, expert rank (stage 2) or experts (stage 3: the files' largest rank when readable)."""
+    from .single_file import checkpoint_shapes, detect_kind, is_single_file
+
+    kind = _kind_of(str(cfg.model), is_single_file, checkpoint_shapes, detect_kind)
     precision = {"no": "fp32"}.get(cfg.mixed_precision.value, cfg.mixed_precision.value)
-    stage = int(cfg.stage)
+    stage = int(overrides.pop("stage", None) or cfg.stage)
     if stage == 4:
         raise EstimateError("stage=4 (InstructMoLE) has no estimate yet; use stage 1, 2 or 3")
-    rank, experts = cfg.expert.rank, max(1, len(cfg.mixture.experts))
+    rank, experts = cfg.expert.rank, max(2, len(cfg.mixture.experts))
     if stage == 3:
-        rank = _max_rank(cfg.mixture.experts.values()) or overrides.pop("rank", rank)
+        rank = _max_rank(cfg.mixture.experts.values()) or rank
     kw = dict(batch_size=cfg.batch_size, resolution=cfg.data.resolution, precision=precision,
               optimizer=cfg.optim.name.value, gradient_checkpointing=cfg.gradient_checkpointing, rank=rank,
               num_experts=experts, train_text_encoder=cfg.train_text_encoder,
               gating=cfg.mixture.gating.value)  # fmt: skip
-    kw.update(overrides)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
     return estimate_memory(kind, stage, **kw)
 
 
