@@ -6,8 +6,8 @@
 Each measurement runs in a fresh subprocess with MALLOC_MMAP_THRESHOLD_ fixed (freed tensors leave the RSS); a
 thread samples the RSS every millisecond. Measured: setup = RSS with the model built and the experts injected minus
 the RSS before; step = peak RSS during one forward + backward + AdamW step (first step: the optimizer state is
-created) minus the RSS before it. Estimated: the same parts of mole.estimate (denoiser weights, experts, gates, gradients, optimizer
-state, activations, workspace; no VAE / text encoders, which this check does not load).
+created) minus the RSS before it. Estimated: the same parts of mole.estimate (denoiser weights, experts, gates,
+gradients, optimizer state, activations, workspace; no VAE / text encoders, which this check does not load).
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def main() -> None:
     est = estimate(args)
     report = {**vars(args), **measured, **est,
               "estimate_over_measured": round(est["estimated_gib"] / measured["measured_gib"], 3),
-              "step_estimate_over_measured": round(est["estimated_step_gib"] / measured["measured_step_gib"], 3)}  # fmt: skip
+              "step_estimate_over_measured":
+                  round(est["estimated_step_gib"] / measured["measured_step_gib"], 3)}  # fmt: skip
     report.pop("child")
     print(json.dumps(report, indent=2))
 
