@@ -94,7 +94,9 @@ def _flash_like_sdpa():
     class _Flash(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out = original(q, k, v)
+            # fused kernels write (b, n, h, d) and return the (b, h, n, d) view, so the caller's
+            # transpose(1, 2).reshape(b, n, h * d) is a view of the same memory, not a copy
+            out = original(q, k, v).transpose(1, 2).contiguous().transpose(1, 2)
             lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
@@ -125,19 +127,26 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """Tensors sharing memory share this key: the storage's address, or on meta (no addresses) the view's base."""
+    if t.device.type != "meta":
+        return t.untyped_storage().data_ptr()
+    while t._base is not None:
+        t = t._base
+    return id(t)
+
+
 def count_saved(model: nn.Module, run, flash_attention: bool = True) -> dict:
     """Run `run()` (a forward of `model`) and count what autograd saves: total bytes, the bytes attributed to each
     checkpoint unit (outermost ResnetBlock2D / Transformer2DModel / BasicTransformerBlock), the units' input bytes,
     and the largest saved storage. Works on meta tensors (nothing is computed) and on real ones."""
-    own = {p.untyped_storage()._cdata for p in model.parameters()} | {
-        b.untyped_storage()._cdata for b in model.buffers()
-    }
+    own = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
     saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, unit index or -1)
     unit_inputs: list[int] = []
     active: list[int] = []
 
     def pack(t):
-        key = t.untyped_storage()._cdata
+        key = _storage_key(t)
         if key not in own and key not in saved:
             saved[key] = (_nbytes(t), active[0] if active else -1)
         return t
