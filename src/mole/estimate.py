@@ -68,6 +68,7 @@ class MemoryEstimate:
     workspace: int = 0
     recording: int = 0
     wrapped_layers: int = 0
+    activations_by_checkpointing: dict[bool, int] = field(default_factory=dict)  # both, whichever is chosen
 
     @property
     def total(self) -> int:
@@ -349,10 +350,12 @@ def estimate_memory(
     latent = (resolution // 8, resolution // 8)
     inputs = denoiser_inputs(denoiser, batch_size, latent, "meta", wdtype)
     counted = count_saved(denoiser, lambda: denoiser(**inputs))
-    if gradient_checkpointing and counted["per_unit"]:
-        est.activations = counted["outside"] + sum(counted["unit_inputs"]) + max(counted["per_unit"])
-    else:
-        est.activations = counted["total"]
+    est.activations_by_checkpointing = {False: counted["total"], True: counted["total"]}
+    if counted["per_unit"]:
+        est.activations_by_checkpointing[True] = (
+            counted["outside"] + sum(counted["unit_inputs"]) + max(counted["per_unit"])
+        )
+    est.activations = est.activations_by_checkpointing[gradient_checkpointing]
     est.workspace = 2 * counted["largest"]
     if stage == 3:
         est.recording = _recording_bytes(denoiser, inputs, num_experts)
