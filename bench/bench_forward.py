@@ -68,6 +68,7 @@ def interleaved(fns: dict, rounds: int, warmup: int, device: torch.device) -> di
             fns[name]()
             sync(device)
             times[name].append((time.perf_counter() - t0) * 1000)
+            print(f"round {r}: {name} {times[name][-1]:.0f} ms", file=sys.stderr, flush=True)
     return times
 
 
