@@ -248,3 +248,135 @@ def test_expert_weights_scale_each_expert(fused):
     layer.expert_weight.copy_(torch.tensor([0.5, 0.0]))
     expected = base(x) + 0.5 * (x @ e0.down.T @ e0.up.T) * e0.scale
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- fast paths
+# Shapes that send the fused path down each kernel (checked with choose_path, so a changed rule fails here):
+# few tokens and low rank -> lowrank; rank rows above e*d*o/(d+o) -> dense; per-sample coefficients and many
+# tokens -> merged.
+FAST_CASES = [
+    ("lowrank", "both", (4, 6, 3), (), 10),
+    ("lowrank", "local", (4, 4), ("e1",), 10),
+    ("dense", "both", (16, 16), (), 10),
+    ("dense", "local", (20, 12, 9), ("e0",), 10),
+    ("merged", "global", (4, 6, 3), (), 64),
+    ("merged", "none", (4, 4), (), 64),
+    ("lowrank", "global", (4, 6), (), 10),
+]
+
+
+def _fused_and_naive(layer, x, grad: bool):
+    """Outputs and (when grad) gradients of x and every gate parameter, fused then naive, for one upstream grad."""
+    results = []
+    upstream = None
+    for fused in (True, False):
+        layer.fused = fused
+        xs = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = layer(xs)
+            grads = []
+            if grad:
+                if upstream is None:
+                    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+                grads = torch.autograd.grad(y, [xs, *layer.gates.parameters()], upstream)
+        results.append((y.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("path,gating,ranks,missing,tokens", FAST_CASES)
+@pytest.mark.parametrize("conv", [False, True])
+def test_fast_paths_equal_naive_in_values_and_gradients(path, gating, ranks, missing, tokens, conv):
+    from mole.layers.fused import choose_path
+
+    torch.manual_seed(0)
+    base = nn.Conv2d(24, 20, 1) if conv else nn.Linear(24, 20)
+    layer = make_layer(base, ranks, missing, gating)
+    rows, e = sum(ranks), len(ranks)
+    per_sample = not layer.gating.uses_local
+    assert choose_path(tokens, 24, 20, rows, e, per_sample) == path
+    x = torch.randn(3, 24, 2, tokens // 2) if conv else torch.randn(3, tokens, 24)
+    (y_inf, _), (y_ref, _) = _fused_and_naive(layer, x, grad=False)
+    torch.testing.assert_close(y_inf, y_ref, rtol=1e-5, atol=1e-5)
+    (y_tr, g_fused), (y_ref2, g_naive) = _fused_and_naive(layer, x, grad=True)
+    torch.testing.assert_close(y_tr, y_ref2, rtol=1e-5, atol=1e-5)
+    assert len(g_fused) == 1 + len(list(layer.gates.parameters()))
+    for gf, gn in zip(g_fused, g_naive):
+        torch.testing.assert_close(gf, gn, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_training_path_keeps_little_for_the_backward(keep):
+    """Frozen experts: the fused training path saves X and the (b, n, e) coefficients, not the (b, n, R) low-rank
+    activations (unless keep_activations), and both choices give the naive path's gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 32).requires_grad_(False)
+    layer = make_layer(base, (64, 64))
+    layer.keep_activations = keep
+    x = torch.randn(2, 50, 32, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {
+        b.untyped_storage().data_ptr() for b in layer.buffers()
+    }
+    activations = sum(v for k, v in saved.items() if k not in params)
+    x_bytes, rows_bytes = x.numel() * 4, 2 * 50 * 128 * 4
+    assert activations >= x_bytes
+    if keep:
+        assert activations >= x_bytes + rows_bytes
+    else:
+        assert activations < x_bytes + rows_bytes / 2  # autograd's own graph keeps h and h * coef: 2 x rows_bytes
+    gx, *gg = torch.autograd.grad(y.pow(2).sum(), [x, *layer.gates.parameters()])
+    layer.fused = False
+    rx, *rg = torch.autograd.grad(layer(x).pow(2).sum(), [x, *layer.gates.parameters()])
+    for a, b in zip([gx, *gg], [rx, *rg]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_cache_follows_expert_and_base_updates():
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(24, 20), (16, 16))
+    x = torch.randn(2, 6, 24)
+    with torch.no_grad():
+        first = layer(x)
+        layer.lora_B.mul_(2.0)
+        layer.base.weight.add_(0.1)
+        second = layer(x)
+        layer.fused = False
+        reference = layer(x)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_training_keeps_factor_gradients():
+    """Stage 2 trains lora_A / lora_B through the fused layer: they must still get gradients."""
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(24, 20), (4,), gating="none")
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    x = torch.randn(2, 5, 24)
+    layer(x).pow(2).sum().backward()
+    got = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    layer.zero_grad()
+    layer.fused = False
+    layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(got[0], layer.lora_A.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[1], layer.lora_B.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_layer_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(24, 20), (4, 6))
+    x = torch.randn(2, 5, 24)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(x.requires_grad_(True))
+    assert explained.graph_break_count == 0

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Gating, GlobalSource, MoLEConfig
+from .fused import LowRankMix, choose_path, dense_experts, expand_rows, merged_per_sample
 from .gates import MoLEGates
 from .lora import LoraPair
 
@@ -160,6 +161,10 @@ class MoLELayer(nn.Module):
             device=ref.device,
         )
         self._aug_cache: tuple[tuple, torch.Tensor] | None = None
+        self._dense_cache: tuple[tuple, torch.Tensor] | None = None
+        # Speed / memory switches of the fused path (results are the same either way, up to rounding):
+        self.keep_activations = False  # training: keep h = X A^T for the backward (more memory, one GEMM less)
+        self.dense_ok = True  # inference: cache dense expert weights where they cost fewer FLOPs than rank R
 
     # ------------------------------------------------------------------ conveniences
     @property
@@ -261,6 +266,104 @@ class MoLELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return self.forward_naive(x)
+        if (
+            self.track_orthogonality
+            or (self.gating.uses_global and self.global_source is GlobalSource.EXPERT_OUTPUT)
+            or self.lora_A.requires_grad
+            or self.lora_B.requires_grad
+        ):  # these need every expert's low-rank activations h, or weight gradients for the experts (stage 2)
+            return self._forward_stacked(x)
+        return self._forward_fast(x)
+
+    # ------------------------------------------------------------------ fast paths (frozen experts)
+    def _gate_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[phi; w] (e_local + e_global, d): the gate projections that read the input, or None."""
+        parts = []
+        if self.gating.uses_local:
+            parts.append(self.gates.local_weight)
+        if self.gating.uses_global:
+            parts.append(self.gates.global_weight)
+        if not parts:
+            return None
+        return parts[0].to(dtype) if len(parts) == 1 else torch.cat([p.to(dtype) for p in parts], 0)
+
+    def _coefficients(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """coef (b, n|1, e) = alpha_i / r_i * expert_weight_i * s_i * g_i * routing_i, and the gates (local, global)."""
+        dtype = tokens.dtype
+        e = self.num_experts
+        coef = (self.expert_scale * self.expert_weight).to(dtype).view(1, 1, e)
+        local = glob = None
+        gate_w = self._gate_weight(dtype)
+        if gate_w is not None:
+            col = 0
+            if self.gating.uses_local:
+                z = F.linear(tokens, gate_w)  # (b, n, e_local + e_global): one pass over x for both gates
+                local = torch.sigmoid(z[..., :e] + self.gates.local_bias.to(dtype))  # (b, n, e)
+                coef = coef * local
+                col = e
+                pooled = z[..., col:].mean(1) if self.gating.uses_global else None
+            else:
+                pooled = F.linear(tokens.mean(1), gate_w)  # mean_n(X) @ w: the global gate needs no per-token GEMM
+            if self.gating.uses_global:
+                glob = torch.sigmoid(pooled + self.gates.global_bias.to(dtype))  # (b, e)
+                coef = coef * glob[:, None, :]
+        if self.routing is not None:
+            coef = coef * self.routing.to(dtype)[:, None, :]
+            glob = self.routing if glob is None else glob
+        return coef, local, glob
+
+    def _base_weight_2d(self) -> torch.Tensor:
+        w = self.base.weight
+        return w[:, :, 0, 0] if self.is_conv else w
+
+    def _dense_stack(self, dtype: torch.dtype) -> torch.Tensor:
+        """[W; B_1 A_1; ...; B_e A_e] ((1 + e) o, d), cached until the base or the experts change."""
+        w = self._base_weight_2d()
+        key = tuple((p.data_ptr(), p._version) for p in (w, self.lora_A, self.lora_B)) + (dtype,)
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            with torch.no_grad():
+                dense = [w.to(dtype)]
+                for name in self.expert_names:
+                    pair = self.expert(name)
+                    # unscaled B_i A_i: coef carries alpha_i / r_i
+                    d_i = torch.zeros_like(dense[0]) if pair is None else pair.up.float() @ pair.down.float()
+                    dense.append(d_i.to(dtype))
+                self._dense_cache = (key, torch.cat(dense, 0))
+        return self._dense_cache[1]
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, restore = self._to_tokens(x)  # (b, n, d)
+        dtype = tokens.dtype
+        b, n, d = tokens.shape
+        o, rows, e = self.out_features, self.lora_A.shape[0], self.num_experts
+        coef, local, glob = self._coefficients(tokens)
+        if self.recorder is not None:
+            self.recorder.record(self, local, glob, x)
+        if torch.is_grad_enabled() and (tokens.requires_grad or coef.requires_grad):
+            out = self.base(x)
+            fuse = not self.is_conv and out.is_contiguous()
+            y = LowRankMix.apply(
+                out.reshape(-1, o) if fuse else None, tokens, self.lora_A.to(dtype), self.lora_B.to(dtype), coef,
+                self.rank_owner, self._uniform_rank, self.keep_activations,
+            )
+            return y.view(out.shape) if fuse else out + restore(y)
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        # no dense cache under torch.compile (its invalidation check is Python state); merged needs none
+        path = choose_path(n, d, o, rows, e, coef.shape[1] == 1, self.dense_ok and not torch.compiler.is_compiling())
+        if path == "merged":  # one coefficient per sample, many tokens
+            y = merged_per_sample(tokens, self._base_weight_2d().to(dtype), bias, self.lora_A.to(dtype),
+                                  self.lora_B.to(dtype), coef.expand(b, 1, e), self.rank_owner)  # fmt: skip
+            return restore(y)
+        if path == "dense":
+            return restore(dense_experts(tokens, self._dense_stack(dtype), bias, coef.expand(b, -1, e)))
+        out = self.base(x)
+        hc = expand_rows(F.linear(tokens, self.lora_A.to(dtype)), coef, self.rank_owner, self._uniform_rank)
+        if not self.is_conv and out.is_contiguous():
+            return torch.addmm(out.reshape(-1, o), hc.reshape(-1, rows), self.lora_B.to(dtype).t()).view(out.shape)
+        return out + restore(F.linear(hc, self.lora_B.to(dtype)))
+
+    # ------------------------------------------------------------------ stacked path (needs h or expert grads)
+    def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         tokens, restore = self._to_tokens(x)  # (b, n, d)
         dtype = tokens.dtype
