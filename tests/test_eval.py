@@ -441,6 +441,9 @@ def test_stage_ablation_uses_the_same_prompts_and_seeds_for_every_stage(tmp_path
     assert keyed["base"] == keyed["stage1"] == keyed["stage2-fixed"] == keyed["stage3-mole"]
     assert len({seed for _, seed in keyed["base"].values()}) == 4  # each image its own seed, shared across stages
     # same seed and prompt, same model -> same image: base and stage1 (here the same weights) agree pixel for pixel
-    a = np.asarray(Image.open(tmp_path / "images" / "base" / "r1" / "00001.png"))
-    b = np.asarray(Image.open(tmp_path / "images" / "stage1" / "r1" / "00001.png"))
+    path = {name: next(r["path"] for r in rows if (r["repeat"], r["index"]) == (1, 1))
+            for name, rows in report["per_image"].items()}  # fmt: skip
+    assert path["base"] != path["stage1"]  # each model its own files
+    a = np.asarray(Image.open(path["base"]))
+    b = np.asarray(Image.open(path["stage1"]))
     assert np.array_equal(a, b)
