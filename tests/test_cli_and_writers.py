@@ -163,3 +163,17 @@ def test_dit_expert_round_trip(tmp_path):
     assert set(back.layers) == set(expert.layers)
     with pytest.raises(Exception, match="no LoRA layers"):
         load_expert(path, "hand", component="unet")
+
+
+def test_native_stderr_is_quieted_and_restored():
+    import subprocess
+    import sys
+
+    code = ("import os; from mole.native_logs import quiet_native_stderr\n"
+            "with quiet_native_stderr(): os.write(2, b'native-noise')\n"
+            "os.write(2, b'after')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr == "after"
+    env = {**__import__("os").environ, "MOLE_NATIVE_LOGS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stderr == "native-noiseafter"

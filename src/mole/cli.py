@@ -18,6 +18,7 @@ def _quiet_dependencies(verbose: int, load: bool = True) -> None:
     """transformers / diffusers / huggingface_hub / absl (mediapipe) / TFLite: errors only and no loading bars,
     unless -vv. Environment settings the user made win."""
     if verbose >= 2:
+        os.environ.setdefault("MOLE_NATIVE_LOGS", "1")  # mediapipe's C++ warnings too (mole.native_logs)
         return
     quiet_env = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                  "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DIFFUSERS_NO_ADVISORY_WARNINGS": "1",

