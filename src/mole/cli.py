@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--data", required=True, help="data root laid out like ../shared/data (faces/, hands/, scenes/)")
     pre.add_argument("--tokenizer", required=True, help="CLIP tokenizer folder (vocab.json, merges.txt)")
     pre.add_argument("--out", default="runs/mole-tiny")
-    pre.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps (default: 3000)")
+    pre.add_argument("--steps", type=int, default=2200, help="UNet + text encoder steps (default: 2200)")
     pre.add_argument("--vae-steps", type=int, default=600, help="VAE steps (default: 600)")
     pre.add_argument("--batch-size", type=int, default=32)
     pre.add_argument("--checkpoint-every", type=int, default=250)

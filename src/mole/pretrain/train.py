@@ -46,7 +46,7 @@ class PretrainOptions:
     tokenizer: str  # a folder with CLIP's vocab.json + merges.txt
     out: str = "runs/mole-tiny"
     vae_steps: int = 700
-    steps: int = 3000
+    steps: int = 2200  # what mole-tiny was trained with
     batch_size: int = 32
     vae_batch_size: int = 16
     lr: float = 3e-4
