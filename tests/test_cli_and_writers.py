@@ -172,8 +172,11 @@ def test_native_stderr_is_quieted_and_restored():
     code = ("import os; from mole.native_logs import quiet_native_stderr\n"
             "with quiet_native_stderr(): os.write(2, b'native-noise')\n"
             "os.write(2, b'after')")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import os
+
+    quiet = {k: v for k, v in os.environ.items() if k != "MOLE_NATIVE_LOGS"}  # (a -vv test may have set it)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=quiet)
     assert out.stderr == "after"
-    env = {**__import__("os").environ, "MOLE_NATIVE_LOGS": "1"}
+    env = {**quiet, "MOLE_NATIVE_LOGS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stderr == "native-noiseafter"
