@@ -4,10 +4,11 @@
     python bench/estimate_check.py --kind sd15 --stage 2 --resolution 256 --checkpointing
 
 Each measurement runs in a fresh subprocess with MALLOC_MMAP_THRESHOLD_ fixed (freed tensors leave the RSS); a
-thread samples the RSS every millisecond. Measured: setup = RSS with the model built and the experts injected minus
-the RSS before; step = peak RSS during one forward + backward + AdamW step (first step: the optimizer state is
-created) minus the RSS before it. Estimated: the same parts of mole.estimate (denoiser weights, experts, gates,
-gradients, optimizer state, activations, workspace; no VAE / text encoders, which this check does not load).
+thread samples the RSS every millisecond. Measured: setup = RSS with the model built, the experts injected and the
+optimizer state made by a first step, minus the RSS before; step = peak RSS during a second forward + backward +
+AdamW step minus the RSS before it (the steady state of training). Estimated: the same parts of mole.estimate
+(denoiser weights, experts, gates, gradients, optimizer state, activations, workspace; no VAE / text encoders,
+which this check does not load).
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def child(args) -> dict:
     inputs = denoiser_inputs(model, args.batch_size, latent, "cpu", torch.float32)
     import gc
 
+    def train_step():
+        out = model(**inputs)
+        out = out.sample if hasattr(out, "sample") else out[0]
+        out.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()  # creates the optimizer state; the measured step is the steady state, as on a GPU
     gc.collect()
     before_step = rss()
     peak, stop = [before_step], threading.Event()
@@ -72,10 +81,7 @@ def child(args) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    out = model(**inputs)
-    out = out.sample if hasattr(out, "sample") else out[0]
-    out.float().pow(2).mean().backward()
-    opt.step()
+    train_step()
     step_s = time.perf_counter() - t0
     stop.set()
     thread.join()
@@ -91,8 +97,9 @@ def estimate(args) -> dict:
                           num_experts=args.experts)  # fmt: skip
     loaded = {k: v for k, v in est.weights.items() if not k.startswith(("vae", "text_encoder"))}
     total = sum(loaded.values()) + est.gradients + est.optimizer_state + est.activations + est.workspace
-    return {"estimated_gib": total / 2**30, "estimated_setup_gib": sum(loaded.values()) / 2**30,
-            "estimated_step_gib": (total - sum(loaded.values())) / 2**30}  # fmt: skip
+    setup = sum(loaded.values()) + est.optimizer_state
+    return {"estimated_gib": total / 2**30, "estimated_setup_gib": setup / 2**30,
+            "estimated_step_gib": (total - setup) / 2**30}  # fmt: skip
 
 
 def main() -> None:
