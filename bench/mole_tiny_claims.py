@@ -103,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     recorded = {}
     for kind, prompts in (("face", FACE_TEST_PROMPTS), ("hand", HAND_TEST_PROMPTS)):
         _, g = generate_images(model, prompts, seeds, args.steps, args.guidance_scale, record=True)
-        recorded[kind] = g  # (steps, n, e)
+        recorded[kind] = g  # {expert: (steps, n)}
     names = ["face", "hand"]
-    gate_tab = {}
-    for kind, g in recorded.items():
-        per_sample = g.mean(0)  # (n, e): averaged over steps
-        gate_tab[kind] = {e: mean_se(per_sample[:, i].tolist()) for i, e in enumerate(names)}
+    gate_tab = {kind: {e: mean_se(g[e].mean(0).tolist()) for e in names} for kind, g in recorded.items()}
     results["global_gate"] = gate_tab
     margins = {
         "face gate: face prompts − hand prompts": gate_tab["face"]["face"][0] - gate_tab["hand"]["face"][0],
@@ -117,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     results["gate_margins"] = margins
     series, bands = {}, {}
     for kind, g in recorded.items():
-        for i, e in enumerate(names):
-            series[f"{e} gate, {kind} prompts"] = g[:, :, i].mean(1).tolist()
-            bands[f"{e} gate, {kind} prompts"] = g[:, :, i].std(1).tolist()
+        for e in names:
+            series[f"{e} gate, {kind} prompts"] = g[e].mean(1).tolist()
+            bands[f"{e} gate, {kind} prompts"] = g[e].std(1).tolist()
     results["global_gate_per_step"] = series
     line_chart(series, out / "fig7_global_gates.png", bands=bands, xlabel="denoising step",
                ylabel="global gate (mean over layers)", title="mole-tiny: global gates (Fig. 7a/b)")  # fmt: skip

@@ -149,9 +149,7 @@ def run_demo(opts: DemoOptions) -> dict:
                                       record=mode == "mole")  # fmt: skip
             images[(mode, kind)] = imgs
             if g is not None:
-                per_sample = g.mean(0)  # (n, experts), averaged over steps
-                names = ["face", "hand"] if per_sample.shape[1] == 2 else [str(i) for i in range(per_sample.shape[1])]
-                gates[kind] = {n: mean_se(per_sample[:, i].tolist()) for i, n in enumerate(names)}
+                gates[kind] = {n: mean_se(v.mean(0).tolist()) for n, v in g.items()}  # per sample, over steps
             if detector is not None:
                 detect[(mode, kind)] = detection_rates(detector, imgs)
     load_mole_weights(model.pipe, mole_file, MixMode.NONE)

@@ -12,7 +12,7 @@ A model variant is (mode, MoLE file, expert weights): `Variant("base", "none")`,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,27 +114,31 @@ def generate_images(
     guidance_scale: float = 4.0,
     batch: int = 24,
     record: bool = False,
-) -> tuple[list[Image.Image], torch.Tensor | None]:
-    """Images for every (seed, prompt), seed-major; with record=True also the conditional global gates averaged
-    over layers, (steps, len(seeds) * len(prompts), experts)."""
+) -> tuple[list[Image.Image], dict[str, torch.Tensor] | None]:
+    """Images for every (seed, prompt), seed-major; with record=True also each expert's conditional global gate
+    averaged over layers, {expert name: (steps, len(seeds) * len(prompts))}."""
     size = model.vae_scale_factor * model.denoiser.config.sample_size
-    jobs = [(s, p) for s in seeds for p in prompts]
-    images, gates = [], []
+    jobs = [(s, k, p) for s in seeds for k, p in enumerate(prompts)]
+    images, gates, names = [], [], []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]
-        gens = [torch.Generator().manual_seed(s * 10_007 + prompts.index(p)) for s, p in chunk]
+        gens = [torch.Generator().manual_seed(s * 10_007 + k) for s, k, _ in chunk]
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
                       generator=gens)  # fmt: skip
         if record:
             f = model.vae_scale_factor
             with record_gates(model.denoiser, keep_local=False, latent_hw=(size // f, size // f)) as rec:
-                res = model.pipe([p for _, p in chunk], **kwargs)
+                res = model.pipe([p for _, _, p in chunk], **kwargs)
             g = rec.mean_global()  # (steps, 2b, e): [uncond x b, cond x b] under CFG
             gates.append(g[:, -len(chunk) :, :])
+            names = rec.expert_names
         else:
-            res = model.pipe([p for _, p in chunk], **kwargs)
+            res = model.pipe([p for _, _, p in chunk], **kwargs)
         images += res.images
-    return images, (torch.cat(gates, dim=1) if record else None)
+    if not record:
+        return images, None
+    stacked = torch.cat(gates, dim=1)  # (steps, n, e)
+    return images, {name: stacked[..., i] for i, name in enumerate(names)}
 
 
 def detector_view(image: Image.Image, size: int = 128, pad: float = 0.5) -> Image.Image:
@@ -168,13 +172,3 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def per_variant(model: DiffusionModel, variants: Sequence[Variant], fn: Callable[[Variant], object]) -> dict:
-    """fn(v) for each variant, with the variant applied to the model (the base restored at the end)."""
-    out = {}
-    for v in variants:
-        apply_variant(model, v)
-        out[v.name] = fn(v)
-    apply_variant(model, Variant("base", "none"))
-    return out

@@ -45,7 +45,7 @@ class PretrainOptions:
     data: str  # a folder laid out like ../shared/data (see mole.pretrain.corpus)
     tokenizer: str  # a folder with CLIP's vocab.json + merges.txt
     out: str = "runs/mole-tiny"
-    vae_steps: int = 700
+    vae_steps: int = 600
     steps: int = 2200  # what mole-tiny was trained with
     batch_size: int = 32
     vae_batch_size: int = 16
@@ -67,8 +67,9 @@ class PretrainOptions:
     limit: int | None = None  # at most this many images per (kind, split) group: quick runs and tests
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "steps", "batch_size", "vae_batch_size", "checkpoint_every", "sample_every"):
-            if getattr(self, name) < 0 or (name != "vae_steps" and name != "steps" and getattr(self, name) < 1):
+        for name, least in (("vae_steps", 0), ("steps", 0), ("batch_size", 1), ("vae_batch_size", 1),
+                            ("checkpoint_every", 1), ("sample_every", 1)):  # fmt: skip
+            if getattr(self, name) < least:
                 raise PretrainError(f"{name}={getattr(self, name)}: use a positive number")
         for name in ("lr", "vae_lr"):
             if not 0 < getattr(self, name) < 1:
@@ -207,8 +208,8 @@ class _EMA:
                     shadow[k].copy_(v)
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents, lat_std, captions, kinds, o: PretrainOptions, out: Path,
-                   scaling: float, progress: Callable | None = None) -> tuple[_EMA, list]:  # fmt: skip
+def train_denoiser(unet, text_encoder, tokenizer, vae, latents, lat_std, captions, kinds, o: PretrainOptions,
+                   out: Path, scaling: float, progress: Callable | None = None) -> tuple[_EMA, list]:  # fmt: skip
     """latents/lat_std (n, 4, 16, 16): posterior of each training crop; captions[i], kinds[i] of crop i."""
     from ..training.loss import diffusion_loss
 
@@ -270,7 +271,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, lat_std, captions, ki
             logger.info("step %d/%d loss %.4f (%.2f s/step)", done, o.steps, loss, (time.perf_counter() - t0) /
                         max(done - start, 1))  # fmt: skip
         if done % o.sample_every == 0 and done != o.steps:
-            _sample_sheet(unet, text_encoder, tokenizer, ema, out / "samples" / f"step{done:06d}.png", o.seed,
+            _sample_sheet(unet, text_encoder, tokenizer, vae, ema, out / "samples" / f"step{done:06d}.png", o.seed,
                           o.sample_steps)
             unet.train()
             text_encoder.train()
@@ -280,9 +281,6 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, lat_std, captions, ki
 
 
 # ------------------------------------------------------------------------------------------------- pipelines
-_VAE_HOLDER: dict = {}
-
-
 def _assemble(unet, text_encoder, tokenizer, vae):
     from diffusers import StableDiffusionPipeline
 
@@ -293,7 +291,7 @@ def _assemble(unet, text_encoder, tokenizer, vae):
 
 
 @torch.no_grad()
-def _sample_sheet(unet, text_encoder, tokenizer, ema: _EMA | None, path: Path, seed: int, steps: int = 25) -> Path:
+def _sample_sheet(unet, text_encoder, tokenizer, vae, ema: _EMA | None, path: Path, seed: int, steps: int = 25) -> Path:
     import copy
 
     from ..inference.plot import grid
@@ -303,7 +301,7 @@ def _sample_sheet(unet, text_encoder, tokenizer, ema: _EMA | None, path: Path, s
         u, te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
         u.load_state_dict(ema.shadow[0])
         te.load_state_dict(ema.shadow[1])
-    pipe = _assemble(u.eval(), te.eval(), tokenizer, _VAE_HOLDER["vae"])
+    pipe = _assemble(u.eval(), te.eval(), tokenizer, vae)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for k, prompt in enumerate(SAMPLE_PROMPTS):
@@ -378,7 +376,6 @@ def pretrain(o: PretrainOptions, progress: Callable | None = None) -> dict:
     vae = build_vae(o.seed)
     train_idx = [n for n, i in enumerate(owner) if items[i].split == "train"]
     vae_hist = train_vae(vae, images[train_idx], o, out, progress)
-    _VAE_HOLDER["vae"] = vae
 
     base_idx = [n for n in range(len(owner)) if items[owner[n]].in_base]
     means, stds = encode_latents(vae, images[base_idx])
@@ -389,18 +386,16 @@ def pretrain(o: PretrainOptions, progress: Callable | None = None) -> dict:
 
     unet = build_unet(o.seed)
     text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, o.seed)
-    ema, hist = train_denoiser(unet, text_encoder, tokenizer, means, stds, caps, kinds, o, out, scaling, progress)
+    ema, hist = train_denoiser(unet, text_encoder, tokenizer, vae, means, stds, caps, kinds, o, out, scaling, progress)
     unet.load_state_dict(ema.shadow[0])
     text_encoder.load_state_dict(ema.shadow[1])
 
     pipe = _assemble(unet, text_encoder, tokenizer, vae)
     # stored in fp16 (half the package size); every later stage trains on, and fingerprints, these rounded weights
     pipe.to(torch.float16).save_pretrained(out / "pipeline")
-    pipe.to(torch.float32)
-    for module in (unet, text_encoder, vae):  # the rounded weights, for the final sample sheet too
-        for p in module.parameters():
-            p.data = p.data.half().float()
-    sheet = _sample_sheet(unet, text_encoder, tokenizer, None, out / "samples" / "final.png", o.seed, o.sample_steps)
+    pipe.to(torch.float32)  # back in fp32 with the rounded values: the final sample sheet shows what ships
+    sheet = _sample_sheet(unet, text_encoder, tokenizer, vae, None, out / "samples" / "final.png", o.seed,
+                          o.sample_steps)
     with (out / "losses.jsonl").open("w") as fh:
         for row in hist:
             fh.write(json.dumps(row) + "\n")
