@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # coco_truth
 
 
 def prompts(data: Path) -> dict:
@@ -90,7 +91,88 @@ def sharpness(data: Path, limit: int = 200) -> dict:
     return out
 
 
-PARTS = {"prompts": prompts, "captions": captions, "sharpness": sharpness}
+def _coco_build(data: Path, work: Path, **options) -> tuple[dict, list[dict], list[dict], dict]:
+    """`mole data` on the annotated coco_mini photos (symlinked into `work`): stats, manifest rows, dropped windows,
+    ground truth by file name."""
+    import shutil
+
+    from coco_truth import load
+
+    from mole.data.build import BuildOptions, build_dataset
+
+    truth = load(data / "scenes" / "coco_mini")
+    src = work / "src"
+    shutil.rmtree(work, ignore_errors=True)
+    src.mkdir(parents=True)
+    for name, t in truth.items():
+        (src / name).symlink_to(t.path)
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(work / "out"), workers=1, **options))
+    rows = [json.loads(x) for x in (work / "out" / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    drops = [json.loads(x) for x in (work / "out" / "drops.jsonl").read_text().splitlines() if x.strip()]
+    return stats, rows, drops, truth
+
+
+# a window dropped as "little person" is right when no single person in it covers >= this much of it (GT masks)
+LITTLE_PERSON_TRUTH = 0.10
+
+
+def scenes(data: Path, work: Path = ROOT / "runs" / "data_quality_scenes") -> dict:
+    """Kept scene windows against the COCO person masks of coco_mini."""
+    stats, rows, drops, truth = _coco_build(data, work, mode="scenes", captioner="template:a photo of a person")
+    frac = [truth[Path(r["source"]).name].person_fraction(tuple(r["box"])) for r in rows]
+    empty = [r for r, f in zip(rows, frac) if f < 0.01]
+    out = {"images": len(truth), "kept_windows": len(rows), "dropped": stats["dropped"],
+           "kept_with_lt_1pct_person": len(empty),
+           "share_kept_lt_1pct_person": round(len(empty) / max(1, len(rows)), 4),
+           "examples_kept_lt_1pct_person": [Path(r["source"]).name for r in empty[:8]]}  # fmt: skip
+    kept_images = {Path(r["source"]).name for r in rows}
+    for floor in (0.05, 0.2):
+        big = [n for n, t in truth.items() if t.person_fraction() >= floor]
+        got = [n for n in big if n in kept_images]
+        out[f"images_person_ge_{int(floor * 100)}pct"] = len(big)
+        out[f"of_which_yield_a_crop_{int(floor * 100)}pct"] = len(got)
+        out[f"share_yield_{int(floor * 100)}pct"] = round(len(got) / max(1, len(big)), 4)
+        if floor == 0.2:
+            out["missed_big_person_images"] = sorted(set(big) - set(got))
+    little = [d for d in drops if d["reason"] == "little_person"]
+    right = [d for d in little if truth[Path(d["source"]).name].largest_person_fraction(tuple(d["box"]))
+             < LITTLE_PERSON_TRUTH]  # fmt: skip
+    out["little_person_drops"] = len(little)
+    out["little_person_right"] = len(right)
+    out["little_person_right_share"] = round(len(right) / len(little), 4) if little else None
+    out["little_person_truth"] = f"largest single person < {LITTLE_PERSON_TRUTH:.0%} of the window (COCO masks)"
+    sides = [r["box"][2] - r["box"][0] for r in rows]
+    out["window_sides"] = {"min": min(sides, default=0), "max": max(sides, default=0)}
+    out["evidence_keys"] = sorted(rows[0]["scores"]) if rows else []
+    out["seconds"] = stats["seconds"]
+    return out
+
+
+def _near(points: list[tuple[float, float]], box: list[int], slack: float) -> bool:
+    pad = slack * (box[2] - box[0])
+    return any(box[0] - pad <= x <= box[2] + pad and box[1] - pad <= y <= box[3] + pad for x, y in points)
+
+
+def closeups(data: Path, work: Path = ROOT / "runs" / "data_quality_closeups") -> dict:
+    """Face / hand close-up crops against COCO keypoints: a face crop holds a human face when a nose or eye keypoint
+    of an annotated person lies inside it; a hand crop holds a hand when a wrist keypoint lies inside it or within
+    25 % of its side (the wrist is the hand's edge). Persons without keypoints (tiny or crowd) cannot vouch."""
+    out = {}
+    for part, which, slack in (("face", (0, 1, 2), 0.0), ("hand", (9, 10), 0.25)):
+        for conf in (None, 0.5):
+            opts = {"mode": "closeups", "part": part, "size": 128, "min_sharpness": 0, "min_scale": 0.0}
+            if conf is not None:
+                opts["min_confidence"] = conf
+            stats, rows, _, truth = _coco_build(data, work, **opts)
+            ok = [r for r in rows if _near(truth[Path(r["source"]).name].points(which), r["box"], slack)]
+            bad = [r for r in rows if r not in ok]
+            out[f"{part}_conf_{stats['options']['min_confidence']}"] = {
+                "crops": len(rows), "with_keypoint": len(ok), "share": round(len(ok) / max(1, len(rows)), 4),
+                "without": [(Path(r["source"]).name, r["box"], r["scores"].get("detection_confidence")) for r in bad]}
+    return out
+
+
+PARTS = {"prompts": prompts, "captions": captions, "sharpness": sharpness, "scenes": scenes, "closeups": closeups}
 
 
 def main(argv: list[str] | None = None) -> int:

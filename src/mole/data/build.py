@@ -35,7 +35,7 @@ from PIL import Image
 
 from .captions import build_captioner, clean_caption, truncate_caption
 from .dataset import IMAGE_EXTS, load_rgb
-from .detect import Detector, sliding_windows, square_crop_box
+from .detect import Detector, sliding_windows, square_crop_box, window_evidence
 from .quality import BlurFilter, DuplicateIndex, laplacian_variance, phash
 
 logger = logging.getLogger(__name__)
@@ -55,15 +55,22 @@ class BuildOptions:
     margin: float = 0.4  # closeups: extra context around a detection, per side, as a fraction of its size
     min_source_side: int = 64  # smaller sources are skipped as "tiny"
     min_crop_side: int = 64  # crops smaller than this (before resizing) are dropped
+    # never upscale past this: a window / crop whose source side is < min_scale x size is dropped ("upscale_floor");
+    # larger ones are downscaled (a 1024 window -> 512). 0.75: at most 1.33x up (480-px COCO windows -> 512 pass)
+    min_scale: float = 0.7
     # detector confidence floor; None: 0.8 for face close-ups (on COCO every face found at >= 0.8 was a human face,
     # at 0.5 only 12 of 30 were), 0.5 otherwise
     min_confidence: float | None = None
-    # scenes: a window has a person when a pose is found and person pixels >= min_person, or it holds a face
-    # detected with >= min_face_confidence (on coco_mini: recall 0.61 at 9 % false keeps, image level)
-    min_person: float = 0.05
+    # scenes, judged per window on the window itself: a window has a person when a pose is found in it (pose
+    # presence >= min_pose_presence) whose person mask covers >= min_person of it, or it holds a face detected with
+    # >= min_face_confidence. "Little person": the posed person covers < little_person of the window and no
+    # confident face of >= min_face of the window side is in it (bench/data_quality.py --only scenes)
+    min_person: float = 0.03
+    min_pose_presence: float = 0.8
     min_face_confidence: float = 0.8
-    little_person: float = 0.08  # "little person": person pixels below this...
-    min_face: float = 0.06  # ...and no face of at least this fraction of the window side
+    little_person: float = 0.05
+    min_face: float = 0.06
+    pose_tiles: bool = False  # scenes: search windows without a (big) pose again in 3/4 tiles: recall up, precision down
     min_sharpness: float = 30.0  # variance of the Laplacian (0 disables)
     blur_filter: str | None = None  # a trained BlurNet (safetensors)
     min_blur_score: float = 0.5
@@ -88,11 +95,14 @@ class BuildOptions:
             raise ValueError(f"part={self.part!r}: close-ups are of a face or a hand")
         if self.size < 8 or self.window < 8 or self.stride < 1:
             raise ValueError(f"size={self.size}, window={self.window}, stride={self.stride}: too small")
+        if not 0 <= self.min_scale <= 1:
+            raise ValueError(f"min_scale={self.min_scale}: the smallest source side as a fraction of size (0.75: "
+                             "upscale at most 1.33x), between 0 (any upscale) and 1 (never upscale)")  # fmt: skip
         if self.min_confidence is None:
             self.min_confidence = 0.8 if self.mode == "closeups" and self.part == "face" else 0.5
-        if not 0 <= self.min_confidence <= 1 or not 0 <= self.min_face_confidence <= 1:
-            raise ValueError(f"min_confidence={self.min_confidence}, min_face_confidence={self.min_face_confidence}: "
-                             "confidences are between 0 and 1")  # fmt: skip
+        for name in ("min_confidence", "min_face_confidence", "min_pose_presence"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)}: confidences are between 0 and 1")
         if not Path(self.source).is_dir():
             raise FileNotFoundError(f"source {self.source} is not a folder of images")
 
@@ -104,8 +114,8 @@ _BLUR: BlurFilter | None = None
 
 def _init_worker(opts: BuildOptions) -> None:
     global _DETECTOR, _BLUR
-    need = ("faces", "person", "pose") if opts.mode == "scenes" else (("faces",) if opts.part == "face" else ("hands",))
-    _DETECTOR = Detector(need, opts.min_confidence)
+    need = ("faces", "pose") if opts.mode == "scenes" else (("faces",) if opts.part == "face" else ("hands",))
+    _DETECTOR = Detector(need, opts.min_confidence, pose_presence=opts.min_pose_presence)
     _BLUR = BlurFilter.load(opts.blur_filter) if opts.blur_filter else None
 
 
@@ -119,6 +129,13 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
     src, opts = args
     path = Path(src)
     drops: Counter = Counter()
+    rejected: list[dict] = []  # every dropped window / crop with its box, reason and evidence (drops.jsonl)
+
+    def reject(reason: str, box=None, scores: dict | None = None) -> None:
+        drops[reason] += 1
+        if box is not None:
+            rejected.append({"box": list(box), "reason": reason, "scores": scores or {}})
+
     try:
         image = load_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -126,23 +143,27 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
     w, h = image.size
     if min(w, h) < opts.min_source_side:
         return {"source": src, "crops": [], "drops": {"tiny_source": 1}, "status": "tiny"}
-    det = _DETECTOR(image)
     candidates = []
     if opts.mode == "scenes":
         for box in sliding_windows(w, h, opts.window, opts.stride):
             side = box[2] - box[0]
-            person = det.person_fraction(box)
-            faces = [f for f in det.faces if f.score >= opts.min_face_confidence and _inside(f, box)]
-            face = max((f.size / side for f in faces), default=0.0)
-            scores = {"person_fraction": round(person, 4), "face_fraction": round(face, 4), "pose": det.pose,
-                      "face_confidence": round(max((f.score for f in faces), default=0.0), 4)}  # fmt: skip
-            if not ((det.pose and person >= opts.min_person) or faces):
-                drops["no_person"] += 1
-            elif person < opts.little_person and face < opts.min_face:
-                drops["little_person"] += 1
+            if side < opts.min_scale * opts.size:  # before detection: these are never kept
+                reject("upscale_floor", box, {"window_side": side})
+                continue
+            window = image.crop(box)
+            if side > opts.size:  # detect on what will be kept: the window downscaled to the output size
+                window = window.resize((opts.size, opts.size), Image.Resampling.LANCZOS)
+            scores = window_evidence(_DETECTOR, window, tiles=opts.pose_tiles, little=opts.little_person)
+            person, face = scores["person_fraction"], scores["face_fraction"]
+            faced = scores["face_confidence"] >= opts.min_face_confidence
+            if not ((scores["pose"] and person >= opts.min_person) or faced):
+                reject("no_person", box, scores)
+            elif person < opts.little_person and (not faced or face < opts.min_face):
+                reject("little_person", box, scores)
             else:
                 candidates.append((box, scores))
     else:
+        det = _DETECTOR(image)
         found = det.faces if opts.part == "face" else det.hands
         if not found:
             drops[f"no_{opts.part}"] += 1
@@ -155,19 +176,22 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
     out = Path(opts.out_dir) / "images"
     for k, (box, scores) in enumerate(candidates):
         if box[2] - box[0] < opts.min_crop_side:
-            drops["small_crop"] += 1
+            reject("small_crop", box, scores)
+            continue
+        if box[2] - box[0] < opts.min_scale * opts.size:
+            reject("upscale_floor", box, scores)
             continue
         source_crop = image.crop(box)
         crop = source_crop.resize((opts.size, opts.size), Image.Resampling.LANCZOS)
         sharp = laplacian_variance(source_crop, size=None)  # at the source resolution, not after the resize
         scores["sharpness"] = round(sharp, 2)
         if opts.min_sharpness and sharp < opts.min_sharpness:
-            drops["blurry_laplacian"] += 1
+            reject("blurry_laplacian", box, scores)
             continue
         if _BLUR is not None:
             scores["blur_cnn"] = round(_BLUR.score([crop])[0], 4)
             if scores["blur_cnn"] < opts.min_blur_score:
-                drops["blurry_cnn"] += 1
+                reject("blurry_cnn", box, scores)
                 continue
         name = f"{path.stem}_{hashlib.md5(src.encode()).hexdigest()[:8]}_{k:02d}.png"
         out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +199,7 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
         crops.append(
             (name, {"box": list(box), "scores": scores, "source_size": [w, h], "phash": f"{phash(crop):016x}"})
         )
-    return {"source": src, "crops": crops, "drops": dict(drops), "status": "ok"}
+    return {"source": src, "crops": crops, "drops": dict(drops), "rejected": rejected, "status": "ok"}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -217,6 +241,7 @@ def _reset_for_options(out: Path, opts: BuildOptions, key: str) -> dict | None:
         manifest.unlink()
     sources_log.unlink()
     old_stats.unlink(missing_ok=True)
+    (out / "drops.jsonl").unlink(missing_ok=True)
     logger.warning("options changed since the last build in %s (%s): re-processing every source", out,
                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))  # fmt: skip
     return changed
@@ -224,7 +249,7 @@ def _reset_for_options(out: Path, opts: BuildOptions, key: str) -> dict | None:
 
 # options that do not change what a build keeps (a rerun with other values resumes the same build)
 _RESUMABLE = {"workers", "shard_size", "overwrite", "out_dir"}
-BUILD_OUTPUTS = ("images", "manifest.jsonl", "sources.jsonl", "stats.json", "shards")
+BUILD_OUTPUTS = ("images", "manifest.jsonl", "sources.jsonl", "drops.jsonl", "stats.json", "shards")
 
 
 def _check_earlier_build(opts: BuildOptions, out: Path) -> None:
@@ -316,9 +341,11 @@ def build_dataset(opts: BuildOptions) -> dict:
     else:
         _init_worker(opts)
         pool, results = None, map(_process, jobs)
-    with manifest.open("a") as mf, sources_log.open("a") as sf:
+    with manifest.open("a") as mf, sources_log.open("a") as sf, (out / "drops.jsonl").open("a") as df:
         for res in results:
             stats["sources"] += 1
+            for r in res.get("rejected", ()):
+                df.write(json.dumps({"source": res["source"], **r}) + "\n")
             for k, v in res["drops"].items():
                 stats["dropped"][k] = stats["dropped"].get(k, 0) + v
             for name, rec in res["crops"]:
@@ -349,6 +376,7 @@ def build_dataset(opts: BuildOptions) -> dict:
             sf.write(json.dumps({"source": res["source"], "status": res["status"], "crops": len(res["crops"]),
                                  "options_key": key}) + "\n")  # fmt: skip
             mf.flush()
+            df.flush()
             sf.flush()
     if pool is not None:
         pool.shutdown()

@@ -43,7 +43,8 @@ class Detections:
 class Detector:
     """Runs the mediapipe models that `need` asks for: any of faces, hands, person, pose."""
 
-    def __init__(self, need: tuple[str, ...] = ("faces", "hands", "person", "pose"), min_confidence: float = 0.5):
+    def __init__(self, need: tuple[str, ...] = ("faces", "hands", "person", "pose"), min_confidence: float = 0.5,
+                 pose_presence: float = 0.5):  # fmt: skip
         try:
             import mediapipe as mp
         except ImportError:
@@ -54,16 +55,23 @@ class Detector:
         from ..native_logs import quiet_native_stderr
 
         with quiet_native_stderr():
-            self._build(mp.solutions, need, min_confidence)
+            self._build(mp.solutions, need, min_confidence, pose_presence)
 
-    def _build(self, s, need: tuple[str, ...], min_confidence: float) -> None:
+    def _build(self, s, need: tuple[str, ...], min_confidence: float, pose_presence: float = 0.5) -> None:
         self.need = set(need)
-        self.faces = s.face_detection.FaceDetection(1, min_confidence) if "faces" in need else None
+        self.min_confidence = min_confidence
+        # keywords: the signature is (min_detection_confidence, model_selection); positional (1, 0.8) gave the
+        # short-range model with no working threshold, so faces at 0.5 came through a 0.8 floor
+        self.faces = (s.face_detection.FaceDetection(min_detection_confidence=min_confidence, model_selection=1)
+                      if "faces" in need else None)  # fmt: skip
         self.hands = (s.hands.Hands(static_image_mode=True, max_num_hands=4, min_detection_confidence=min_confidence)
                       if "hands" in need else None)  # fmt: skip
         self.person = s.selfie_segmentation.SelfieSegmentation(model_selection=1) if "person" in need else None
-        # model_complexity=1 is the pose model that ships in the wheel (0 and 2 would be downloaded)
-        self.pose = s.pose.Pose(static_image_mode=True, model_complexity=1) if "pose" in need else None
+        # model_complexity=1 is the pose model that ships in the wheel (0 and 2 would be downloaded); in static mode
+        # min_tracking_confidence thresholds the landmark model's pose-presence score (0.5 lets through skeletons
+        # on pandas, plates and cats; 0.8 drops most of them); its segmentation mask is that one person's pixels
+        self.pose = (s.pose.Pose(static_image_mode=True, model_complexity=1, enable_segmentation=True,
+                                 min_tracking_confidence=pose_presence) if "pose" in need else None)  # fmt: skip
 
     def __call__(self, image: Image.Image) -> Detections:
         from ..native_logs import quiet_native_stderr
@@ -77,6 +85,8 @@ class Detector:
         faces, hands, mask, pose = [], [], None, False
         if self.faces is not None:
             for d in self.faces.process(arr).detections or []:
+                if d.score[0] < self.min_confidence:  # the floor holds whatever the graph does
+                    continue
                 b = d.location_data.relative_bounding_box
                 faces.append(Box(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h, d.score[0]))
         if self.hands is not None:
@@ -90,6 +100,49 @@ class Detector:
         if self.pose is not None:
             pose = self.pose.process(arr).pose_landmarks is not None
         return Detections(faces, hands, mask, pose)
+
+
+def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, float] | None:
+    res = detector.pose.process(np.ascontiguousarray(arr))
+    if res.pose_landmarks is None:
+        return None
+    mask = res.segmentation_mask
+    return sum(lm.visibility > 0.5 for lm in res.pose_landmarks.landmark), float((mask > 0.5).mean()) if mask is not None else 0.0
+
+
+def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05) -> dict:
+    """Person evidence for one scene window, from detectors run on the window itself (not the whole photo):
+    pose (a pose found in the window), pose_landmarks (how many of the 33 are visible), person_fraction (pixels of
+    the posed person, from the pose model's own mask, as a fraction of the window), face_confidence and
+    face_fraction (the most confident face, its side as a fraction of the window side). With `tiles`, a window
+    whose pose is missing or covers < `little` is searched again in four 3/4 tiles (more people found, and more
+    false poses: see bench/RESULTS.md)."""
+    from ..native_logs import quiet_native_stderr
+
+    arr = np.ascontiguousarray(np.asarray(window.convert("RGB")))
+    h, w = arr.shape[:2]
+    ev = {"pose": False, "pose_landmarks": 0, "person_fraction": 0.0, "face_confidence": 0.0, "face_fraction": 0.0}
+    with quiet_native_stderr():
+        if detector.pose is not None:
+            found = _pose(detector, arr)
+            if tiles and (found is None or found[1] < little):
+                # the pose model finds one person, the most prominent: when that is none or a little one, look again
+                # in the four overlapping 3/4 tiles of the window (a big person beside a small one, a cut-off body)
+                t = (3 * min(h, w)) // 4
+                for y, x in ((0, 0), (0, w - t), (h - t, 0), (h - t, w - t)):
+                    sub = _pose(detector, arr[y : y + t, x : x + t])
+                    if sub is not None and (found is None or sub[1] * (t * t) / (h * w) > found[1]):
+                        found = (sub[0], sub[1] * (t * t) / (h * w))
+            if found is not None:
+                ev["pose"] = True
+                ev["pose_landmarks"], ev["person_fraction"] = int(found[0]), round(found[1], 4)
+        if detector.faces is not None:
+            for d in detector.faces.process(arr).detections or []:
+                if d.score[0] > ev["face_confidence"]:
+                    b = d.location_data.relative_bounding_box
+                    ev["face_confidence"] = round(float(d.score[0]), 4)
+                    ev["face_fraction"] = round(float(max(b.width * w, b.height * h) / max(w, h)), 4)
+    return ev
 
 
 def square_crop_box(box: Box, margin: float, width: int, height: int) -> tuple[int, int, int, int]:
