@@ -97,7 +97,6 @@ def _coco_build(data: Path, work: Path, **options) -> tuple[dict, list[dict], li
     import shutil
 
     from coco_truth import load
-
     from mole.data.build import BuildOptions, build_dataset
 
     truth = load(data / "scenes" / "coco_mini")
@@ -158,8 +157,9 @@ def closeups(data: Path, work: Path = ROOT / "runs" / "data_quality_closeups") -
     of an annotated person lies inside it; a hand crop holds a hand when a wrist keypoint lies inside it or within
     25 % of its side (the wrist is the hand's edge). Persons without keypoints (tiny or crowd) cannot vouch."""
     out = {}
-    for part, which, slack in (("face", (0, 1, 2), 0.0), ("hand", (9, 10), 0.25)):
-        for conf in (None, 0.5):
+    settings = (("face", (0, 1, 2), 0.0, (None, 0.5, 0.65)), ("hand", (9, 10), 0.25, (None, 0.8)))
+    for part, which, slack, confs in settings:
+        for conf in confs:
             opts = {"mode": "closeups", "part": part, "size": 128, "min_sharpness": 0, "min_scale": 0.0}
             if conf is not None:
                 opts["min_confidence"] = conf

@@ -286,3 +286,96 @@ def test_data_cli_reports_stats(tmp_path, capsys):
     assert main(["data", "closeups", str(src), str(tmp_path / "out"), "--size", "64", "--workers", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sources"] == 3 and out["kept"] >= 2
+
+
+def _coco_sources(tmp_path: Path, names: list[str]) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in names:
+        found = [p for p in (COCO / "train2017" / n, COCO / "val2017" / n) if p.is_file()]
+        (src / n).symlink_to(found[0])
+    return src
+
+
+def test_scene_windows_per_window_evidence_keep_people_drop_objects(tmp_path):
+    """Each window is judged on its own pixels: the big people of 000000368212 / 000000463557 (COCO person masks 37 %
+    and 36 % of the windows) are kept with their pose evidence; the vase (116270), fire hydrant (194322) and
+    parking meter (330993) windows, all kept before (the person segmenter lit up on them), are dropped, each with
+    its evidence in drops.jsonl. 463557 is 375 px: a 375-px window makes a 512 crop (0.73 >= the 0.7 floor)."""
+    if not COCO.is_dir():
+        pytest.skip("coco_mini missing")
+    people, objects = ["000000368212.jpg", "000000463557.jpg"], ["000000116270.jpg", "000000194322.jpg",
+                                                                 "000000330993.jpg"]  # fmt: skip
+    src = _coco_sources(tmp_path, people + objects)
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), captioner="template:a person"))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    drops = [json.loads(x) for x in (tmp_path / "out" / "drops.jsonl").read_text().splitlines()]
+    assert {Path(r["source"]).name for r in rows} == set(people)
+    for r in rows:
+        s = r["scores"]
+        assert s["pose"] and s["pose_landmarks"] >= 20 and s["person_fraction"] >= 0.2, s
+        side = r["box"][2] - r["box"][0]
+        assert side == min(r["source_size"]) and r["size"] == 512
+        with Image.open(tmp_path / "out" / r["file"]) as im:
+            assert im.size == (512, 512)
+    dropped = {Path(d["source"]).name for d in drops}
+    assert set(objects) <= dropped
+    for d in drops:
+        if Path(d["source"]).name in objects:
+            assert d["reason"] == "no_person" and d["scores"]["person_fraction"] < 0.03, d
+            assert set(d["scores"]) >= {"pose", "pose_landmarks", "person_fraction", "face_confidence"}
+    assert stats["dropped"]["no_person"] == sum(d["reason"] == "no_person" for d in drops) >= 5
+
+
+def test_large_sources_are_cropped_at_the_window_and_downscaled_small_ones_hit_the_floor(tmp_path):
+    """A 1024-px window of a 1100 x 1467 source becomes a 512 crop (downscaled, box side 1024); a 300-px source with
+    --size 512 is below the 0.7 floor (300 < 358.4) and dropped as upscale_floor before any detector runs; with
+    min_scale=0 the floor is off."""
+    person = Image.open(COCO / "train2017" / "000000463557.jpg").convert("RGB")  # 375 x 500, one big person
+    src = tmp_path / "src"
+    src.mkdir()
+    person.resize((1100, 1467), Image.Resampling.LANCZOS).save(src / "large.png")
+    person.resize((300, 400), Image.Resampling.LANCZOS).save(src / "small.png")
+    opts = dict(source=str(src), captioner="template:a person", min_sharpness=0)
+    stats = build_dataset(BuildOptions(out_dir=str(tmp_path / "a"), **opts))
+    rows = [json.loads(x) for x in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
+    assert rows and all(Path(r["source"]).name == "large.png" and r["box"][2] - r["box"][0] == 1024 for r in rows)
+    with Image.open(tmp_path / "a" / rows[0]["file"]) as im:
+        assert im.size == (512, 512)
+    floor = [json.loads(x) for x in (tmp_path / "a" / "drops.jsonl").read_text().splitlines()]
+    floor = [d for d in floor if d["reason"] == "upscale_floor"]
+    assert stats["dropped"]["upscale_floor"] == 2 == len(floor)  # the small source's two 300-px windows
+    assert all(Path(d["source"]).name == "small.png" and d["scores"] == {"window_side": 300} for d in floor)
+    off = build_dataset(BuildOptions(out_dir=str(tmp_path / "b"), min_scale=0, **opts))
+    assert "upscale_floor" not in off["dropped"]
+    with pytest.raises(ValueError, match=r"min_scale=1.5.*between 0"):
+        BuildOptions(source=str(src), out_dir=str(tmp_path / "c"), min_scale=1.5)
+    with pytest.raises(ValueError, match=r"min_pose_presence=2"):
+        BuildOptions(source=str(src), out_dir=str(tmp_path / "c"), min_pose_presence=2)
+
+
+def test_face_detector_honours_its_confidence_floor():
+    """FaceDetection(min_detection_confidence, model_selection): a positional (1, 0.8) call swapped them, so faces
+    at 0.5 came through a 0.8 floor. On 000000536038 the full-range model finds a blurred hand at ~0.73."""
+    from mole.data.detect import Detector
+
+    image = Image.open(COCO / "val2017" / "000000536038.jpg").convert("RGB")
+    low = Detector(("faces",), 0.5)(image).faces
+    high = Detector(("faces",), 0.8)(image).faces
+    assert any(0.5 <= f.score < 0.8 for f in low) and all(f.score >= 0.8 for f in high)
+    assert len(high) < len(low)
+
+
+def test_scene_thresholds_from_the_cli(tmp_path, capsys):
+    src = _coco_sources(tmp_path, ["000000463557.jpg"])
+    args = ["data", "scenes", str(src), str(tmp_path / "out"), "--workers", "1", "--captioner", "template:a person",
+            "--min-scale", "0.8", "--min-pose-presence", "0.9", "--min-person", "0.1", "--little-person", "0.2",
+            "--min-face-confidence", "0.95", "--pose-tiles"]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    options = json.loads((tmp_path / "out" / "stats.json").read_text())["options"]
+    assert {k: options[k] for k in ("min_scale", "min_pose_presence", "min_person", "little_person",
+                                    "min_face_confidence", "pose_tiles")} == {
+        "min_scale": 0.8, "min_pose_presence": 0.9, "min_person": 0.1, "little_person": 0.2,
+        "min_face_confidence": 0.95, "pose_tiles": True}  # fmt: skip
+    assert out["dropped"] == {"upscale_floor": 2} and out["kept"] == 0  # 375 < 0.8 x 512: the floor is the CLI's

@@ -425,7 +425,9 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         captioner=args.captioner or default_caption, captions_json=args.captions_json, tokenizer=args.tokenizer,
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
-        min_face_confidence=args.min_face_confidence,
+        min_face_confidence=args.min_face_confidence, min_scale=args.min_scale,
+        min_pose_presence=getattr(args, "min_pose_presence", 0.8), min_person=getattr(args, "min_person", 0.03),
+        little_person=getattr(args, "little_person", 0.05), pose_tiles=getattr(args, "pose_tiles", False),
         overwrite=args.overwrite,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
@@ -464,9 +466,14 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="auto", help="CLIP tokenizer folder (vocab.json, merges.txt) to truncate "
                    "captions; auto (default): the real CLIP tokenizer when one is on this machine; none: words")
     p.add_argument("--min-confidence", type=float,
-                   help="detector confidence floor (default: 0.8 for face close-ups, else 0.5)")
+                   help="detector confidence floor: the face / hand detection a close-up needs (default: 0.8 for "
+                   "face close-ups, else 0.5)")
     p.add_argument("--min-face-confidence", type=float, default=0.8,
                    help="scenes: a face this confident marks a window as holding a person (default 0.8)")
+    p.add_argument("--min-scale", type=float, default=0.7,
+                   help="upscale floor: windows / crops whose source side is below MIN_SCALE x --size are dropped "
+                   "('upscale_floor'), never upscaled more than 1/MIN_SCALE (default 0.7: at most 1.43x, so a 375-px "
+                   "window still makes a 512 crop); larger ones are downscaled (a 1024 window -> 512); 0: any upscale")
     p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
     p.add_argument("--min-clip", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -668,6 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(scenes)
     scenes.add_argument("--window", type=int, default=1024)
     scenes.add_argument("--stride", type=int, default=512)
+    scenes.add_argument("--min-pose-presence", type=float, default=0.8,
+                        help="pose-presence score a pose found in a window needs (default 0.8; 0.5 lets through poses "
+                        "on animals, food and beds)")
+    scenes.add_argument("--min-person", type=float, default=0.03,
+                        help="the posed person's pixels a window needs, as a fraction of it (default 0.03)")
+    scenes.add_argument("--little-person", type=float, default=0.05,
+                        help="drop windows whose person covers less than this and hold no confident face of >= 6 %% "
+                        "of the window side (default 0.05)")
+    scenes.add_argument("--pose-tiles", action="store_true",
+                        help="search 3/4 tiles of windows without a big pose: more people found, more false windows")
     close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
     _data_args(close)
     close.add_argument("--part", choices=["face", "hand"], default="face")

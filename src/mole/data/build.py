@@ -70,7 +70,7 @@ class BuildOptions:
     min_face_confidence: float = 0.8
     little_person: float = 0.05
     min_face: float = 0.06
-    pose_tiles: bool = False  # scenes: search windows without a (big) pose again in 3/4 tiles: recall up, precision down
+    pose_tiles: bool = False  # scenes: search 3/4 tiles of windows without a big pose (more recall, less precision)
     min_sharpness: float = 30.0  # variance of the Laplacian (0 disables)
     blur_filter: str | None = None  # a trained BlurNet (safetensors)
     min_blur_score: float = 0.5
@@ -117,11 +117,6 @@ def _init_worker(opts: BuildOptions) -> None:
     need = ("faces", "pose") if opts.mode == "scenes" else (("faces",) if opts.part == "face" else ("hands",))
     _DETECTOR = Detector(need, opts.min_confidence, pose_presence=opts.min_pose_presence)
     _BLUR = BlurFilter.load(opts.blur_filter) if opts.blur_filter else None
-
-
-def _inside(b, box: tuple[int, int, int, int]) -> bool:
-    cx, cy = (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2
-    return box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
 
 
 def _process(args: tuple[str, BuildOptions]) -> dict:

@@ -107,7 +107,8 @@ def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, float] | None:
     if res.pose_landmarks is None:
         return None
     mask = res.segmentation_mask
-    return sum(lm.visibility > 0.5 for lm in res.pose_landmarks.landmark), float((mask > 0.5).mean()) if mask is not None else 0.0
+    visible = sum(lm.visibility > 0.5 for lm in res.pose_landmarks.landmark)
+    return visible, float((mask > 0.5).mean()) if mask is not None else 0.0
 
 
 def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05) -> dict:
