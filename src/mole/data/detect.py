@@ -62,8 +62,9 @@ class Detector:
         self.min_confidence = min_confidence
         # keywords: the signature is (min_detection_confidence, model_selection); positional (1, 0.8) gave the
         # short-range model with no working threshold, so faces at 0.5 came through a 0.8 floor
-        self.faces = (s.face_detection.FaceDetection(min_detection_confidence=min_confidence, model_selection=1)
-                      if "faces" in need else None)  # fmt: skip
+        # both bundled models: short range (faces filling a portrait) and full range (faces in scenes), merged
+        self.faces = ([s.face_detection.FaceDetection(min_detection_confidence=min_confidence, model_selection=m)
+                       for m in (0, 1)] if "faces" in need else None)  # fmt: skip
         self.hands = (s.hands.Hands(static_image_mode=True, max_num_hands=4, min_detection_confidence=min_confidence)
                       if "hands" in need else None)  # fmt: skip
         self.person = s.selfie_segmentation.SelfieSegmentation(model_selection=1) if "person" in need else None
@@ -84,11 +85,7 @@ class Detector:
         h, w = arr.shape[:2]
         faces, hands, mask, pose = [], [], None, False
         if self.faces is not None:
-            for d in self.faces.process(arr).detections or []:
-                if d.score[0] < self.min_confidence:  # the floor holds whatever the graph does
-                    continue
-                b = d.location_data.relative_bounding_box
-                faces.append(Box(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h, d.score[0]))
+            faces = detect_faces(self.faces, arr, self.min_confidence)
         if self.hands is not None:
             res = self.hands.process(arr)
             for lm, handed in zip(res.multi_hand_landmarks or [], res.multi_handedness or []):
@@ -100,6 +97,32 @@ class Detector:
         if self.pose is not None:
             pose = self.pose.process(arr).pose_landmarks is not None
         return Detections(faces, hands, mask, pose)
+
+
+def _iou(a: Box, b: Box) -> float:
+    ix = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
+    iy = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+    union = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
+def detect_faces(models, arr: np.ndarray, min_confidence: float) -> list[Box]:
+    """Faces from each model at >= min_confidence (the floor is applied here, whatever the graph does), the same face
+    found by two models (IoU > 0.4) counted once at its higher score."""
+    h, w = arr.shape[:2]
+    found: list[Box] = []
+    for model in models:
+        for d in model.process(arr).detections or []:
+            if d.score[0] < min_confidence:
+                continue
+            b = d.location_data.relative_bounding_box
+            box = Box(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h, float(d.score[0]))
+            same = [i for i, f in enumerate(found) if _iou(f, box) > 0.4]
+            if not same:
+                found.append(box)
+            elif box.score > found[same[0]].score:
+                found[same[0]] = box
+    return found
 
 
 def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, float] | None:
@@ -138,11 +161,10 @@ def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False
                 ev["pose"] = True
                 ev["pose_landmarks"], ev["person_fraction"] = int(found[0]), round(found[1], 4)
         if detector.faces is not None:
-            for d in detector.faces.process(arr).detections or []:
-                if d.score[0] > ev["face_confidence"]:
-                    b = d.location_data.relative_bounding_box
-                    ev["face_confidence"] = round(float(d.score[0]), 4)
-                    ev["face_fraction"] = round(float(max(b.width * w, b.height * h) / max(w, h)), 4)
+            for f in detect_faces(detector.faces, arr, detector.min_confidence):
+                if f.score > ev["face_confidence"]:
+                    ev["face_confidence"] = round(float(f.score), 4)
+                    ev["face_fraction"] = round(float(f.size / max(w, h)), 4)
     return ev
 
 
