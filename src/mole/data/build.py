@@ -2,9 +2,10 @@
 
 Per source image (in parallel worker processes):
     read robustly (corrupt, tiny, huge -> counted and skipped; CMYK, 16-bit, palette -> RGB)
-    scenes:   sliding square windows (paper: 1024, resized to 512); keep windows with a person
-              (a pose or a face found, and person pixels >= min_person), drop "little person" windows
-              (largest face smaller than min_face of the window while person pixels < little_person)
+    scenes:   sliding square windows (paper: 1024, downscaled to 512; never upscaled past min_scale), each judged on
+              its own pixels: keep windows with a person (a pose found in the window whose person mask is
+              >= min_person, or a confident face), drop "little person" windows (person < little_person and no
+              confident face of min_face of the window); every dropped window's evidence goes to drops.jsonl
     closeups: face or hand detections -> square crops with a margin, resized
     quality:  variance of the Laplacian >= min_sharpness, judged on the crop at its source resolution (before any
               resize: resizing changes the figure, so size passed for blur); optional blur CNN >= min_blur_score
