@@ -1,12 +1,15 @@
 """The dataset pipeline's steps measured on data with ground truth (issue 15); figures for bench/RESULTS.md.
 
-    PYTHONPATH=src .venv/bin/python bench/data_quality.py [--only prompts,captions,sharpness] [--data ../shared/data]
+    PYTHONPATH=src .venv/bin/python bench/data_quality.py [--only prompts,captions,sharpness,scenes,closeups]
 
 - prompts:   precision / recall of the human-prompt rule on the hand-labelled samples in tests/data/
 - captions:  COCO captions that lose a content word in the VLM clean-up (must be none; a few COCO captions open with
              a frame, "This is a picture of", which may go) and framed copies ("The image shows ...") restored exactly
 - sharpness: share of ORL faces / real hand photos kept by the default Laplacian floor, and of their Gaussian-blurred
              copies (sigma 2 and 3 px) dropped
+- scenes:    `mole data scenes` (defaults) on the 159 annotated coco_mini photos against the COCO person masks: kept
+             windows with < 1 % person, photos with people >= 5 % / 20 % that yield a crop, little-person drops right
+- closeups:  face / hand close-ups against COCO keypoints (nose / eyes inside a face crop, a wrist near a hand crop)
 Prints one table per part and writes runs/data_quality.json.
 """
 
