@@ -260,6 +260,7 @@ FAST_CASES = [
     ("dense", "both", (16, 16), (), 10),
     ("dense", "local", (20, 12, 9), ("e0",), 10),
     ("merged", "global", (4, 6, 3), (), 64),
+    ("merged", "global", (8, 8), ("e1",), 64),
     ("merged", "none", (4, 4), (), 64),
     ("lowrank", "global", (4, 6), (), 10),
 ]
@@ -289,7 +290,7 @@ def test_fast_paths_equal_naive_in_values_and_gradients(path, gating, ranks, mis
     from mole.layers.fused import choose_path
 
     torch.manual_seed(0)
-    base = nn.Conv2d(24, 20, 1) if conv else nn.Linear(24, 20)
+    base = (nn.Conv2d(24, 20, 1) if conv else nn.Linear(24, 20)).requires_grad_(False)  # frozen, as in stage 3
     layer = make_layer(base, ranks, missing, gating)
     rows, e = sum(ranks), len(ranks)
     per_sample = not layer.gating.uses_local
@@ -336,6 +337,26 @@ def test_training_path_keeps_little_for_the_backward(keep):
     rx, *rg = torch.autograd.grad(layer(x).pow(2).sum(), [x, *layer.gates.parameters()])
     for a, b in zip([gx, *gg], [rx, *rg]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_global_only_training_uses_the_merged_path(monkeypatch):
+    """Per-sample coefficients and many tokens: the training step runs MergedMix (one GEMM per sample, no rank-R
+    pass over the tokens), and a trainable base falls back to the path that gives the base its gradients."""
+    from mole.layers import fused
+
+    calls = []
+    real = fused.MergedMix.apply
+    monkeypatch.setattr(fused.MergedMix, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = make_layer(nn.Linear(24, 20).requires_grad_(False), (8, 8), gating="global")
+    x = torch.randn(2, 64, 24, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(calls) == 1
+    assert layer.gates.global_weight.grad is not None and layer.gates.global_weight.grad.abs().sum() > 0
+    layer.base.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert len(calls) == 1  # not taken: the base's weight needs its gradient
+    assert layer.base.weight.grad is not None
 
 
 def test_dense_cache_follows_expert_and_base_updates():

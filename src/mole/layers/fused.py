@@ -7,6 +7,9 @@ Y = F(x) + ((x A^T) * coef expanded to the rank rows) B^T.
 - `LowRankMix`: the training path. Base and experts are frozen, so the backward needs no weight gradients; it saves
   only x (which the gate projection saves anyway) and coef (b, n, e), and recomputes h = x A^T when coef needs a
   gradient. Autograd's own graph would keep h and h * coef, two (b, n, R) tensors per layer.
+- `MergedMix`: the training path when coef is per sample (global-only gating) and tokens outnumber what a merge
+  costs: one GEMM per sample against W + B diag(coef_b) A, and a backward that forms G_b = dY_b^T X_b (o, d) once
+  for the coefficient gradients instead of two rank-R passes over the tokens.
 - `merged_per_sample`: inference with one coefficient per sample (global-only gating, no gating, routing): the
   per-sample weight W + B diag(coef_b) A costs o R d once per sample instead of n R (d + o) per sample.
 - `dense_experts`: inference with per-token coefficients on layers whose experts have more rank rows than their
@@ -90,6 +93,38 @@ class LowRankMix(torch.autograd.Function):
         if need_x:
             dx = F.linear(expand_rows(dhc, coef.to(dhc.dtype), owner, ctx.uniform_rank), A.t().to(dhc.dtype))
         return (dy if need_out else None), dx, None, None, dcoef, None, None, None
+
+
+class MergedMix(torch.autograd.Function):
+    """F(x) + sum_i coef_bi E_i(x) for per-sample coef (b, 1, e) and frozen W (o, d), bias, A (R, d), B (o, R):
+    y_b = x_b M_b (+ bias) with M_b = W^T + A^T diag(coef_b) B^T (d, o). Gradients for x and coef only.
+
+    Backward: dx_b = dy_b M_b^T; dcoef_bi = sum over expert i's rows j of sum_od B_oj G_bod A_jd with
+    G_b = dy_b^T x_b, i.e. the rows of (G_b A^T) (o, R) dotted with B's columns. Saves x, coef and M (b, d, o).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, coef, owner, uniform_rank: int):  # noqa: N803
+        a_rows = A.t() * coef.index_select(-1, owner)  # (b, d, R): A^T with each expert's columns scaled
+        merged = torch.baddbmm(weight.t().unsqueeze(0), a_rows, B.t().unsqueeze(0).expand(coef.shape[0], -1, -1))
+        y = torch.bmm(x, merged)  # (b, n, o)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, merged, A, B, owner)
+        ctx.uniform_rank, ctx.num_experts = uniform_rank, coef.shape[-1]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, merged, A, B, owner = ctx.saved_tensors  # noqa: N806
+        dx = dcoef = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(dy, merged.transpose(1, 2))  # (b, n, d)
+        if ctx.needs_input_grad[5]:
+            g = torch.bmm(dy.transpose(1, 2), x)  # (b, o, d)
+            per_row = (torch.matmul(g, A.t()) * B).sum(1)  # (b, R): sum_od B_oj G_od A_jd
+            dcoef = sum_rows(per_row.unsqueeze(1), owner, ctx.num_experts, ctx.uniform_rank)  # (b, 1, e)
+        return dx, None, None, None, None, dcoef, None, None
 
 
 def merged_per_sample(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,  # noqa: N803

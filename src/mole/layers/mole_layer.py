@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Gating, GlobalSource, MoLEConfig
-from .fused import LowRankMix, choose_path, dense_experts, expand_rows, merged_per_sample
+from .fused import LowRankMix, MergedMix, choose_path, dense_experts, expand_rows, merged_per_sample
 from .gates import MoLEGates
 from .lora import LoraPair
 
@@ -340,6 +340,13 @@ class MoLELayer(nn.Module):
         if self.recorder is not None:
             self.recorder.record(self, local, glob, x)
         if torch.is_grad_enabled() and (tokens.requires_grad or coef.requires_grad):
+            frozen_base = not any(p.requires_grad for p in self.base.parameters())
+            if frozen_base and coef.shape[1] == 1 and choose_path(n, d, o, rows, e, True, False) == "merged":
+                bias = None if self.base.bias is None else self.base.bias.to(dtype)
+                y = MergedMix.apply(tokens, self._base_weight_2d().to(dtype), bias, self.lora_A.to(dtype),
+                                    self.lora_B.to(dtype), coef.expand(b, 1, e), self.rank_owner,
+                                    self._uniform_rank)  # fmt: skip
+                return restore(y)
             out = self.base(x)
             fuse = not self.is_conv and out.is_contiguous()
             y = LowRankMix.apply(

@@ -30,7 +30,7 @@ from ..models import DiffusionModel, TextConditioning
 from ..outputs import check_output_dir
 from ..recording import record_gates
 from .checkpoint import checkpoint_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import MixedPrecision, TrainConfig, TrainConfigError
+from .config import MixedPrecision, Stage, TrainConfig, TrainConfigError
 from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
@@ -130,7 +130,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
 
     # ---- model and stage
     samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
-    model = DiffusionModel.from_pretrained(cfg.model)
+    # frozen-only stages load straight in the weight dtype: no fp32 copy of a large pipeline (PixArt's T5-XXL is
+    # 19 GB in fp32) passes through host memory; stage 1 keeps fp32 master weights of what it trains
+    load_dtype = torch.float32 if cfg.stage is Stage.FINETUNE else weight_dtype
+    model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype)
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
     for module in (stage.side_modules or {}).values():
