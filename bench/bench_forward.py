@@ -17,7 +17,8 @@ RSS every millisecond; the figure is the peak above the RSS with the model built
 are counted in-process for both.
 
 Goals (issue 13): fused MoLE <= 0.90x peft's two weighted adapters at rank 256 (inference); a stage-3 step
-<= 1.1x a peft one-adapter step in time and in peak memory.
+<= 1.1x a peft one-adapter step in time and in peak memory (--train-global adds the global-only gating
+step, whose exact merged per-sample path needs no rank-R pass over the tokens).
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ def ratio_stats(times: dict[str, list[float]], num: str, den: str) -> dict[str, 
     return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
-def build(args, device, dtype, with_peft_inference=True, with_peft_train=True, with_mole=True):
-    """(peft UNet, MoLE UNet or None, inputs); both UNets share the base weights' values and the experts."""
+def build(args, device, dtype, with_peft_inference=True, with_peft_train=True, with_mole=True, gating="both",
+          with_global=False):  # fmt: skip
+    """(peft UNet, MoLE UNet or None, inputs, target, global-only MoLE UNet or None); every UNet shares the base
+    weights' values and the experts; the MoLE UNet gates with `gating`."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -107,7 +110,10 @@ def build(args, device, dtype, with_peft_inference=True, with_peft_train=True, w
         if alone:
             unet.unload_lora()  # back to plain Linear / Conv2d layers
             unet, mole_unet = None, unet
-        inject_mole(mole_unet, experts, MoLEConfig(gating="both"))
+        global_unet = copy.deepcopy(mole_unet) if with_global else None
+        if global_unet is not None:
+            inject_mole(global_unet, experts, MoLEConfig(gating="global"))
+        inject_mole(mole_unet, experts, MoLEConfig(gating=gating))
         if not with_peft_inference and not alone:
             unet.delete_adapters(["face", "hand"])
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -117,7 +123,7 @@ def build(args, device, dtype, with_peft_inference=True, with_peft_train=True, w
         "encoder_hidden_states": torch.randn(2, 77, 768, generator=g).to(device, dtype),
     }
     target = torch.randn(2, 4, *args.hw, generator=g).to(device, dtype)
-    return unet, mole_unet, inputs, target
+    return unet, mole_unet, inputs, target, global_unet
 
 
 def peft_train_step_fn(unet, inputs, target):
@@ -180,8 +186,9 @@ def memory_child(args) -> None:
     """One training variant alone: peak RSS above the prepared model during a training step (CPU)."""
     device, dtype = torch.device("cpu"), torch.float32
     peft_v = args.memory_child == "peft_train"
-    unet, mole_unet, inputs, target = build(args, device, dtype, with_peft_inference=False, with_peft_train=peft_v,
-                                            with_mole=not peft_v)  # fmt: skip
+    gating = "global" if args.memory_child == "mole_train_global" else "both"
+    unet, mole_unet, inputs, target, _ = build(args, device, dtype, with_peft_inference=False, with_peft_train=peft_v,
+                                               with_mole=not peft_v, gating=gating)  # fmt: skip
     step = peft_train_step_fn(unet, inputs, target) if peft_v else mole_train_step_fn(mole_unet, inputs, target)
     step()  # creates the optimizer state
     import gc
@@ -210,7 +217,7 @@ def memory_child(args) -> None:
 def cpu_memory(args) -> dict:
     out = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    for variant in ("peft_train", "mole_train"):
+    for variant in ("peft_train", "mole_train") + (("mole_train_global",) if args.train_global else ()):
         cmd = [sys.executable, __file__, "--rank", str(args.rank), "--hw", *map(str, args.hw)]
         cmd += ["--memory-child", variant]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -228,7 +235,10 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="inference only")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd peft and fused MoLE")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    parser.add_argument("--memory-child", choices=["peft_train", "mole_train"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train-global", action="store_true",
+                        help="also time a stage-3 step with global-only gating (the merged per-sample path)")
+    parser.add_argument("--memory-child", choices=["peft_train", "mole_train", "mole_train_global"], default=None,
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
 
 
@@ -247,11 +257,16 @@ def main() -> None:
     report = timings(args, device, dtype, rounds, warmup)
     if not args.no_train and not gpu:
         peaks = cpu_memory(args)
-        peaks = {"peft_1_train": peaks["peft_train"], "mole_stage3_train": peaks["mole_train"]}
+        peaks = {"peft_1_train": peaks["peft_train"], "mole_stage3_train": peaks["mole_train"],
+                 **({"mole_stage3_train_global": peaks["mole_train_global"]} if args.train_global else {})}
         report["train_peak_memory"] = peaks
         report["peak_mole_over_peft"] = round(
             peaks["mole_stage3_train"]["peak_above_mb"] / peaks["peft_1_train"]["peak_above_mb"], 3
         )
+        if args.train_global:
+            report["peak_mole_global_over_peft"] = round(
+                peaks["mole_stage3_train_global"]["peak_above_mb"] / peaks["peft_1_train"]["peak_above_mb"], 3
+            )
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
@@ -261,7 +276,8 @@ def timings(args, device, dtype, rounds: int, warmup: int) -> dict:
     from mole import set_fused
 
     gpu = device.type == "cuda"
-    unet, mole_unet, inputs, target = build(args, device, dtype)
+    unet, mole_unet, inputs, target, global_unet = build(args, device, dtype,
+                                                         with_global=args.train_global and not args.no_train)
 
     def infer(model):
         def run():
@@ -320,9 +336,14 @@ def timings(args, device, dtype, rounds: int, warmup: int) -> dict:
     if not args.no_train:
         peft_step = peft_train_step_fn(unet, inputs, target)  # activates the "trainee" adapter
         mole_step = mole_train_step_fn(mole_unet, inputs, target)
-        ttimes = interleaved({"peft_1_train": peft_step, "mole_stage3_train": mole_step}, rounds, warmup, device)
+        steps = {"peft_1_train": peft_step, "mole_stage3_train": mole_step}
+        if args.train_global:
+            steps["mole_stage3_train_global"] = mole_train_step_fn(global_unet, inputs, target)
+        ttimes = interleaved(steps, rounds, warmup, device)
         report["median_ms"].update({k: round(statistics.median(v), 2) for k, v in ttimes.items()})
         report["train_mole_over_peft"] = ratio_stats(ttimes, "mole_stage3_train", "peft_1_train")
+        if args.train_global:
+            report["train_mole_global_over_peft"] = ratio_stats(ttimes, "mole_stage3_train_global", "peft_1_train")
 
         def fwd(model):
             return lambda: torch.nn.functional.mse_loss(model(**inputs).sample.float(), target.float())

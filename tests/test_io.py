@@ -237,3 +237,25 @@ def test_non_finite_gates_are_refused_by_key(tmp_path, sd15, bad):
 def model_base_state(model):
     return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k and
             ".gates." not in k}  # fmt: skip
+
+
+def test_weight_samples_reach_the_last_element_of_tensors_past_2_24():
+    """A float32 linspace rounds numel - 1 up past the end for SD1.5's 29,491,200-element conv (saving a real SD1.5
+    MoLE file crashed); the positions are clamped to the last element and are otherwise those of the old code, so
+    files written before keep their fingerprints."""
+    from torch import nn
+
+    from mole.io import spaced_indices, weight_samples
+
+    numel = 29_491_200
+    old = torch.linspace(0, numel - 1, 4).long()
+    assert old[-1] == numel  # the float32 rounding this guards against
+    w = torch.zeros(numel)
+    w[old[:-1]] = torch.tensor([1.0, 2.0, 3.0])
+    w[-1] = 4.0
+    module = nn.Module()
+    module.w = nn.Parameter(w, requires_grad=False)
+    assert weight_samples(module).tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    for n in [1, 2, 3, 7, 10, 1000, 65536, 4_194_304, 16_777_215]:
+        for count in (4, 16):
+            assert spaced_indices(n, count).tolist() == torch.linspace(0, n - 1, count).long().tolist(), (n, count)

@@ -59,14 +59,23 @@ def structure_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def spaced_indices(numel: int, count: int, device=None) -> torch.Tensor:
+    """`count` evenly spaced positions in 0 .. numel - 1: a float32 linspace, truncated, clamped to the last element.
+
+    Past 2^24 elements the float32 linspace rounds numel - 1 up beyond the end (SD1.5's 29,491,200-element
+    up-block convolution gave index 29491200 and saving a real SD1.5 MoLE file failed); the clamp keeps every other
+    position as before, so files written earlier keep their fingerprints."""
+    idx = torch.linspace(0, numel - 1, count).long().clamp_(0, numel - 1)
+    return idx.to(device) if device is not None else idx
+
+
 def weight_signature(model: nn.Module, layer_paths: Sequence[str], layers: int = 4, per_layer: int = 16) -> list[float]:
     """A few evenly spaced base weights of the first wrapped layers: tells two models of one architecture apart."""
     values: list[float] = []
     for path in sorted(layer_paths)[:layers]:
         module = model.get_submodule(path)
         w = getattr(module, "base", module).weight.detach().flatten()
-        idx = torch.linspace(0, w.numel() - 1, per_layer).long().to(w.device)
-        values.extend(float(v) for v in w[idx].float().cpu())
+        values.extend(float(v) for v in w[spaced_indices(w.numel(), per_layer, w.device)].float().cpu())
     return values
 
 
@@ -85,8 +94,7 @@ def weight_samples(model: nn.Module, per_tensor: int = SAMPLES_PER_TENSOR) -> to
     rows = []
     for _, p in sorted(named, key=lambda x: x[0]):
         w = p.detach().reshape(-1)
-        idx = torch.linspace(0, w.numel() - 1, per_tensor).long().to(w.device)
-        rows.append(w[idx].float().cpu())
+        rows.append(w[spaced_indices(w.numel(), per_tensor, w.device)].float().cpu())
     return torch.stack(rows) if rows else torch.zeros(0, per_tensor)
 
 
