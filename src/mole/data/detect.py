@@ -56,6 +56,9 @@ class Detector:
 
         with quiet_native_stderr():
             self._build(mp.solutions, need, min_confidence, pose_presence)
+            # the graphs start their inference threads after the constructors return, and those threads log
+            # ("Feedback manager requires ...") a moment later: one call on a blank image waits for them here
+            self._detect(Image.new("RGB", (64, 64), (128, 128, 128)))
 
     def _build(self, s, need: tuple[str, ...], min_confidence: float, pose_presence: float = 0.5) -> None:
         self.need = set(need)

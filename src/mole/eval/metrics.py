@@ -171,6 +171,9 @@ class FaceHandDetector:
             )
             self.hands = mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
                                                   min_detection_confidence=min_confidence)  # fmt: skip
+            # the graphs' threads log a moment after the constructors return: one blank call waits for them here
+            blank = np.full((64, 64, 3), 128, np.uint8)
+            self.faces.process(blank), self.hands.process(blank)
 
     def detect(self, image: Image.Image) -> dict[str, float]:
         from ..native_logs import quiet_native_stderr
