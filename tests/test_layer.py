@@ -390,10 +390,11 @@ def test_expert_training_keeps_factor_gradients():
     torch.testing.assert_close(got[1], layer.lora_B.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_layer_compiles_without_graph_breaks():
+@pytest.mark.parametrize("gating,tokens", [("both", 5), ("global", 64)])  # lowrank / merged (MergedMix) training
+def test_fused_layer_compiles_without_graph_breaks(gating, tokens):
     torch.manual_seed(0)
-    layer = make_layer(nn.Linear(24, 20), (4, 6))
-    x = torch.randn(2, 5, 24)
+    layer = make_layer(nn.Linear(24, 20).requires_grad_(False), (4, 6), gating=gating)
+    x = torch.randn(2, tokens, 24)
     torch._dynamo.reset()
     with torch.no_grad():
         explained = torch._dynamo.explain(layer)(x)
