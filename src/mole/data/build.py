@@ -69,7 +69,7 @@ class BuildOptions:
     # >= min_face_confidence. "Little person": the posed person covers < little_person of the window and no
     # confident face of >= min_face of the window side is in it (bench/data_quality.py --only scenes).
     # A pose counts only when the person segmenter (an independent model) also marks >= min_person_agreement of
-    # its pixels as person (poses found on a vase or a dog sit on background). pose_tiles: a window without a
+    # its pixels as person (poses found where no person is sit on background). pose_tiles: a window without a
     # confirmed big pose is searched again in its four 3/4 tiles; a tile's pose counts when it is a confirmed
     # person of >= little_person of the window with >= tile_landmarks visible landmarks
     min_person: float = 0.03
