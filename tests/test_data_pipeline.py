@@ -329,8 +329,8 @@ def test_scene_windows_per_window_evidence_keep_people_drop_objects(tmp_path):
 
 def test_large_sources_are_cropped_at_the_window_and_downscaled_small_ones_hit_the_floor(tmp_path):
     """A 1024-px window of a 1100 x 1467 source becomes a 512 crop (downscaled, box side 1024); a 300-px source with
-    --size 512 is below the 0.7 floor (300 < 358.4) and dropped as upscale_floor before any detector runs; with
-    min_scale=0 the floor is off."""
+    --size 512 is below the 0.7 floor (300 < round(0.7 x 512) = 358) and dropped as upscale_floor before any
+    detector runs; with min_scale=0 the floor is off."""
     person = Image.open(COCO / "train2017" / "000000463557.jpg").convert("RGB")  # 375 x 500, one big person
     src = tmp_path / "src"
     src.mkdir()
@@ -345,7 +345,9 @@ def test_large_sources_are_cropped_at_the_window_and_downscaled_small_ones_hit_t
     floor = [json.loads(x) for x in (tmp_path / "a" / "drops.jsonl").read_text().splitlines()]
     floor = [d for d in floor if d["reason"] == "upscale_floor"]
     assert stats["dropped"]["upscale_floor"] == 2 == len(floor)  # the small source's two 300-px windows
-    assert all(Path(d["source"]).name == "small.png" and d["scores"] == {"window_side": 300} for d in floor)
+    assert all(Path(d["source"]).name == "small.png" and d["scores"] == {"window_side": 300, "floor": 358}
+               for d in floor)  # fmt: skip
+    assert BuildOptions(out_dir=str(tmp_path / "c"), **opts).upscale_floor_px == 358  # whole pixels, not 358.4
     off = build_dataset(BuildOptions(out_dir=str(tmp_path / "b"), min_scale=0, **opts))
     assert "upscale_floor" not in off["dropped"]
     with pytest.raises(ValueError, match=r"min_scale=1.5.*between 0"):
@@ -370,12 +372,65 @@ def test_scene_thresholds_from_the_cli(tmp_path, capsys):
     src = _coco_sources(tmp_path, ["000000463557.jpg"])
     args = ["data", "scenes", str(src), str(tmp_path / "out"), "--workers", "1", "--captioner", "template:a person",
             "--min-scale", "0.8", "--min-pose-presence", "0.9", "--min-person", "0.1", "--little-person", "0.2",
-            "--min-face-confidence", "0.95", "--pose-tiles"]  # fmt: skip
+            "--min-face-confidence", "0.95", "--no-pose-tiles", "--min-person-agreement", "0.5",
+            "--tile-landmarks", "30"]  # fmt: skip
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     options = json.loads((tmp_path / "out" / "stats.json").read_text())["options"]
     assert {k: options[k] for k in ("min_scale", "min_pose_presence", "min_person", "little_person",
-                                    "min_face_confidence", "pose_tiles")} == {
+                                    "min_face_confidence", "pose_tiles", "min_person_agreement",
+                                    "tile_landmarks")} == {
         "min_scale": 0.8, "min_pose_presence": 0.9, "min_person": 0.1, "little_person": 0.2,
-        "min_face_confidence": 0.95, "pose_tiles": True}  # fmt: skip
+        "min_face_confidence": 0.95, "pose_tiles": False, "min_person_agreement": 0.5,
+        "tile_landmarks": 30}  # fmt: skip
+    assert BuildOptions(source=str(src), out_dir=str(tmp_path / "d")).pose_tiles  # tiles are on by default
     assert out["dropped"] == {"upscale_floor": 2} and out["kept"] == 0  # 375 < 0.8 x 512: the floor is the CLI's
+
+
+def test_person_agreement_is_the_share_of_the_pose_the_segmenter_confirms():
+    """agreement = |pose & segmenter| / |pose|: not the IoU (2/14) nor the share of the segmenter's pixels (2/12)."""
+    from mole.data.detect import person_agreement
+
+    pose = np.zeros((4, 8), dtype=bool)
+    pose[0, :4] = True  # 4 pixels
+    seg = np.zeros((4, 8), dtype=bool)
+    seg[0, 2:6] = True  # 2 of the pose's pixels and 2 others
+    seg[2, :] = True  # 8 more
+    assert person_agreement(pose, seg) == 0.5
+    assert person_agreement(pose, ~pose) == 0.0 and person_agreement(pose, pose | seg) == 1.0
+    assert person_agreement(np.zeros_like(pose), seg) == 0.0  # no pose pixels: nothing confirmed
+    assert person_agreement(pose, None) == 1.0  # no segmenter: nothing to check against
+    with pytest.raises(ValueError, match=r"min_person_agreement=1.5"):
+        BuildOptions(source=str(SHARED), out_dir="unused", min_person_agreement=1.5)
+    with pytest.raises(ValueError, match=r"tile_landmarks=40"):
+        BuildOptions(source=str(SHARED), out_dir="unused", tile_landmarks=40)
+
+
+def test_unconfirmed_poses_are_dropped_and_tiles_find_the_big_person(tmp_path):
+    """COCO windows with no person at all (COCO masks) where the pose model still finds a pose at presence >= 0.8:
+    379349's right window (16 % of it) and 107438's left (6 %); the person segmenter marks none of those pixels, so
+    both are dropped as no_person with person_agreement < 0.2 in drops.jsonl. In 311002 the pose model picks a
+    small person (2.6 % of the window) beside a big one (22 %): a 3/4 tile finds the big one (pose_from "tile",
+    >= 22 landmarks, confirmed); without tiles the photo yields nothing. 536038 is 358 px: at the floor, kept."""
+    if not COCO.is_dir():
+        pytest.skip("coco_mini missing")
+    src = _coco_sources(tmp_path, ["000000379349.jpg", "000000107438.jpg", "000000311002.jpg", "000000536038.jpg"])
+    opts = dict(source=str(src), captioner="template:a person", min_sharpness=0)
+    build_dataset(BuildOptions(out_dir=str(tmp_path / "a"), **opts))
+    rows = [json.loads(x) for x in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
+    drops = [json.loads(x) for x in (tmp_path / "a" / "drops.jsonl").read_text().splitlines()]
+    kept = {Path(r["source"]).name for r in rows}
+    assert "000000379349.jpg" not in kept and "000000107438.jpg" not in kept
+    for name, box in (("000000379349.jpg", [160, 0, 640, 480]), ("000000107438.jpg", [0, 0, 426, 426])):
+        (d,) = [d for d in drops if Path(d["source"]).name == name and d["box"] == box]
+        s = d["scores"]
+        assert d["reason"] == "no_person" and s["pose"] and s["person_fraction"] >= 0.03, d
+        assert s["person_agreement"] < 0.2, d
+    tiled = [r for r in rows if Path(r["source"]).name == "000000311002.jpg"]
+    assert tiled and all(r["scores"]["pose_from"] == "tile" and r["scores"]["pose_landmarks"] >= 22 for r in tiled)
+    assert all(r["scores"]["person_fraction"] >= 0.05 and r["scores"]["person_agreement"] >= 0.2 for r in tiled)
+    small = [r for r in rows if Path(r["source"]).name == "000000536038.jpg"]
+    assert small and all(r["box"][2] - r["box"][0] == 358 for r in small)
+    build_dataset(BuildOptions(out_dir=str(tmp_path / "b"), pose_tiles=False, **opts))
+    rows = [json.loads(x) for x in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
+    assert "000000311002.jpg" not in {Path(r["source"]).name for r in rows}

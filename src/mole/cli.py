@@ -427,8 +427,9 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
         min_face_confidence=args.min_face_confidence, min_scale=args.min_scale,
         min_pose_presence=getattr(args, "min_pose_presence", 0.8), min_person=getattr(args, "min_person", 0.03),
-        little_person=getattr(args, "little_person", 0.05), pose_tiles=getattr(args, "pose_tiles", False),
-        overwrite=args.overwrite,
+        little_person=getattr(args, "little_person", 0.05), pose_tiles=getattr(args, "pose_tiles", True),
+        min_person_agreement=getattr(args, "min_person_agreement", 0.2),
+        tile_landmarks=getattr(args, "tile_landmarks", 22), overwrite=args.overwrite,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
     return 0
@@ -683,8 +684,14 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--little-person", type=float, default=0.05,
                         help="drop windows whose person covers less than this and hold no confident face of >= 6 %% "
                         "of the window side (default 0.05)")
-    scenes.add_argument("--pose-tiles", action="store_true",
-                        help="search 3/4 tiles of windows without a big pose: more people found, more false windows")
+    scenes.add_argument("--min-person-agreement", type=float, default=0.2,
+                        help="share of the posed person's pixels the person segmenter must also mark as person for "
+                        "the pose to count (default 0.2; poses found on objects sit on background: 0.0)")
+    scenes.add_argument("--pose-tiles", action=argparse.BooleanOptionalAction, default=True,
+                        help="search the four 3/4 tiles of a window without a confirmed big pose (default on; "
+                        "--no-pose-tiles: the window alone)")
+    scenes.add_argument("--tile-landmarks", type=int, default=22,
+                        help="visible landmarks (of 33) a pose found in a tile needs (default 22)")
     close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
     _data_args(close)
     close.add_argument("--part", choices=["face", "hand"], default="face")

@@ -4,7 +4,8 @@ Per source image (in parallel worker processes):
     read robustly (corrupt, tiny, huge -> counted and skipped; CMYK, 16-bit, palette -> RGB)
     scenes:   sliding square windows (paper: 1024, downscaled to 512; never upscaled past min_scale), each judged on
               its own pixels: keep windows with a person (a pose found in the window whose person mask is
-              >= min_person, or a confident face), drop "little person" windows (person < little_person and no
+              >= min_person and confirmed by the person segmenter, or a confident face; tiles of the window
+              when it has no confirmed big pose), drop "little person" windows (person < little_person and no
               confident face of min_face of the window); every dropped window's evidence goes to drops.jsonl
     closeups: face or hand detections -> square crops with a margin, resized
     quality:  variance of the Laplacian >= min_sharpness, judged on the crop at its source resolution (before any
@@ -57,7 +58,8 @@ class BuildOptions:
     min_source_side: int = 64  # smaller sources are skipped as "tiny"
     min_crop_side: int = 64  # crops smaller than this (before resizing) are dropped
     # never upscale past this: a window / crop whose source side is < min_scale x size is dropped ("upscale_floor");
-    # larger ones are downscaled (a 1024 window -> 512). 0.75: at most 1.33x up (480-px COCO windows -> 512 pass)
+    # larger ones are downscaled (a 1024 window -> 512). The floor is in whole pixels, round(min_scale x size):
+    # 358 px for 0.7 x 512 (upscale_floor_px)
     min_scale: float = 0.7
     # detector confidence floor; None: 0.8 for face close-ups (on COCO every face found at >= 0.8 was a human face,
     # at 0.5 only 12 of 30 were), 0.5 otherwise
@@ -65,13 +67,19 @@ class BuildOptions:
     # scenes, judged per window on the window itself: a window has a person when a pose is found in it (pose
     # presence >= min_pose_presence) whose person mask covers >= min_person of it, or it holds a face detected with
     # >= min_face_confidence. "Little person": the posed person covers < little_person of the window and no
-    # confident face of >= min_face of the window side is in it (bench/data_quality.py --only scenes)
+    # confident face of >= min_face of the window side is in it (bench/data_quality.py --only scenes).
+    # A pose counts only when the person segmenter (an independent model) also marks >= min_person_agreement of
+    # its pixels as person (poses found where no person is sit on background). pose_tiles: a window without a
+    # confirmed big pose is searched again in its four 3/4 tiles; a tile's pose counts when it is a confirmed
+    # person of >= little_person of the window with >= tile_landmarks visible landmarks
     min_person: float = 0.03
     min_pose_presence: float = 0.8
     min_face_confidence: float = 0.8
     little_person: float = 0.05
     min_face: float = 0.06
-    pose_tiles: bool = False  # scenes: search 3/4 tiles of windows without a big pose (more recall, less precision)
+    min_person_agreement: float = 0.2
+    pose_tiles: bool = True
+    tile_landmarks: int = 22
     min_sharpness: float = 30.0  # variance of the Laplacian (0 disables)
     blur_filter: str | None = None  # a trained BlurNet (safetensors)
     min_blur_score: float = 0.5
@@ -101,9 +109,16 @@ class BuildOptions:
                              "upscale at most 1.33x), between 0 (any upscale) and 1 (never upscale)")  # fmt: skip
         if self.min_confidence is None:
             self.min_confidence = 0.8 if self.mode == "closeups" and self.part == "face" else 0.5
-        for name in ("min_confidence", "min_face_confidence", "min_pose_presence"):
+        for name in ("min_confidence", "min_face_confidence", "min_pose_presence", "min_person_agreement"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)}: confidences are between 0 and 1")
+                raise ValueError(f"{name}={getattr(self, name)}: confidences and shares are between 0 and 1")
+        if not 0 <= self.tile_landmarks <= 33:
+            raise ValueError(f"tile_landmarks={self.tile_landmarks}: the pose model has 33 landmarks; use 0 to 33")
+
+    @property
+    def upscale_floor_px(self) -> int:
+        """The smallest window / crop side kept, in whole pixels: round(min_scale x size) (358 for 0.7 x 512)."""
+        return round(self.min_scale * self.size)
         if not Path(self.source).is_dir():
             raise FileNotFoundError(f"source {self.source} is not a folder of images")
 
@@ -115,7 +130,7 @@ _BLUR: BlurFilter | None = None
 
 def _init_worker(opts: BuildOptions) -> None:
     global _DETECTOR, _BLUR
-    need = ("faces", "pose") if opts.mode == "scenes" else (("faces",) if opts.part == "face" else ("hands",))
+    need = ("faces", "pose", "person") if opts.mode == "scenes" else (("faces",) if opts.part == "face" else ("hands",))
     _DETECTOR = Detector(need, opts.min_confidence, pose_presence=opts.min_pose_presence)
     _BLUR = BlurFilter.load(opts.blur_filter) if opts.blur_filter else None
 
@@ -143,16 +158,19 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
     if opts.mode == "scenes":
         for box in sliding_windows(w, h, opts.window, opts.stride):
             side = box[2] - box[0]
-            if side < opts.min_scale * opts.size:  # before detection: these are never kept
-                reject("upscale_floor", box, {"window_side": side})
+            if side < opts.upscale_floor_px:  # before detection: these are never kept
+                reject("upscale_floor", box, {"window_side": side, "floor": opts.upscale_floor_px})
                 continue
             window = image.crop(box)
             if side > opts.size:  # detect on what will be kept: the window downscaled to the output size
                 window = window.resize((opts.size, opts.size), Image.Resampling.LANCZOS)
-            scores = window_evidence(_DETECTOR, window, tiles=opts.pose_tiles, little=opts.little_person)
-            person, face = scores["person_fraction"], scores["face_fraction"]
+            scores = window_evidence(_DETECTOR, window, tiles=opts.pose_tiles, little=opts.little_person,
+                                     tile_landmarks=opts.tile_landmarks, min_agreement=opts.min_person_agreement)
+            # an unconfirmed pose (the segmenter sees background where it stands) is no evidence of a person
+            posed = scores["pose"] and scores["person_agreement"] >= opts.min_person_agreement
+            person, face = (scores["person_fraction"] if posed else 0.0), scores["face_fraction"]
             faced = scores["face_confidence"] >= opts.min_face_confidence
-            if not ((scores["pose"] and person >= opts.min_person) or faced):
+            if not ((posed and person >= opts.min_person) or faced):
                 reject("no_person", box, scores)
             elif person < opts.little_person and (not faced or face < opts.min_face):
                 reject("little_person", box, scores)
@@ -174,7 +192,7 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
         if box[2] - box[0] < opts.min_crop_side:
             reject("small_crop", box, scores)
             continue
-        if box[2] - box[0] < opts.min_scale * opts.size:
+        if box[2] - box[0] < opts.upscale_floor_px:
             reject("upscale_floor", box, scores)
             continue
         source_crop = image.crop(box)

@@ -128,41 +128,70 @@ def detect_faces(models, arr: np.ndarray, min_confidence: float) -> list[Box]:
     return found
 
 
-def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, float] | None:
+def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(visible landmarks, the posed person's mask as bools) or None when no pose passes the presence floor."""
     res = detector.pose.process(np.ascontiguousarray(arr))
     if res.pose_landmarks is None:
         return None
     mask = res.segmentation_mask
     visible = sum(lm.visibility > 0.5 for lm in res.pose_landmarks.landmark)
-    return visible, float((mask > 0.5).mean()) if mask is not None else 0.0
+    return visible, (mask > 0.5) if mask is not None else np.zeros(arr.shape[:2], dtype=bool)
 
 
-def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05) -> dict:
+def person_agreement(pose_mask: np.ndarray, segmenter_mask: np.ndarray | None) -> float:
+    """The share of the posed person's pixels that the person segmenter (an independent model) also calls person:
+    1.0 when it confirms the whole pose, 0.0 when the pose sits on pixels it sees as background (a pose found on a
+    vase or a dog). No segmenter: 1.0 (nothing to check against); an empty pose mask: 0.0."""
+    if segmenter_mask is None:
+        return 1.0
+    n = int(pose_mask.sum())
+    return float((pose_mask & segmenter_mask).sum() / n) if n else 0.0
+
+
+def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05,
+                    tile_landmarks: int = 22, min_agreement: float = 0.2) -> dict:  # fmt: skip
     """Person evidence for one scene window, from detectors run on the window itself (not the whole photo):
     pose (a pose found in the window), pose_landmarks (how many of the 33 are visible), person_fraction (pixels of
-    the posed person, from the pose model's own mask, as a fraction of the window), face_confidence and
-    face_fraction (the most confident face, its side as a fraction of the window side). With `tiles`, a window
-    whose pose is missing or covers < `little` is searched again in four 3/4 tiles (more people found, and more
-    false poses: see bench/RESULTS.md)."""
+    the posed person, from the pose model's own mask, as a fraction of the window), person_agreement (the share of
+    those pixels the person segmenter also marks, `person_agreement()`; 1.0 without a segmenter),
+    segmenter_fraction (the segmenter's person pixels in the window), pose_from ("window" or "tile"),
+    face_confidence and face_fraction (the most confident face, its side as a fraction of the window side).
+
+    With `tiles`, a window whose own pose is missing, unconfirmed (agreement < `min_agreement`) or covers <
+    `little` is searched again in its four overlapping 3/4 tiles (the pose model finds one person, the most
+    prominent: a big person beside a small one, a cut-off body). A tile's pose replaces the window's only when it
+    is a big, well-seen, confirmed person: >= `little` of the window, >= `tile_landmarks` visible landmarks and
+    agreement >= `min_agreement` (tiles alone found poses on objects: bench/RESULTS.md)."""
     from ..native_logs import quiet_native_stderr
 
     arr = np.ascontiguousarray(np.asarray(window.convert("RGB")))
     h, w = arr.shape[:2]
-    ev = {"pose": False, "pose_landmarks": 0, "person_fraction": 0.0, "face_confidence": 0.0, "face_fraction": 0.0}
+    ev = {"pose": False, "pose_landmarks": 0, "person_fraction": 0.0, "person_agreement": 0.0,
+          "segmenter_fraction": 0.0, "pose_from": None, "face_confidence": 0.0, "face_fraction": 0.0}  # fmt: skip
     with quiet_native_stderr():
+        seg = None
+        if detector.person is not None:
+            seg = detector.person.process(arr).segmentation_mask > 0.5
+            ev["segmenter_fraction"] = round(float(seg.mean()), 4)
         if detector.pose is not None:
             found = _pose(detector, arr)
-            if tiles and (found is None or found[1] < little):
-                # the pose model finds one person, the most prominent: when that is none or a little one, look again
-                # in the four overlapping 3/4 tiles of the window (a big person beside a small one, a cut-off body)
+            best = None  # (visible, fraction of the window, agreement, where)
+            if found is not None:
+                best = (found[0], float(found[1].mean()), person_agreement(found[1], seg), "window")
+            if tiles and (best is None or best[2] < min_agreement or best[1] < little):
                 t = (3 * min(h, w)) // 4
                 for y, x in ((0, 0), (0, w - t), (h - t, 0), (h - t, w - t)):
                     sub = _pose(detector, arr[y : y + t, x : x + t])
-                    if sub is not None and (found is None or sub[1] * (t * t) / (h * w) > found[1]):
-                        found = (sub[0], sub[1] * (t * t) / (h * w))
-            if found is not None:
-                ev["pose"] = True
-                ev["pose_landmarks"], ev["person_fraction"] = int(found[0]), round(found[1], 4)
+                    if sub is None or sub[0] < tile_landmarks:
+                        continue
+                    frac = float(sub[1].sum()) / (h * w)
+                    agree = person_agreement(sub[1], None if seg is None else seg[y : y + t, x : x + t])
+                    if frac >= little and agree >= min_agreement and (best is None or best[2] < min_agreement
+                                                                      or frac > best[1]):  # fmt: skip
+                        best = (sub[0], frac, agree, "tile")
+            if best is not None:
+                ev["pose"], ev["pose_landmarks"], ev["pose_from"] = True, int(best[0]), best[3]
+                ev["person_fraction"], ev["person_agreement"] = round(best[1], 4), round(best[2], 4)
         if detector.faces is not None:
             for f in detect_faces(detector.faces, arr, detector.min_confidence):
                 if f.score > ev["face_confidence"]:
