@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-NATIVE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "pixart": 1024}
+NATIVE = {"sd15": 512, "sd21": 768, "sdxl": 1024, "pixart": 512}  # the shipped configs (PixArt-XL-2-512x512)
 PROMPT = "a photo of a woman waving her hand, close-up of her face"
 PHASES = ("prepare", "stage1", "stage2", "stage3", "generate")
 
@@ -193,16 +193,50 @@ def child(args) -> dict:
     return generate_phase(args, work)
 
 
+def table(work: Path) -> str:
+    """One row per backbone and phase from WORK/KIND/results.json."""
+    rows = ["| model | px | wrapped layers | phase | precision | checkpointing | step s | phase wall s | peak GiB | "
+            "estimate GiB | estimate / peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in NATIVE:
+        f = work / kind / "results.json"
+        if not f.exists():
+            continue
+        res = json.loads(f.read_text())
+        layers = res.get("prepare", {}).get("wrapped_layers", "?")
+        for phase in PHASES[1:]:
+            r = res.get(phase)
+            if r is None:
+                continue
+            if "skipped" in r or "error" in r:
+                note = r.get("skipped") or "error: " + " ".join(r["error"][-1:])
+                rows.append(f"| {kind} | {r['resolution']} | {layers} | {phase} | {note} | | | | | | |")
+                continue
+            step = ""
+            metrics = work / kind / phase / "metrics.jsonl"
+            if metrics.exists():  # seconds from after the first probe to the end of optimizer step 1
+                step = json.loads(metrics.read_text().splitlines()[0])["seconds"]
+            est = r.get("estimate_gib")
+            ratio = f"{est / r['peak_gib']:.2f}" if est else ""
+            ckpt = "on" if r.get("gradient_checkpointing") else "off"
+            rows.append(f"| {kind} | {r['resolution']} | {layers} | {phase} | {r.get('precision', r.get('dtype'))} | "
+                        f"{ckpt} | {step} | {r['wall_s']} | {r['peak_gib']} | {est or ''} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=sorted(NATIVE))
+    parser.add_argument("kind", choices=sorted(NATIVE), nargs="?", default="sd15")
     parser.add_argument("--work", default="/tmp/mole-real-size")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--budget", type=float, default=20.0, help="GiB a training phase's estimate may use")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of WORK/*/results.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.work)))
+        return
     args.resolution = args.resolution or NATIVE[args.kind]
     if args.child:
         print("RESULT " + json.dumps(child(args)))
