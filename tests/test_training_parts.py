@@ -198,3 +198,23 @@ def test_shipped_configs_are_valid(name, preset):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.toml", preset=preset)
     assert cfg.stage.value == int(preset[5]) and cfg.data.resolution == 512
+
+
+def test_mixed_precision_loads_frozen_components_in_the_weight_dtype(tiny_sd15_dir):
+    """Stages 2-3 load every component in the weight dtype (no fp32 copy of a large pipeline in host memory);
+    stage 1 loads what it trains (UNet, text encoder when it trains) in fp32 master weights, the rest in bf16."""
+    from mole.models import DiffusionModel
+    from mole.training.loop import load_dtype
+
+    def cfg(stage, precision, te=True):
+        return TrainConfig.from_dict({"stage": stage, "model": str(tiny_sd15_dir), "mixed_precision": precision,
+                                      "train_text_encoder": te, "data": {"path": "x"}})  # fmt: skip
+
+    assert load_dtype(cfg(2, "bf16"), torch.bfloat16) == torch.bfloat16
+    assert load_dtype(cfg(1, "no"), torch.float32) == torch.float32
+    model = DiffusionModel.from_pretrained(tiny_sd15_dir, dtype=load_dtype(cfg(1, "bf16"), torch.bfloat16))
+    assert model.pipe.unet.dtype == torch.float32 and model.pipe.text_encoder.dtype == torch.float32
+    assert model.pipe.vae.dtype == torch.bfloat16
+    dtypes = load_dtype(cfg(1, "bf16", te=False), torch.bfloat16)
+    frozen_te = DiffusionModel.from_pretrained(tiny_sd15_dir, dtype=dtypes)
+    assert frozen_te.pipe.unet.dtype == torch.float32 and frozen_te.pipe.text_encoder.dtype == torch.bfloat16

@@ -68,11 +68,12 @@ class DiffusionModel:
         ]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, tokenizer=None, config=None,
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | dict = torch.float32, tokenizer=None, config=None,
                         **kwargs) -> DiffusionModel:  # fmt: skip
         """Load a diffusers pipeline from a hub id, a local save_pretrained folder, or a single-file checkpoint
         (model.safetensors / .ckpt in the original SD1.x / SD2.x / SDXL layout, loaded offline with the shipped
-        configs; `tokenizer` and `config` are for those files, see mole.single_file.load_single_file)."""
+        configs; `tokenizer` and `config` are for those files, see mole.single_file.load_single_file). dtype: one
+        dtype, or per component for pipeline folders ({"default": torch.bfloat16, "unet": torch.float32})."""
         from diffusers import DiffusionPipeline
 
         from .mole_tiny import is_mole_tiny, resolve_base
@@ -83,6 +84,8 @@ class DiffusionModel:
         if Path(path).suffix.lower() in SUFFIXES and not Path(path).is_dir():
             if not Path(path).is_file():
                 raise ModelLoadError(f"base model {str(path)!r}: no such checkpoint file")
+            if isinstance(dtype, dict):  # per-component dtypes are for pipeline folders; a file loads in one
+                dtype = torch.float32
             return cls(load_single_file(path, dtype=dtype, tokenizer=tokenizer, config=config), str(path))
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs)

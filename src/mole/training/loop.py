@@ -72,6 +72,20 @@ def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator
     return noise.to(latents.device, latents.dtype), t.to(latents.device)
 
 
+def load_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype | dict[str, torch.dtype]:
+    """The dtype each pipeline component is loaded in: frozen components straight in the weight dtype, so no fp32
+    copy of a large pipeline passes through host memory (PixArt's T5-XXL is 19 GB in fp32); what stage 1 trains
+    (the denoiser, and the text encoder when it trains) in fp32 master weights."""
+    if cfg.stage is not Stage.FINETUNE:
+        return weight_dtype
+    if weight_dtype == torch.float32:
+        return torch.float32
+    trained = {"unet": torch.float32, "transformer": torch.float32}
+    if cfg.train_text_encoder:
+        trained["text_encoder"] = torch.float32
+    return {"default": weight_dtype, **trained}
+
+
 def check_run_folder(cfg: TrainConfig, overwrite: bool = False) -> tuple[Path | None, dict]:
     """Before anything heavy: the checkpoint to resume from (and its state), or, for a fresh start, a check that
     output_dir holds no earlier run (unless overwrite). Raises with the field, the value and the fix."""
@@ -130,10 +144,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
 
     # ---- model and stage
     samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
-    # frozen-only stages load straight in the weight dtype: no fp32 copy of a large pipeline (PixArt's T5-XXL is
-    # 19 GB in fp32) passes through host memory; stage 1 keeps fp32 master weights of what it trains
-    load_dtype = torch.float32 if cfg.stage is Stage.FINETUNE else weight_dtype
-    model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype)
+    model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
     for module in (stage.side_modules or {}).values():
