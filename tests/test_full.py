@@ -100,3 +100,28 @@ def test_full_sd15_unet_runs_with_random_weights():
     with torch.no_grad():
         out = unet(sample, torch.tensor(500), encoder_hidden_states=torch.randn(1, 77, 768, generator=g)).sample
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all() and out.std() > 0
+
+
+def test_pixart_tokenizer_from_a_spiece_model_file(tmp_path):
+    """A T5 sentencepiece .model file (or its folder) is a PixArt tokenizer: the same ids as sentencepiece gives,
+    then </s> (transformers 5's T5Tokenizer takes the vocabulary, not the file: passing the path failed with
+    "Can't extract `str` to `Vec`")."""
+    import shutil
+
+    from conftest import SHARED
+
+    model = SHARED / "assets" / "t5_spiece_unigram1000.model"
+    if not model.is_file():
+        pytest.skip("../shared/assets/t5_spiece_unigram1000.model is not available")
+    import sentencepiece as spm
+
+    from mole.full import load_tokenizer
+
+    text = "a close-up photo of a smiling woman's face"
+    expected = spm.SentencePieceProcessor(model_file=str(model)).encode(text)
+    tok = load_tokenizer("pixart", model)
+    ids = tok(text).input_ids
+    assert ids == expected + [tok.eos_token_id]
+    assert tok.pad_token == "<pad>" and tok.eos_token == "</s>"
+    shutil.copy(model, tmp_path / "spiece.model")
+    assert load_tokenizer("pixart", tmp_path)(text).input_ids == ids

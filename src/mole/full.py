@@ -129,7 +129,14 @@ def load_tokenizer(kind: str, source, component: str = "tokenizer", settings: di
         if not model.is_file():
             raise ValueError(f"tokenizer={str(source)!r}: no spiece.model there; pass the T5 tokenizer's folder")
         config.pop("additional_special_tokens", None)
-        return T5Tokenizer(str(model), **config)
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        try:  # transformers 5: the (fast) T5Tokenizer takes the unigram vocabulary itself
+            return T5Tokenizer(vocab=vocab, **config)
+        except TypeError:  # transformers 4: the sentencepiece tokenizer reads the file
+            return T5Tokenizer(str(model), **config)
     from transformers import CLIPTokenizer
 
     found = clip_vocab_folder(folder, component)
