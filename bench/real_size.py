@@ -17,6 +17,9 @@ Phases, each in a fresh subprocess (peak host RSS sampled every millisecond, wal
             native size.
 Precision and gradient checkpointing for each training phase are the first of fp32, fp32 + checkpointing, bf16,
 bf16 + checkpointing whose `mole estimate` total fits --budget GiB; the estimate is printed beside the measurement.
+Training phases report two host peaks: while the pipeline loads (load_peak_gib: diffusers converting a fp16 file to
+bf16 holds both copies of a component for a moment) and from the stage set-up to the end (peak_gib, which the
+`mole estimate` figure is compared with).
 Writes WORK/KIND/results.json and prints one markdown row per phase for bench/RESULTS.md. No GPU needed; on a GPU
 the phases run there (peak memory: torch.cuda.max_memory_allocated).
 """
@@ -134,10 +137,22 @@ def train_phase(args, work: Path, stage: int) -> dict:
     else:
         cfg.update(mixture=dict(experts=_experts(work), gating="both"))
     config = TrainConfig.from_dict(cfg)
+    from mole.training import loop
+
+    marks = {}
+    setup_stage = loop.setup_stage
+
+    def marked_setup(*a, **kw):  # the pipeline is loaded: what follows is the stage itself
+        marks["load_peak"] = mem.peak
+        mem.peak = rss()
+        return setup_stage(*a, **kw)
+
+    loop.setup_stage = marked_setup
     with PeakMemory() as mem:
         result = train(config, overwrite=True)
     return {"precision": precision, "gradient_checkpointing": ckpt, "estimate_gib": round(est, 2),
             "loss": result.losses[-1], "final": [str(p) for p in result.final],
+            "load_peak_gib": round(marks.get("load_peak", 0) / 2**30, 2),
             "wall_s": round(mem.wall_s, 1), "peak_gib": round(mem.peak_gib, 2)}  # fmt: skip
 
 
