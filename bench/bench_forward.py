@@ -91,6 +91,7 @@ def build(args, device, dtype, with_peft_inference=True, with_peft_train=True, w
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype)
     unet.requires_grad_(False)
+    global_unet = None
     alone = with_mole and not (with_peft_inference or with_peft_train)  # MoLE only: no second copy of the UNet
     mole_unet = copy.deepcopy(unet) if with_mole and not alone else None
     names = (["face", "hand"] if (with_peft_inference or with_mole) else []) + (["trainee"] if with_peft_train else [])
@@ -255,6 +256,8 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
 
     report = timings(args, device, dtype, rounds, warmup)
+    if args.out:  # the timings are kept even if a memory subprocess fails
+        args.out.write_text(json.dumps(report, indent=2))
     if not args.no_train and not gpu:
         peaks = cpu_memory(args)
         peaks = {"peft_1_train": peaks["peft_train"], "mole_stage3_train": peaks["mole_train"],

@@ -210,8 +210,9 @@ def child(args) -> dict:
 
 def table(work: Path) -> str:
     """One row per backbone and phase from WORK/KIND/results.json."""
-    rows = ["| model | px | wrapped layers | phase | precision | checkpointing | step s | phase wall s | peak GiB | "
-            "estimate GiB | estimate / peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | px | wrapped layers | phase | precision | checkpointing | step s | phase wall s | "
+            "load peak GiB | peak GiB | estimate GiB | estimate / peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in NATIVE:
         f = work / kind / "results.json"
         if not f.exists():
@@ -224,7 +225,7 @@ def table(work: Path) -> str:
                 continue
             if "skipped" in r or "error" in r:
                 note = r.get("skipped") or "error: " + " ".join(r["error"][-1:])
-                rows.append(f"| {kind} | {r['resolution']} | {layers} | {phase} | {note} | | | | | | |")
+                rows.append(f"| {kind} | {r['resolution']} | {layers} | {phase} | {note} | | | | | | | |")
                 continue
             step = ""
             metrics = work / kind / phase / "metrics.jsonl"
@@ -234,7 +235,8 @@ def table(work: Path) -> str:
             ratio = f"{est / r['peak_gib']:.2f}" if est else ""
             ckpt = "on" if r.get("gradient_checkpointing") else "off"
             rows.append(f"| {kind} | {r['resolution']} | {layers} | {phase} | {r.get('precision', r.get('dtype'))} | "
-                        f"{ckpt} | {step} | {r['wall_s']} | {r['peak_gib']} | {est or ''} | {ratio} |")
+                        f"{ckpt} | {step} | {r['wall_s']} | {r.get('load_peak_gib', '')} | {r['peak_gib']} | "
+                        f"{est or ''} | {ratio} |")
     return "\n".join(rows)
 
 
