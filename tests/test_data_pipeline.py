@@ -354,6 +354,8 @@ def test_large_sources_are_cropped_at_the_window_and_downscaled_small_ones_hit_t
         BuildOptions(source=str(src), out_dir=str(tmp_path / "c"), min_scale=1.5)
     with pytest.raises(ValueError, match=r"min_pose_presence=2"):
         BuildOptions(source=str(src), out_dir=str(tmp_path / "c"), min_pose_presence=2)
+    with pytest.raises(FileNotFoundError, match="not a folder of images"):  # checked before any worker starts
+        BuildOptions(source=str(tmp_path / "missing"), out_dir=str(tmp_path / "c"))
 
 
 def test_face_detector_honours_its_confidence_floor():

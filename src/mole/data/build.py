@@ -114,13 +114,13 @@ class BuildOptions:
                 raise ValueError(f"{name}={getattr(self, name)}: confidences and shares are between 0 and 1")
         if not 0 <= self.tile_landmarks <= 33:
             raise ValueError(f"tile_landmarks={self.tile_landmarks}: the pose model has 33 landmarks; use 0 to 33")
+        if not Path(self.source).is_dir():
+            raise FileNotFoundError(f"source {self.source} is not a folder of images")
 
     @property
     def upscale_floor_px(self) -> int:
         """The smallest window / crop side kept, in whole pixels: round(min_scale x size) (358 for 0.7 x 512)."""
         return round(self.min_scale * self.size)
-        if not Path(self.source).is_dir():
-            raise FileNotFoundError(f"source {self.source} is not a folder of images")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
