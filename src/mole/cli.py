@@ -416,20 +416,19 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from .data.build import BuildOptions, build_dataset
 
-    part = getattr(args, "part", "face")
     default_caption = "template:a close-up photo of a {part}" if args.data_command == "closeups" else "sidecar"
+    # options only one of the two subcommands has (scenes: window, pose thresholds; closeups: part, margin): the
+    # other takes BuildOptions' defaults
+    mode_only = {k: getattr(args, k) for k in ("part", "margin", "window", "stride", "min_pose_presence",
+                                               "min_person", "little_person", "pose_tiles", "min_person_agreement",
+                                               "tile_landmarks") if hasattr(args, k)}  # fmt: skip
     stats = build_dataset(BuildOptions(
-        source=args.source, out_dir=args.out, mode=args.data_command, part=part, size=args.size,
-        window=getattr(args, "window", 1024), stride=getattr(args, "stride", 512), margin=getattr(args, "margin", 0.4),
+        source=args.source, out_dir=args.out, mode=args.data_command, size=args.size,
         min_sharpness=args.min_sharpness, blur_filter=args.blur_filter, min_blur_score=args.min_blur_score,
         captioner=args.captioner or default_caption, captions_json=args.captions_json, tokenizer=args.tokenizer,
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
-        min_face_confidence=args.min_face_confidence, min_scale=args.min_scale,
-        min_pose_presence=getattr(args, "min_pose_presence", 0.8), min_person=getattr(args, "min_person", 0.03),
-        little_person=getattr(args, "little_person", 0.05), pose_tiles=getattr(args, "pose_tiles", True),
-        min_person_agreement=getattr(args, "min_person_agreement", 0.2),
-        tile_landmarks=getattr(args, "tile_landmarks", 22), overwrite=args.overwrite,
+        min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite, **mode_only,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
     return 0
