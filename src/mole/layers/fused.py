@@ -105,8 +105,7 @@ class MergedMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, coef, owner, uniform_rank: int):  # noqa: N803
-        a_rows = A.t() * coef.index_select(-1, owner)  # (b, d, R): A^T with each expert's columns scaled
-        merged = torch.baddbmm(weight.t().unsqueeze(0), a_rows, B.t().unsqueeze(0).expand(coef.shape[0], -1, -1))
+        merged = merged_weights(weight, A, B, coef, owner)  # (b, d, o)
         y = torch.bmm(x, merged)  # (b, n, o)
         if bias is not None:
             y = y + bias
@@ -133,10 +132,15 @@ def merged_per_sample(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
     Returns (b, n, o). Exact: the same sums, grouped differently.
     """
-    a_rows = A.t() * coef.index_select(-1, owner)  # (b, d, R): A^T with each expert's columns scaled
-    merged = torch.baddbmm(weight.t().unsqueeze(0), a_rows, B.t().unsqueeze(0).expand(coef.shape[0], -1, -1))
-    y = torch.bmm(tokens, merged)  # (b, n, o)
+    y = torch.bmm(tokens, merged_weights(weight, A, B, coef, owner))  # (b, n, o)
     return y if bias is None else y + bias
+
+
+def merged_weights(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, coef: torch.Tensor,  # noqa: N803
+                   owner: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """M_b = W^T + A^T diag(coef_b) B^T (b, d, o) for W (o, d), A (R, d), B (o, R), coef (b, 1, e)."""
+    a_rows = A.t() * coef.index_select(-1, owner)  # (b, d, R): A^T with each expert's columns scaled
+    return torch.baddbmm(weight.t().unsqueeze(0), a_rows, B.t().unsqueeze(0).expand(coef.shape[0], -1, -1))
 
 
 def dense_experts(tokens: torch.Tensor, stacked: torch.Tensor, bias: torch.Tensor | None,
