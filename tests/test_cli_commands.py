@@ -1,0 +1,115 @@
+"""The `mole` command set: every command and subcommand with its arguments, in order; every leaf has a handler; the
+console script and `python -m mole.cli` reach the same parser. Adding or renaming an option means updating COMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from mole.cli import build_parser, main
+
+COMMON = {"help", "verbose", "quiet", "debug"}  # on every parser (-h, -v, -q, --debug)
+
+# prog -> its arguments in the order the parser adds them (positionals by name, options by their long form,
+# a subcommand group as {a,b,...})
+COMMANDS = {
+    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,estimate,info}",
+    "mole demo": "--out --overwrite --base --mole --train --train-steps --rank --steps --seeds --seed --json",
+    "mole pretrain": (
+        "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
+        "--resume --overwrite"
+    ),
+    "mole train": "--config --preset --set --print-config --tokenizer --overwrite",
+    "mole generate": (
+        "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
+        "--height --width --seed --dtype --device --no-strict-base --overwrite --out --num-images --seeds "
+        "--negative-prompt --batch-size --no-mole --experts --compare --preset"
+    ),
+    "mole inspect": (
+        "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
+        "--height --width --seed --dtype --device --no-strict-base --overwrite --out --map-steps"
+    ),
+    "mole eval": "{prompts,run,ablation}",
+    "mole eval prompts": "kind source --out --limit --seed --overwrite",
+    "mole eval run": "--config --num-prompts --repeats --out --tokenizer --overwrite",
+    "mole eval ablation": (
+        "--benchmark --base --tokenizer --stage1 --mole --experts --gating --metric --out --num-prompts "
+        "--repeats --steps --seed --overwrite"
+    ),
+    "mole data": "{scenes,closeups,train-filter}",
+    "mole data scenes": (
+        "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
+        "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --clip-filter "
+        "--min-clip --workers --shard-size --overwrite --window --stride --min-pose-presence --min-person "
+        "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks"
+    ),
+    "mole data closeups": (
+        "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
+        "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --clip-filter "
+        "--min-clip --workers --shard-size --overwrite --part --margin"
+    ),
+    "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",
+    "mole convert": "--mole --expert --base --out --tokenizer --force",
+    "mole estimate": (
+        "config --base --preset --stage --batch-size --resolution --precision --optimizer "
+        "--gradient-checkpointing --rank --experts --fits --json"
+    ),
+    "mole info": "file --json",
+}
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> tuple[str, list[str]]:
+    names, common = [], set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            names.append("{" + ",".join(action.choices) + "}")
+        elif action.dest in COMMON:
+            common.add(action.dest)
+        else:
+            names.append(action.option_strings[-1] if action.option_strings else action.dest)
+    return " ".join(names), sorted(common)
+
+
+def test_every_command_and_its_options():
+    found = {p.prog: _arguments(p) for p in _parsers(build_parser())}
+    assert {prog: args for prog, (args, _) in found.items()} == COMMANDS
+    assert {prog: common for prog, (_, common) in found.items() if common != sorted(COMMON)} == {}
+
+
+def test_every_leaf_command_has_a_handler_and_groups_need_a_subcommand(capsys):
+    for parser in _parsers(build_parser()):
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if groups:
+            assert groups[0].required, parser.prog
+        else:
+            assert callable(parser.get_default("func")), parser.prog
+    assert main(["info", "--json", os.devnull]) == 2  # a leaf runs its handler (here: refuses a non-file)
+    logging.getLogger("mole").setLevel(logging.NOTSET)
+    with pytest.raises(SystemExit) as exc:
+        main(["data"])
+    assert exc.value.code == 2 and "required: data_command" in capsys.readouterr().err
+
+
+def test_console_script_and_python_m_reach_the_same_parser(monkeypatch):
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "mole"]
+    assert script.value == "mole.cli:main" and script.load() is main
+    env = {**os.environ, "COLUMNS": "100"}
+    monkeypatch.setenv("COLUMNS", "100")
+    out = subprocess.run([sys.executable, "-m", "mole.cli", "eval", "ablation", "--help"], env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    [ablation] = [p for p in _parsers(build_parser()) if p.prog == "mole eval ablation"]
+    assert out == ablation.format_help() and "--gating MODE=FILE" in out
