@@ -71,11 +71,12 @@ def test_debug_shows_the_traceback_and_internal_errors_say_so(tmp_path, caplog, 
     with pytest.raises(FileNotFoundError):
         main(["info", str(tmp_path / "missing.safetensors"), "--debug"])
     import mole.cli as cli
+    from mole.cli import info as cli_info
 
     def boom(args):
         raise AssertionError("a bug")
 
-    monkeypatch.setattr(cli, "_cmd_info", boom)
+    monkeypatch.setattr(cli_info, "_cmd_info", boom)
     parser_args = ["info", str(tmp_path / "x")]
     monkeypatch.setattr(cli, "build_parser", _parser_with(cli, boom))
     assert main(parser_args) == 1
@@ -84,11 +85,13 @@ def test_debug_shows_the_traceback_and_internal_errors_say_so(tmp_path, caplog, 
 
 
 def _parser_with(cli, func):
+    from mole.cli._common import leaf_parsers
+
     build = cli.build_parser
 
     def patched():
         parser = build()
-        for sub in cli._leaf_parsers(parser):
+        for sub in leaf_parsers(parser):
             if sub.prog.endswith(" info"):
                 sub.set_defaults(func=func)
         return parser

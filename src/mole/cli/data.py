@@ -1,0 +1,113 @@
+"""`mole data scenes | closeups | train-filter`: build the training sets and train the blur filter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build training sets: scene crops, face / hand close-ups, blur filter")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    scenes = data_sub.add_parser("scenes", help="human-in-the-scene: sliding-window crops with a person")
+    _data_args(scenes)
+    scenes.add_argument("--window", type=int, default=1024)
+    scenes.add_argument("--stride", type=int, default=512)
+    scenes.add_argument("--min-pose-presence", type=float, default=0.8,
+                        help="pose-presence score a pose found in a window needs (default 0.8; 0.5 lets through poses "
+                        "on animals, food and beds)")
+    scenes.add_argument("--min-person", type=float, default=0.03,
+                        help="the posed person's pixels a window needs, as a fraction of it (default 0.03)")
+    scenes.add_argument("--little-person", type=float, default=0.05,
+                        help="drop windows whose person covers less than this and hold no confident face of >= 6 %% "
+                        "of the window side (default 0.05)")
+    scenes.add_argument("--min-person-agreement", type=float, default=0.2,
+                        help="share of the posed person's pixels the person segmenter must also mark as person for "
+                        "the pose to count (default 0.2; poses found on objects sit on background: 0.0)")
+    scenes.add_argument("--pose-tiles", action=argparse.BooleanOptionalAction, default=True,
+                        help="search the four 3/4 tiles of a window without a confirmed big pose (default on; "
+                        "--no-pose-tiles: the window alone)")
+    scenes.add_argument("--tile-landmarks", type=int, default=22,
+                        help="visible landmarks (of 33) a pose found in a tile needs (default 22)")
+    close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
+    _data_args(close)
+    close.add_argument("--part", choices=["face", "hand"], default="face")
+    close.add_argument("--margin", type=float, default=0.4)
+    flt = data_sub.add_parser("train-filter", help="train the blur / low-quality CNN from labelled folders")
+    flt.add_argument("--good", required=True, help="sharp, good images")
+    flt.add_argument("--bad", help="blurry / low-quality images (optional with synthetic blur)")
+    flt.add_argument("--out", required=True, help="output .safetensors")
+    flt.add_argument("--epochs", type=int, default=10)
+    flt.add_argument("--no-synthetic", action="store_true", help="do not add blurred copies of the good images")
+    flt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    flt.set_defaults(func=_cmd_data_filter)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="folder of raw images (searched recursively)")
+    p.add_argument("out", help="output folder: images/, manifest.jsonl, stats.json")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--min-sharpness", type=float, default=30.0, help="variance-of-Laplacian floor (0: off)")
+    p.add_argument("--blur-filter", help="a BlurNet from `mole data train-filter`")
+    p.add_argument("--min-blur-score", type=float, default=0.5)
+    p.add_argument("--captioner", action="append",
+                   help="template:<text with {part}> | sidecar | hf:<model>; repeat for several (first caption wins)")
+    p.add_argument("--captions-json", action="append",
+                   help="for sidecar: COCO captions json or {file name: caption}; repeat for several")
+    p.add_argument("--caption-prompt", help="prompt for hf: captioners that take one ('paper': the paper's "
+                   "'Describe this image in one sentence with details.')")
+    p.add_argument("--tokenizer", default="auto", help="CLIP tokenizer folder (vocab.json, merges.txt) to truncate "
+                   "captions; auto (default): the real CLIP tokenizer when one is on this machine; none: words")
+    p.add_argument("--min-confidence", type=float,
+                   help="detector confidence floor: the face / hand detection a close-up needs (default: 0.8 for "
+                   "face close-ups, else 0.5)")
+    p.add_argument("--min-face-confidence", type=float, default=0.8,
+                   help="scenes: a face this confident marks a window as holding a person (default 0.8)")
+    p.add_argument("--min-scale", type=float, default=0.7,
+                   help="upscale floor: windows / crops whose source side is below MIN_SCALE x --size are dropped "
+                   "('upscale_floor'), never upscaled more than 1/MIN_SCALE (default 0.7: at most 1.43x, so a 375-px "
+                   "window still makes a 512 crop); larger ones are downscaled (a 1024 window -> 512); 0: any upscale")
+    p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
+    p.add_argument("--min-clip", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--shard-size", type=int, default=0, help="also write webdataset tar shards of N samples")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier build in OUT made with other options")
+    p.set_defaults(func=_cmd_data_build)
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from ..data.build import BuildOptions, build_dataset
+
+    default_caption = "template:a close-up photo of a {part}" if args.data_command == "closeups" else "sidecar"
+    # options only one of the two subcommands has (scenes: window, pose thresholds; closeups: part, margin): the
+    # other takes BuildOptions' defaults
+    mode_only = {k: getattr(args, k) for k in ("part", "margin", "window", "stride", "min_pose_presence",
+                                               "min_person", "little_person", "pose_tiles", "min_person_agreement",
+                                               "tile_landmarks") if hasattr(args, k)}  # fmt: skip
+    stats = build_dataset(BuildOptions(
+        source=args.source, out_dir=args.out, mode=args.data_command, size=args.size,
+        min_sharpness=args.min_sharpness, blur_filter=args.blur_filter, min_blur_score=args.min_blur_score,
+        captioner=args.captioner or default_caption, captions_json=args.captions_json, tokenizer=args.tokenizer,
+        clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
+        caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
+        min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite, **mode_only,
+    ))  # fmt: skip
+    print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
+    return 0
+
+
+def _caption_prompt(value: str | None) -> str | None:
+    from ..data.captions import PAPER_CAPTION_PROMPT
+
+    return PAPER_CAPTION_PROMPT if value == "paper" else value
+
+
+def _cmd_data_filter(args: argparse.Namespace) -> int:
+    from ..data.quality import train_blur_filter
+    from ..outputs import check_output_file
+
+    check_output_file(args.out, args.overwrite, "mole data train-filter --out")
+    result = train_blur_filter(args.good, args.bad, args.out, epochs=args.epochs, synthetic_blur=not args.no_synthetic)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,88 @@
+"""`mole generate` and `mole inspect`: sampling with MoLE (or the base / fixed-weight experts), and the gates
+recorded while sampling (the paper's Fig. 7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import check_sampling_args, expert_files, expert_weights, output_dir, read_prompts, sampling_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate images with MoLE (or the base / fixed-weight experts)")
+    sampling_args(gen)
+    gen.add_argument("--out", help="output folder (default: runs/generate, or runs/generate-2, ... when used)")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    gen.add_argument("--seeds", type=int, nargs="+", help="explicit seeds (overrides --seed/--num-images)")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--no-mole", action="store_true", help="the base model alone")
+    gen.add_argument("--experts", action="append", metavar="NAME=W", help="fixed-weight mixing, e.g. face=1.0")
+    gen.add_argument("--compare", action="store_true", help="base, fixed-weight and MoLE side by side")
+    gen.add_argument("--preset", choices=["official"], help="official: the paper's generation scripts' settings "
+                     "(DDIM 50 steps, CFG 7.5, kohya's DDIM, ' best quality, 8K' appended)")  # fmt: skip
+    gen.set_defaults(func=_cmd_generate)
+
+    ins = sub.add_parser("inspect", help="record the gates while generating and draw them (the paper's Fig. 7)")
+    sampling_args(ins)
+    ins.add_argument("--out", help="output folder (default: runs/inspect, or runs/inspect-2, ... when used)")
+    ins.add_argument("--map-steps", type=int, default=5, help="steps shown in the local score maps")
+    ins.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ..inference import GenerateOptions, MixMode, generate
+
+    weights = expert_weights(args.experts)
+    check_sampling_args(args)
+    out = output_dir(args, "runs/generate", GenerateOptions.OUTPUTS, "mole generate")
+    if args.compare:
+        modes = [MixMode.NONE, MixMode.FIXED, MixMode.MOLE]
+    elif args.no_mole:
+        modes = [MixMode.NONE]
+    elif weights is not None:
+        modes = [MixMode.FIXED]
+    else:
+        modes = [MixMode.MOLE]
+    seeds = args.seeds if args.seeds else list(range(args.seed, args.seed + args.num_images))
+    preset = {}
+    if args.preset:
+        from ..inference.presets import generate_preset
+
+        preset = generate_preset(args.preset)
+        # explicit flags win; the parser's defaults give way to the preset's
+        for key, default in (("steps", 50), ("guidance_scale", 7.5), ("scheduler", "ddim")):
+            if getattr(args, key) == default:
+                setattr(args, key, preset[key])
+    index = generate(GenerateOptions(
+        base=args.base, prompts=read_prompts(args), mole=args.mole, out_dir=out, seeds=seeds,
+        negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
+        dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
+        expert_files=expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
+        negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
+        overwrite=args.overwrite,
+    ))  # fmt: skip
+    print(json.dumps({"images": len(index["images"]), "out": out,
+                      "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ..inference import InspectOptions, inspect
+
+    check_sampling_args(args)
+    out = output_dir(args, "runs/inspect", InspectOptions.OUTPUTS, "mole inspect")
+    data = inspect(InspectOptions(
+        base=args.base, mole=args.mole, prompts=read_prompts(args), out_dir=out, seed=args.seed, steps=args.steps,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
+        map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
+        expert_files=expert_files(args.expert),
+        overwrite=args.overwrite,
+    ))  # fmt: skip
+    summary = {
+        n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
+    }
+    print(json.dumps({"out": out, "global_gate": summary}, indent=2))
+    return 0
