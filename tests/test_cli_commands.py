@@ -113,3 +113,12 @@ def test_console_script_and_python_m_reach_the_same_parser(monkeypatch):
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     [ablation] = [p for p in _parsers(build_parser()) if p.prog == "mole eval ablation"]
     assert out == ablation.format_help() and "--gating MODE=FILE" in out
+
+
+def test_importing_the_cli_and_building_its_parser_stay_light():
+    code = (
+        "import sys, mole.cli; mole.cli.build_parser(); print(','.join(m for m in ('diffusers', 'transformers', "
+        "'peft', 'accelerate', 'mediapipe', 'cv2', 'open_clip', 'tensorboard') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
