@@ -405,7 +405,7 @@ def estimate_from_config(path: str | Path, **overrides) -> MemoryEstimate:
 
 def estimate_for_preset(base: str, preset: str, **overrides) -> MemoryEstimate:
     """The estimate for a training preset (stage1, stage2-face, stage2-hand, stage3) on `base`."""
-    from .single_file import checkpoint_shapes, detect_kind, is_single_file
+    from .formats.ldm import checkpoint_shapes, detect_kind, is_single_file
     from .training.config import PRESETS, TrainConfig, merge
 
     if preset not in PRESETS:
@@ -418,7 +418,7 @@ def estimate_for_preset(base: str, preset: str, **overrides) -> MemoryEstimate:
 def estimate_for_train_config(cfg, **overrides) -> MemoryEstimate:
     """The estimate for a TrainConfig: its stage, model kind, batch size, resolution, mixed precision, optimizer,
     gradient checkpointing, expert rank (stage 2) or experts (stage 3: the files' largest rank when readable)."""
-    from .single_file import checkpoint_shapes, detect_kind, is_single_file
+    from .formats.ldm import checkpoint_shapes, detect_kind, is_single_file
 
     kind = _kind_of(str(cfg.model), is_single_file, checkpoint_shapes, detect_kind)
     precision = {"no": "fp32"}.get(cfg.mixed_precision.value, cfg.mixed_precision.value)

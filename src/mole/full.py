@@ -8,7 +8,7 @@ encoders, scheduler, tokenizer settings) of
     sdxl    stabilityai/stable-diffusion-xl-base-1.0
     pixart  PixArt-alpha/PixArt-XL-2-512x512
 
-They are what single-file checkpoints load with (mole.single_file), and what the builders here make full-size
+They are what single-file checkpoints load with (mole.formats.ldm), and what the builders here make full-size
 random-weight models from (no download; device="meta" builds the architecture without allocating any weights):
 
     unet = build_denoiser("sdxl", device="meta")                # 2,567,463,684 parameters, no memory

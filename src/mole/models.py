@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats import ModelLoadError
+from .formats.ldm import SUFFIXES, load_single_file
 from .targets import Backbone, detect_backbone
 
 logger = logging.getLogger(__name__)
 
-
-class ModelLoadError(ValueError):
-    """The base model cannot be loaded or is not a supported pipeline."""
+__all__ = ["DiffusionModel", "ModelLoadError", "TextConditioning"]
 
 
 @dataclass
@@ -72,12 +72,11 @@ class DiffusionModel:
                         **kwargs) -> DiffusionModel:  # fmt: skip
         """Load a diffusers pipeline from a hub id, a local save_pretrained folder, or a single-file checkpoint
         (model.safetensors / .ckpt in the original SD1.x / SD2.x / SDXL layout, loaded offline with the shipped
-        configs; `tokenizer` and `config` are for those files, see mole.single_file.load_single_file). dtype: one
+        configs; `tokenizer` and `config` are for those files, see mole.formats.ldm.load_single_file). dtype: one
         dtype, or per component for pipeline folders ({"default": torch.bfloat16, "unet": torch.float32})."""
         from diffusers import DiffusionPipeline
 
         from .mole_tiny import is_mole_tiny, resolve_base
-        from .single_file import SUFFIXES, load_single_file
 
         name = "mole-tiny" if is_mole_tiny(path) else str(path)
         path = resolve_base(path)

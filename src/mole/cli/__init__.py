@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     saved_env = dict(os.environ)
     if getattr(args, "base_tokenizer", None):  # read wherever a single-file base is loaded (also in workers)
-        from ..single_file import TOKENIZER_ENV
+        from ..formats.ldm import TOKENIZER_ENV
 
         os.environ[TOKENIZER_ENV] = args.base_tokenizer
     try:

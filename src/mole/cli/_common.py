@@ -107,7 +107,7 @@ def check_base_arg(base: str, flag: str = "--base") -> None:
     """A local base must be a diffusers pipeline folder or a single-file checkpoint; `mole-tiny` names the shipped
     model; anything else must look like a hub id (org/name)."""
     from ..mole_tiny import is_mole_tiny
-    from ..single_file import SUFFIXES
+    from ..formats.ldm import SUFFIXES
 
     if is_mole_tiny(base):
         return
@@ -138,7 +138,7 @@ def output_dir(args: argparse.Namespace, default: str, names: list[str], what: s
 
 
 def tokenizer_arg(p: argparse.ArgumentParser) -> None:
-    from ..single_file import TOKENIZER_ENV
+    from ..formats.ldm import TOKENIZER_ENV
 
     p.add_argument("--tokenizer", dest="base_tokenizer", metavar="DIR",
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for a single-file --base / model "

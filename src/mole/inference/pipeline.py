@@ -180,7 +180,7 @@ def load_loras(pipe, loras: Mapping[str, str | Path], weights: Mapping[str, floa
 
 def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None, tokenizer=None):
     """A diffusers pipeline from a hub id, a local folder or a single-file checkpoint (model.safetensors; its
-    tokenizer: `tokenizer` or see mole.single_file), on `device` (default: cuda if present, else cpu)."""
+    tokenizer: `tokenizer` or see mole.formats.ldm), on `device` (default: cuda if present, else cpu)."""
     from ..models import DiffusionModel
 
     model = DiffusionModel.from_pretrained(base, dtype=dtype, tokenizer=tokenizer)

@@ -371,8 +371,8 @@ def _check_inputs(cfg: TrainConfig) -> None:
     """Files the config names, checked in milliseconds before minutes of model loading."""
     if not Path(cfg.data.path).is_dir():
         raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
+    from ..formats.ldm import SUFFIXES
     from ..mole_tiny import is_mole_tiny
-    from ..single_file import SUFFIXES
 
     model = Path(cfg.model).expanduser()
     if is_mole_tiny(cfg.model) or (model.is_file() and model.suffix.lower() in SUFFIXES):
