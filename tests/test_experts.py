@@ -20,7 +20,7 @@ from mole import (
     mole_layers,
     remove_mole,
 )
-from mole.experts import _sgm_to_diffusers
+from mole.formats.kohya import sgm_to_diffusers as _sgm_to_diffusers
 from mole.tiny import random_expert, tiny_unet, unet_inputs
 
 peft = pytest.importorskip("peft")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole import ExpertLoadError, MoLEConfig, inject_mole, load_expert, mole_layers, set_fused
-from mole.formats.kohya_names import diffusers_to_sgm, kohya_flat_name, sgm_to_diffusers
+from mole.formats.kohya import diffusers_to_sgm, kohya_flat_name, sgm_to_diffusers
 from mole.inference.pipeline import load_loras
 from mole.layers import LoraPair, MoLELayer, SpatialMoLELayer, mole_layer_for
 from mole.tiny import tiny_pipeline, tiny_unet, unet_inputs

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import out_of
 from mole import MoLEFileError, has_mole, load_expert, load_mole, mole_layers, set_fused
-from mole.formats.kohya_names import kohya_flat_name
+from mole.formats.kohya import kohya_flat_name
 from mole.targets import TARGETS, detect_backbone, target_modules
 from mole.tiny import tiny_unet, unet_inputs
 

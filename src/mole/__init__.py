@@ -7,16 +7,9 @@ import logging
 __version__ = "0.1.0"
 
 from .config import GateInit, Gating, GlobalSource, MoLEConfig, MoLEConfigError  # noqa: E402
-from .experts import (  # noqa: E402
-    ExpertFormat,
-    ExpertLoadError,
-    ExpertWeights,
-    KeyNaming,
-    expert_from_peft,
-    expert_from_state_dict,
-    load_expert,
-    save_expert,
-)
+from .experts import ExpertLoadError, ExpertWeights, KeyNaming  # noqa: E402
+from .formats.diffusers import expert_from_peft  # noqa: E402
+from .formats.lora import ExpertFormat, expert_from_state_dict, load_expert, save_expert  # noqa: E402
 from .inject import (  # noqa: E402
     MoLEInjectError,
     expert_pairs,

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .config import Gating, GlobalSource, MoLEConfig
-from .experts import load_expert, read_safetensors
 from .formats import MoLEFileError
-from .formats.kohya_names import kohya_flat_name, uses_sgm_names
+from .formats.common import read_safetensors
+from .formats.kohya import kohya_flat_name, uses_sgm_names
+from .formats.lora import load_expert
 from .formats.official import EXPERTS, load_official, official_gate_tensors
 from .inject import remove_mole
 from .io import embedded_experts, read_mole_file, save_mole

@@ -66,7 +66,7 @@ class DemoOptions:
 
 def _checks(model, mole_file: str, out: Path, seed: int) -> dict:
     """Foundation checks on the real model: fused == naive, removal exact, a kohya copy loads by name."""
-    from .experts import ExpertFormat, save_expert
+    from .formats.lora import ExpertFormat, save_expert
     from .inject import remove_mole, set_fused
     from .io import embedded_experts, load_mole, read_mole_file
 
@@ -79,7 +79,7 @@ def _checks(model, mole_file: str, out: Path, seed: int) -> dict:
     manifest, tensors = read_mole_file(mole_file)
     experts = embedded_experts(manifest, tensors, mole_file)
     kohya_hand = save_expert(experts["hand"], out / "hand_kohya.safetensors", ExpertFormat.KOHYA)
-    from .experts import load_expert
+    from .formats.lora import load_expert
 
     with torch.no_grad():
         base_out = model.predict(sample, t, cond)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import MoLEConfig
-from .experts import ExpertLoadError, ExpertWeights, layers_fingerprint, resolve_layers, validate_expert_name
+from .experts import ExpertLoadError, ExpertWeights, KeyNaming, layers_fingerprint, validate_expert_name
+from .formats.kohya import sgm_to_diffusers
 from .layers import MoLELayer, check_wrappable, mole_layer_for
 from .layers.lora import LoraPair
 from .targets import INJECT_TARGETS, TARGETS, Backbone, compile_targets, detect_backbone, is_target
@@ -49,6 +50,34 @@ class MoLEState:
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+
+def resolve_layers(expert: ExpertWeights, model: nn.Module) -> dict[str, LoraPair]:
+    """Map the expert's layer keys to module paths of `model`; an unknown key raises naming it."""
+    modules = dict(model.named_modules())
+    if expert.naming is KeyNaming.DOTTED:
+        lookup = {k: k for k in modules}
+    else:
+        lookup = {}
+        for path in modules:
+            lookup.setdefault(path.replace(".", "_"), path)
+        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+        lpb = lpb if isinstance(lpb, int) else 2
+    out = {}
+    for key, pair in expert.layers.items():
+        probe = key if expert.naming is KeyNaming.DOTTED else sgm_to_diffusers(key, lpb)
+        path = lookup.get(probe)
+        if path is None:
+            import difflib
+
+            close = difflib.get_close_matches(probe, list(lookup), n=1)
+            hint = f"; closest module is {lookup[close[0]]!r}" if close else ""
+            raise ExpertLoadError(
+                f"expert {expert.name!r} ({expert.source}): layer {key!r} is not a module of this "
+                f"{type(model).__name__}{hint}. Was the expert trained for another base model?"
+            )
+        out[path] = pair
+    return out
 
 
 def _as_named(experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights]) -> list[ExpertWeights]:
@@ -239,7 +268,6 @@ def new_expert(
     default) and B = 0, so the model starts exactly at its base output."""
     import torch
 
-    from .experts import KeyNaming
     from .targets import target_modules
 
     patterns = tuple(targets) if targets is not None else TARGETS[detect_backbone(model)]
@@ -265,8 +293,6 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def extract_expert(model: nn.Module, name: str) -> ExpertWeights:
     """The named expert as it is now in the model (e.g. after training), keyed by module path."""
-    from .experts import KeyNaming
-
     pairs = {k: LoraPair(p.down.detach().clone(), p.up.detach().clone(), p.alpha, conv=p.conv)
              for k, p in expert_pairs(model, name).items()}  # fmt: skip
     return ExpertWeights(name, pairs, KeyNaming.DOTTED, source="trained")

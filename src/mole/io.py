@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from .config import MoLEConfig
-from .experts import ExpertWeights, KeyNaming, layers_fingerprint, read_safetensors, resolve_layers
+from .experts import ExpertWeights, KeyNaming, layers_fingerprint
 from .formats import MoLEFileError
+from .formats.common import read_safetensors
 from .formats.official import is_official_gate_file, load_official
-from .inject import has_mole, inject_mole, mole_layers, mole_state, remove_mole
+from .inject import has_mole, inject_mole, mole_layers, mole_state, remove_mole, resolve_layers
 from .layers.lora import LoraPair
 from .targets import Backbone
 

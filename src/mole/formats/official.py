@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..config import MoLEConfig
-from ..experts import ExpertWeights, resolve_layers
-from ..inject import has_mole, inject_mole, mole_layers
+from ..experts import ExpertWeights
+from ..inject import has_mole, inject_mole, mole_layers, resolve_layers
 from . import MoLEFileError
-from .kohya_names import _layers_per_block, kohya_flat_name, kohya_lookup, sgm_to_diffusers
+from .kohya import _layers_per_block, kohya_flat_name, kohya_lookup, sgm_to_diffusers
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import MoLEConfig
-from ..experts import load_expert
+from ..formats.lora import load_expert
 from ..formats.official import EXPERTS as OFFICIAL_EXPERTS
 from ..formats.official import experts_by_name, is_official_gate_file
 from ..inject import has_mole, inject_mole, remove_mole, set_expert_weights

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import MoLEConfig
-from ..experts import ExpertFormat, load_expert, save_expert
+from ..formats.lora import ExpertFormat, load_expert, save_expert
 from ..inject import expert_parameters, extract_expert, gate_parameters, inject_mole, new_expert
 from ..io import save_mole
 from ..models import DiffusionModel

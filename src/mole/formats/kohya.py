@@ -1,17 +1,25 @@
-"""kohya's flattened module names, and SDXL's SGM block layout, against diffusers' module paths.
+"""kohya / A1111 / ComfyUI LoRA files, and kohya's flattened module names against diffusers' module paths.
 
-kohya names every wrapped module by its path with '.' replaced by '_' (``lora_unet_<flat>``). For SD1.5 / SD2.1 the
-path is diffusers' own (``down_blocks_0_attentions_0_proj_in``); for SDXL, kohya's UNet uses the original SGM
-layout (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``input_blocks_1_0_in_layers_2``, ``middle_block_0_...``,
-``output_blocks_2_2_conv``). Both directions are here, for attention blocks, resnets and down/upsamplers.
+A kohya LoRA file holds ``lora_unet_<flat>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` per layer (the format
+of the official MoLE experts); ``lora_te*_`` keys (text encoders) are skipped. kohya names every wrapped module by its
+path with '.' replaced by '_'. For SD1.5 / SD2.1 the path is diffusers' own (``down_blocks_0_attentions_0_proj_in``);
+for SDXL, kohya's UNet uses the original SGM layout (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+``input_blocks_1_0_in_layers_2``, ``middle_block_0_...``, ``output_blocks_2_2_conv``). Both directions are here, for
+attention blocks, resnets and down/upsamplers.
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
+from ..experts import ExpertLoadError, ExpertWeights
+from ..targets import Backbone, detect_backbone
+from .common import check_pairs, lora_pair, unsupported_kind
+
+# ---------------------------------------------------------------------------------------------------- module names
 _SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
 _SGM_MID = re.compile(r"^middle_block_(\d+)_(.+)$")
 # SGM ResBlock submodules -> diffusers ResnetBlock2D attributes
@@ -97,8 +105,6 @@ def _layers_per_block(model: nn.Module) -> int:
 
 def uses_sgm_names(model: nn.Module) -> bool:
     """kohya names SDXL UNets (text_time conditioning) in the SGM layout, every other model by diffusers' paths."""
-    from ..targets import Backbone, detect_backbone
-
     return detect_backbone(model) is Backbone.SDXL
 
 
@@ -120,3 +126,55 @@ def kohya_lookup(model: nn.Module) -> dict[str, str]:
 def kohya_flat_name(path: str, model: nn.Module) -> str:
     """The flat name kohya gives the module at `path` (SGM layout for SDXL)."""
     return diffusers_to_sgm(path, model) if uses_sgm_names(model) else path.replace(".", "_")
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+_KOHYA = re.compile(
+    r"^(?P<name>lora_(?P<comp>unet|te\d*|transformer)_[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+
+
+def is_kohya(keys) -> bool:
+    """True when LoRA state-dict keys are kohya's (lora_unet_* / lora_te* / lora_transformer_*, lora_down)."""
+    return any(".lora_down." in k or k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys)
+
+
+def parse_kohya(state, source):
+    downs, ups, alphas, skipped = {}, {}, {}, []
+    for key, value in state.items():
+        m = _KOHYA.match(key)
+        if m is None:
+            kind = unsupported_kind(key)
+            if kind:
+                raise ExpertLoadError(
+                    f"{source}: key {key!r} is a {kind} tensor; MoLE mixes plain LoRA / LoCon experts "
+                    "(lora_down / lora_up / alpha) only. Convert or merge it first, or use another expert"
+                )
+            raise ExpertLoadError(
+                f"{source}: key {key!r} is not a kohya LoRA key (lora_unet_*.lora_down.weight / lora_up.weight / "
+                "alpha)"
+            )
+        comp = m["comp"]
+        if comp not in ("unet", "transformer"):  # kohya names the denoiser lora_unet_ even for DiTs
+            skipped.append(key)
+            continue
+        flat = m["name"][len(f"lora_{comp}_") :]
+        {"lora_down.weight": downs, "lora_up.weight": ups, "alpha": alphas}[m["kind"]][flat] = value
+    check_pairs(downs, ups, source)
+    layers = {}
+    for flat in downs:
+        alpha = float(alphas[flat]) if flat in alphas else float(downs[flat].shape[0])
+        layers[flat] = lora_pair(downs[flat], ups[flat], alpha, source, f"lora_unet_{flat}")
+    return layers, skipped
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def kohya_state_dict(expert: ExpertWeights) -> dict[str, torch.Tensor]:
+    """An expert keyed by module paths as kohya's tensors (a per-layer alpha); the denoiser is lora_unet_, DiTs too."""
+    sd: dict[str, torch.Tensor] = {}
+    for key, pair in expert.layers.items():
+        down, up = pair.factors_for_file()
+        flat = "lora_unet_" + key.replace(".", "_")  # kohya names the denoiser lora_unet_, DiTs included
+        sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"] = down, up
+        sd[f"{flat}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)
+    return sd
