@@ -17,7 +17,7 @@ import torch
 
 from mole.formats.ldm import save_single_file
 from mole.full import build_pipeline, count_parameters
-from mole.io import structure_hash, weight_signature
+from mole.identity import structure_hash, weight_signature
 from mole.models import DiffusionModel
 from mole.targets import TARGETS, detect_backbone, target_modules
 

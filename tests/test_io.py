@@ -20,7 +20,7 @@ from mole import (
     read_mole_file,
     save_mole,
 )
-from mole.io import structure_hash
+from mole.identity import structure_hash
 from mole.tiny import random_expert, tiny_unet, unet_inputs
 
 
@@ -245,7 +245,7 @@ def test_weight_samples_reach_the_last_element_of_tensors_past_2_24():
     files written before keep their fingerprints."""
     from torch import nn
 
-    from mole.io import spaced_indices, weight_samples
+    from mole.identity import spaced_indices, weight_samples
 
     numel = 29_491_200
     old = torch.linspace(0, numel - 1, 4).long()

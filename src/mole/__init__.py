@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
-
 from .config import GateInit, Gating, GlobalSource, MoLEConfig, MoLEConfigError  # noqa: E402
 from .experts import ExpertLoadError, ExpertWeights, KeyNaming  # noqa: E402
+from .formats import MoLEFileError  # noqa: E402
 from .formats.diffusers import expert_from_peft  # noqa: E402
 from .formats.lora import ExpertFormat, expert_from_state_dict, load_expert, save_expert  # noqa: E402
+from .formats.mole_file import read_mole_file  # noqa: E402
 from .inject import (  # noqa: E402
     MoLEInjectError,
     expert_pairs,
@@ -22,10 +22,11 @@ from .inject import (  # noqa: E402
     set_expert_weights,
     set_fused,
 )
-from .io import MoLEFileError, load_mole, read_mole_file, save_mole  # noqa: E402
+from .io import load_mole, save_mole  # noqa: E402
 from .layers import LoraPair, MoLELayer  # noqa: E402
 from .recording import GateRecorder, record_gates  # noqa: E402
 from .targets import Backbone, detect_backbone  # noqa: E402
+from .version import __version__  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -20,9 +20,10 @@ from .formats import MoLEFileError
 from .formats.common import read_safetensors
 from .formats.kohya import kohya_flat_name, uses_sgm_names
 from .formats.lora import load_expert
-from .formats.official import EXPERTS, load_official, official_gate_tensors
+from .formats.mole_file import embedded_experts, read_mole_file
+from .formats.official import EXPERTS, official_gate_tensors
 from .inject import remove_mole
-from .io import embedded_experts, read_mole_file, save_mole
+from .io import load_official, save_mole
 from .targets import Backbone
 
 logger = logging.getLogger(__name__)

@@ -67,8 +67,9 @@ class DemoOptions:
 def _checks(model, mole_file: str, out: Path, seed: int) -> dict:
     """Foundation checks on the real model: fused == naive, removal exact, a kohya copy loads by name."""
     from .formats.lora import ExpertFormat, save_expert
+    from .formats.mole_file import embedded_experts, read_mole_file
     from .inject import remove_mole, set_fused
-    from .io import embedded_experts, load_mole, read_mole_file
+    from .io import load_mole
 
     unet = model.denoiser
     g = torch.Generator().manual_seed(seed)
@@ -126,7 +127,7 @@ def run_demo(opts: DemoOptions) -> dict:
             seed=opts.seed,
         ))  # fmt: skip
         mole_file = trained["gates"]["both"]["file"]
-    from .io import read_mole_manifest
+    from .formats.mole_file import read_mole_manifest
 
     read_mole_manifest(mole_file)  # a wrong file fails here, before the pipeline loads
     model = DiffusionModel.from_pretrained(opts.base)

@@ -12,10 +12,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import MoLEConfig
 from .experts import ExpertLoadError, ExpertWeights, KeyNaming, layers_fingerprint, validate_expert_name
+from .formats import MoLEFileError
 from .formats.kohya import sgm_to_diffusers
 from .layers import MoLELayer, check_wrappable, mole_layer_for
 from .layers.lora import LoraPair
@@ -80,6 +82,14 @@ def resolve_layers(expert: ExpertWeights, model: nn.Module) -> dict[str, LoraPai
     return out
 
 
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear, channels of a Conv2d; a wrapped layer's base is looked through."""
+    module = getattr(module, "base", module)
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
+
+
 def _as_named(experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights]) -> list[ExpertWeights]:
     if isinstance(experts, ExpertWeights):
         experts = [experts]
@@ -119,17 +129,15 @@ def inject_mole(
     if has_mole(model):
         raise MoLEInjectError("model already has MoLE layers; call remove_mole(model) before injecting again")
     experts = _as_named(experts)
+    # Resolve and validate everything before touching the model (no partial injection).
+    resolved = {ex.name: resolve_layers(ex, model) for ex in experts}
+    fingerprints = {n: layers_fingerprint(r) for n, r in resolved.items()}  # by module path: kohya, peft copies agree
     backbone = Backbone(backbone) if backbone is not None else detect_backbone(model)
     patterns = config.targets if config.targets is not None else INJECT_TARGETS[backbone]
     compiled = compile_targets(patterns)
-
-    # Resolve and validate everything before touching the model (no partial injection).
     per_layer: dict[str, dict[str, LoraPair]] = {}
-    fingerprints = {}
     for ex in experts:
-        resolved = resolve_layers(ex, model)
-        fingerprints[ex.name] = layers_fingerprint(resolved)  # by module path: kohya and peft copies agree
-        for path, pair in resolved.items():
+        for path, pair in resolved[ex.name].items():
             if not is_target(path, compiled):
                 raise MoLEInjectError(
                     f"expert {ex.name!r} has weights for {path!r}, which is not a MoLE target of backbone "
@@ -143,11 +151,7 @@ def inject_mole(
             check_wrappable(module, path)
         except ValueError as exc:
             raise MoLEInjectError(str(exc)) from None
-        d_in, d_out = (
-            (module.in_channels, module.out_channels)
-            if isinstance(module, nn.Conv2d)
-            else (module.in_features, module.out_features)
-        )
+        d_in, d_out = layer_dims(module)
         for name, pair in pairs.items():
             if (pair.in_features, pair.out_features) != (d_in, d_out):
                 raise MoLEInjectError(
@@ -223,6 +227,49 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in mole_layers(model).values() for p in layer.gates.parameters()]
 
 
+def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """gates.<layer>.<param> -> tensor for every wrapped layer."""
+    return {
+        f"gates.{path}.{pname}": p.detach()
+        for path, layer in mole_layers(model).items()
+        for pname, p in layer.gates.named_parameters()
+    }
+
+
+def load_gate_state_dict(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], names: Sequence[str], source: str
+) -> None:
+    """Copy ``gates.<layer>.<param>`` tensors (rows in the order `names`) into the model's gates, after checking
+    that every key is there and no other, every shape fits and every value is finite (else nothing is copied)."""
+    file_names = list(names)
+    layers = mole_layers(model)
+    file_keys = {k for k in tensors if k.startswith("gates.")}
+    expected = {}
+    for path, layer in layers.items():
+        order = [file_names.index(n) for n in layer.expert_names]  # file row of each of the layer's experts
+        for pname, p in layer.gates.named_parameters():
+            expected[f"gates.{path}.{pname}"] = (p, order)
+    missing = sorted(set(expected) - file_keys)
+    unexpected = sorted(file_keys - set(expected))
+    if missing or unexpected:
+        raise MoLEFileError(
+            f"{source} does not match the model's MoLE layers: missing keys {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all), unexpected keys {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)"
+        )
+    for key, (p, _order) in expected.items():
+        t = tensors[key]
+        if t.shape != p.shape:
+            raise MoLEFileError(f"{source}: {key} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise MoLEFileError(f"{source}: {key} holds {bad} NaN/Inf value(s); the file is damaged or came from a "
+                                "diverged run: use an earlier checkpoint")  # fmt: skip
+    with torch.no_grad():
+        for key, (p, order) in expected.items():
+            p.copy_(tensors[key][order].to(p.dtype))
+
+
 def set_fused(model: nn.Module, fused: bool) -> None:
     """Choose the fused GEMM path (default) or the naive per-expert reference in every layer."""
     for layer in mole_layers(model).values():
@@ -266,8 +313,6 @@ def new_expert(
 ) -> ExpertWeights:
     """A fresh expert to train (stage 2): on every target layer, A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (peft's
     default) and B = 0, so the model starts exactly at its base output."""
-    import torch
-
     from .targets import target_modules
 
     patterns = tuple(targets) if targets is not None else TARGETS[detect_backbone(model)]

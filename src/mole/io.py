@@ -1,23 +1,19 @@
-"""Save and load MoLE weights: one safetensors file with the gates, optionally the experts, and a manifest.
+"""Save and load MoLE weights: the one orchestrating load, reading top-down.
 
-File layout
-    gates.<layer path>.<local_weight|local_bias|global_weight|global_bias>
-    experts.<name>.<layer path>.<lora_A|lora_B|alpha>          (when the experts are embedded)
-    metadata["mole_manifest"]: JSON naming the base model (with a structural hash and a weight signature),
-        the experts (name, source, fingerprint, ranks), the MoLE config, the wrapped layers and the versions.
+    save_mole(model, "mole.safetensors")     # gates (+ experts) and a manifest naming the base
+    load_mole(model, "mole.safetensors")     # file -> base check -> experts -> inject -> gates
+    load_fixed(model, "mole.safetensors")    # the experts alone at fixed weights (no gates)
 
-Loading checks everything before it changes the model: a different base model, a missing or different expert,
-a missing, extra or wrongly shaped tensor is an error that names it, never a partial load.
+Each step calls down and never back up: the file formats (mole.formats: the mole file, the paper's gate file,
+LoRA files) read tensors and manifests; mole.identity checks the base; mole.inject resolves and injects the
+experts; the gates are copied in last. Loading checks everything before it changes the model: a different base
+model, a missing or different expert, a missing, extra or wrongly shaped tensor is an error that names it, never a
+partial load.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,117 +21,44 @@ import torch
 from torch import nn
 
 from .config import MoLEConfig
-from .experts import ExpertWeights, KeyNaming, layers_fingerprint
+from .experts import ExpertWeights
 from .formats import MoLEFileError
 from .formats.common import read_safetensors
-from .formats.official import is_official_gate_file, load_official
-from .inject import has_mole, inject_mole, mole_layers, mole_state, remove_mole, resolve_layers
-from .layers.lora import LoraPair
+from .formats.kohya import kohya_flat_name
+from .formats.mole_file import FORMAT, FORMAT_VERSION, embedded_experts, read_mole_file, write_mole_file
+from .formats.official import (
+    EXPERTS,
+    check_gate_shapes,
+    experts_by_name,
+    gate_key,
+    is_official_gate_file,
+    mole_gate_tensors,
+    official_config,
+    parse_gates,
+    resolve_gate_layers,
+)
+from .identity import base_identity, check_base
+from .inject import (
+    gate_state_dict,
+    has_mole,
+    inject_mole,
+    load_gate_state_dict,
+    mole_layers,
+    mole_state,
+    remove_mole,
+    resolve_layers,
+)
 from .targets import Backbone
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "mole-diffusion"
-FORMAT_VERSION = 1
-MANIFEST_KEY = "mole_manifest"
-_MOLE_PARAM_MARKERS = (".lora_A", ".lora_B", ".gates.")
-
-
-# ---------------------------------------------------------------------------------------------------- base identity
-def _plain_param_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of the model's own parameters, with MoLE wrappers looked through."""
-    out = []
-    for name, p in model.named_parameters():
-        if any(m in name for m in _MOLE_PARAM_MARKERS):
-            continue
-        out.append((name.replace(".base.", "."), tuple(p.shape)))
-    return sorted(out)
-
-
-def structure_hash(model: nn.Module) -> str:
-    """sha256 of the model class and every parameter's name and shape (identical before and after injection)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, shape in _plain_param_shapes(model):
-        h.update(f"{name}:{shape};".encode())
-    return h.hexdigest()
-
-
-def spaced_indices(numel: int, count: int, device=None) -> torch.Tensor:
-    """`count` evenly spaced positions in 0 .. numel - 1: a float32 linspace, truncated, clamped to the last element.
-
-    Past 2^24 elements the float32 linspace rounds numel - 1 up beyond the end (SD1.5's 29,491,200-element
-    up-block convolution gave index 29491200 and saving a real SD1.5 MoLE file failed); the clamp keeps every other
-    position as before, so files written earlier keep their fingerprints."""
-    idx = torch.linspace(0, numel - 1, count).long().clamp_(0, numel - 1)
-    return idx.to(device) if device is not None else idx
-
-
-def weight_signature(model: nn.Module, layer_paths: Sequence[str], layers: int = 4, per_layer: int = 16) -> list[float]:
-    """A few evenly spaced base weights of the first wrapped layers: tells two models of one architecture apart."""
-    values: list[float] = []
-    for path in sorted(layer_paths)[:layers]:
-        module = model.get_submodule(path)
-        w = getattr(module, "base", module).weight.detach().flatten()
-        values.extend(float(v) for v in w[spaced_indices(w.numel(), per_layer, w.device)].float().cpu())
-    return values
-
-
-SAMPLES_PER_TENSOR = 4
-
-
-def weight_samples(model: nn.Module, per_tensor: int = SAMPLES_PER_TENSOR) -> torch.Tensor:
-    """`per_tensor` evenly spaced values of every base parameter (MoLE wrappers looked through), in the order of
-    the sorted parameter names: (num_tensors, per_tensor) float32. Milliseconds even for SDXL; a base that differs
-    anywhere (mid block, up blocks, one norm layer) shows up in its tensor's row."""
-    named = []
-    for name, p in model.named_parameters():
-        if any(m in name for m in _MOLE_PARAM_MARKERS):
-            continue
-        named.append((name.replace(".base.", "."), p))
-    rows = []
-    for _, p in sorted(named, key=lambda x: x[0]):
-        w = p.detach().reshape(-1)
-        rows.append(w[spaced_indices(w.numel(), per_tensor, w.device)].float().cpu())
-    return torch.stack(rows) if rows else torch.zeros(0, per_tensor)
-
-
-def _encode_samples(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().astype("<f4").tobytes()).decode()
-
-
-def _decode_samples(text: str, per_tensor: int) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype="<f4").copy()).reshape(-1, per_tensor)
-
-
-def samples_distance(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, int, int]:
-    """(overall relative distance, tensors that differ by more than 1 %, index of the most different tensor)."""
-    if ours.shape != theirs.shape:
-        return float("inf"), max(len(ours), len(theirs)), 0
-    a, b = ours.double(), theirs.double()
-    overall = float((a - b).norm() / b.norm().clamp_min(1e-12))
-    per = (a - b).norm(dim=1) / (b.norm(dim=1) + 1e-6)
-    return overall, int((per > 1e-2).sum()), int(per.argmax()) if len(per) else 0
-
-
-def _signature_distance(a: Sequence[float], b: Sequence[float]) -> float:
-    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    if ta.shape != tb.shape:
-        return float("inf")
-    return float((ta - tb).norm() / tb.norm().clamp_min(1e-12))
-
-
-def _model_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    name = config.get("_name_or_path") if isinstance(config, dict) else getattr(config, "_name_or_path", None)
-    return str(name) if name else None  # from_pretrained may store a Path
+__all__ = ["build_manifest", "check_base", "embedded_experts", "gate_state_dict", "load_mole", "load_official",
+           "read_mole_file", "save_mole"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- save
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     versions = {"mole": __version__, "torch": torch.__version__}
     try:
         import diffusers
@@ -152,14 +75,7 @@ def build_manifest(model: nn.Module, base_model: str | None = None, embedded: bo
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
-        "base_model": {
-            "name": str(base_model) if base_model else (_model_name(model) or type(model).__name__),
-            "class": type(model).__name__,
-            "backbone": state.backbone.value,
-            "structure_sha256": structure_hash(model),
-            "weight_signature": weight_signature(model, state.layer_paths),
-            "weight_samples": {"per_tensor": SAMPLES_PER_TENSOR, "values": _encode_samples(weight_samples(model))},
-        },
+        "base_model": base_identity(model, state.layer_paths, state.backbone.value, base_model),
         "config": state.config.to_dict(),
         "experts": [
             {
@@ -173,15 +89,6 @@ def build_manifest(model: nn.Module, base_model: str | None = None, embedded: bo
             for e in state.experts
         ],
         "layers": state.layer_paths,
-    }
-
-
-def gate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """gates.<layer>.<param> -> tensor for every wrapped layer."""
-    return {
-        f"gates.{path}.{pname}": p.detach()
-        for path, layer in mole_layers(model).items()
-        for pname, p in layer.gates.named_parameters()
     }
 
 
@@ -202,7 +109,6 @@ def save_mole(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise MoLEFileError(f"path={str(path)!r} must end in .safetensors")
-    from safetensors.torch import save_file
 
     tensors = gate_state_dict(model)
     for key, value in (extra_tensors or {}).items():  # e.g. an InstructMoLE router: "router.<name>"
@@ -228,123 +134,29 @@ def save_mole(
     manifest = build_manifest(model, base_model, embedded=include_experts)
     if extra_manifest:
         manifest["extra"] = extra_manifest
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={MANIFEST_KEY: json.dumps(manifest), "format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_mole_file(path, tensors, manifest)
     logger.info("saved MoLE weights (%d tensors, experts embedded: %s) to %s", len(tensors), include_experts, path)
     return path
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def read_mole_manifest(path: str | Path) -> dict:
-    """The manifest of a MoLE file, read from its header alone (no tensor is loaded)."""
-    return read_mole_file(path, tensors=False)[0]
-
-
-def read_mole_file(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (manifest, tensors) of a MoLE file, checking that it is one (tensors=False: manifest only).
-    `mole-tiny` names the MoLE file that ships with the package."""
-    from .mole_tiny import resolve_mole
-
-    path = Path(resolve_mole(path))
-    if not path.is_file():
-        raise MoLEFileError(f"MoLE file {path} does not exist")
-    try:
-        meta, tensors = read_safetensors(path, tensors)
-    except ValueError as exc:
-        raise MoLEFileError(str(exc)) from None
-    if MANIFEST_KEY not in meta:
-        raise MoLEFileError(
-            f"{path} has no {MANIFEST_KEY!r} metadata: it is not a MoLE file (a LoRA expert is loaded with load_expert)"
-        )
-    try:
-        manifest = json.loads(meta[MANIFEST_KEY])
-    except json.JSONDecodeError as exc:
-        raise MoLEFileError(f"{path}: the {MANIFEST_KEY!r} metadata is not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise MoLEFileError(f"{path}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise MoLEFileError(
-            f"{path}: format_version {manifest['format_version']} is newer than this mole-diffusion reads "
-            f"({FORMAT_VERSION}); upgrade mole-diffusion"
-        )
-    return manifest, tensors
-
-
-def embedded_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, ExpertWeights]:
-    """Rebuild the experts stored in a MoLE file."""
-    out = {}
-    for info in manifest["experts"]:
-        name = info["name"]
-        prefix = f"experts.{name}."
-        layers = {}
-        for layer in manifest["layers"]:
-            a = tensors.get(f"{prefix}{layer}.lora_A")
-            if a is None:
-                continue
-            b = tensors.get(f"{prefix}{layer}.lora_B")
-            alpha = tensors.get(f"{prefix}{layer}.alpha")
-            if b is None or alpha is None:
-                raise MoLEFileError(f"{source}: key {prefix}{layer}.lora_B or .alpha is missing")
-            for part, t in (("lora_A", a), ("lora_B", b), ("alpha", alpha)):
-                if not torch.isfinite(t).all():
-                    raise MoLEFileError(f"{source}: {prefix}{layer}.{part} holds NaN/Inf values; the file is damaged "
-                                        "or came from a diverged run")  # fmt: skip
-            layers[layer] = LoraPair(a, b, float(alpha))
-        if layers:
-            out[name] = ExpertWeights(name, layers, KeyNaming.DOTTED, source=info.get("source", source))
-    return out
-
-
-def check_base(model: nn.Module, manifest: dict, source: str, strict: bool = True) -> None:
-    """Refuse a model that is not the base the file was trained on (architecture, then weights)."""
-    base = manifest["base_model"]
-    ours = _model_name(model) or type(model).__name__
-    if structure_hash(model) != base["structure_sha256"]:
-        raise MoLEFileError(
-            f"{source} was made for base model {base['name']!r} ({base['class']}, {base['backbone']}), but this "
-            f"model {ours!r} ({type(model).__name__}) has a different architecture (parameter names or shapes differ)"
-        )
-    if not strict:
-        return
-    fix = ("Load the right base model, or pass --no-strict-base (strict_base=False in Python) if you mean to move "
-           "the gates to a fine-tuned copy")  # fmt: skip
-    stored = base.get("weight_samples")
-    if stored:  # every tensor of the base (files written since format 1.x with weight_samples)
-        k = int(stored["per_tensor"])
-        overall, differing, worst = samples_distance(weight_samples(model, k), _decode_samples(stored["values"], k))
-        if differing:
-            names = [n for n, _ in _plain_param_shapes(model)]
-            raise MoLEFileError(
-                f"{source} was made for base model {base['name']!r}, but the weights of {ours!r} differ: "
-                f"{differing} of {len(names)} tensors (most: {names[worst] if worst < len(names) else '?'}; relative "
-                f"distance {overall:.3g} over samples of every tensor). {fix}"
-            )
-        return
-    dist = _signature_distance(weight_signature(model, manifest["layers"]), base["weight_signature"])
-    if dist > 1e-2:
-        raise MoLEFileError(
-            f"{source} was made for base model {base['name']!r}, but the weights of {ours!r} differ "
-            f"(relative distance {dist:.3g} on sampled weights). {fix}"
-        )
-
-
 def load_mole(
     model: nn.Module,
     path: str | Path,
     experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights] | None = None,
     strict_base: bool = True,
+    *,
+    gates: bool = True,
+    replace: bool = False,
 ) -> nn.Module:
     """Load a MoLE file into `model` (a plain model: it is injected; an injected one: its gates are replaced).
 
     experts: experts to use instead of (or, when the file does not embed them, in place of) the embedded ones;
     each must be the expert the gates were trained with (same fingerprint).
+    gates=False: the experts alone, without the file's gates (gating="none", every expert at weight 1: fixed-weight
+    LoRA mixing, the paper's stage-2 baseline); any passed expert replaces the embedded one of its name.
+    replace=True: MoLE layers the model already has are removed (once the file passed every check) and the file's
+    experts injected, instead of keeping the model's experts and replacing their gates.
 
     The paper's released gate files (JiePKU/MoLE, recognised by their ``moe_lora_unet_*.softmoe.*`` keys) load too:
     pass experts=[face, hand] (matched by name); the model gets the official layer (global_source=expert_output).
@@ -352,18 +164,26 @@ def load_mole(
     """
     source = str(path)
     if Path(path).is_file() and is_official_gate_file(path):
-        try:
-            _, tensors = read_safetensors(Path(path))
-        except ValueError as exc:
-            raise MoLEFileError(str(exc)) from None
-        load_official(model, tensors, experts, source)
+        if gates:
+            load_official(model, _read(Path(path)), experts, source, replace=replace)
+            return model
+        chosen = experts_by_name(experts, source)  # the paper's release: the experts come as files, by name
+        if replace and has_mole(model):
+            remove_mole(model)
+        inject_mole(model, [chosen[n] for n in EXPERTS], MoLEConfig(gating="none"))
         return model
     manifest, tensors = read_mole_file(path)
-    config = MoLEConfig.from_dict(manifest["config"])
     names = [e["name"] for e in manifest["experts"]]
-
-    injected_here = False
-    if has_mole(model):
+    backbone = Backbone(manifest["base_model"]["backbone"])
+    if not gates:
+        check_base(model, manifest, source, strict_base)
+        chosen = _fixed_experts(manifest, tensors, experts, source)
+        if replace and has_mole(model):
+            remove_mole(model)
+        inject_mole(model, list(chosen.values()), MoLEConfig(gating="none"), backbone=backbone)
+        return model
+    config = MoLEConfig.from_dict(manifest["config"])
+    if has_mole(model) and not replace:  # keep the model's experts (they must be the file's) and load the gates
         state = mole_state(model)
         if sorted(state.expert_names) != sorted(names):
             raise MoLEFileError(
@@ -382,21 +202,31 @@ def load_mole(
                     f"expert {info['name']!r} in the model differs from the one {source} was trained with "
                     f"(fingerprint {ours[info['name']][:12]} vs {info['fingerprint'][:12]}); inject the original expert"
                 )
-    else:
-        check_base(model, manifest, source, strict_base)
-        chosen = _choose_experts(model, manifest, tensors, experts, source)
-        inject_mole(model, [chosen[n] for n in names], config, backbone=Backbone(manifest["base_model"]["backbone"]))
-        injected_here = True
-    try:
-        _load_gates(model, manifest, tensors, source)
+        load_gate_state_dict(model, tensors, names, source)
+        return model
+    check_base(model, manifest, source, strict_base)
+    chosen, passed = _choose_experts(manifest, tensors, experts, source)
+    if replace and has_mole(model):
+        remove_mole(model)
+    inject_mole(model, [chosen[n] for n in names], config, backbone=backbone)
+    try:  # the passed experts must be those the gates were trained with: their fingerprints as injected (by path)
+        injected = {e.name: e.fingerprint for e in mole_state(model).experts}
+        for info in manifest["experts"]:
+            ex = chosen[info["name"]]
+            if ex.name in passed and injected[ex.name] != info["fingerprint"]:
+                raise MoLEFileError(
+                    f"expert {ex.name!r} passed from {ex.source} differs from the one {source} was trained with "
+                    f"(fingerprint {info['fingerprint'][:12]}); pass the original expert"
+                )
+        load_gate_state_dict(model, tensors, names, source)
     except Exception:
-        if injected_here:
-            remove_mole(model)
+        remove_mole(model)
         raise
     return model
 
 
-def _choose_experts(model, manifest, tensors, given, source) -> dict[str, ExpertWeights]:
+def _choose_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, source: str) -> tuple[dict, set]:
+    """The expert of each name the file gates: the one passed, else the one the file embeds; and the passed names."""
     given_list = list(given.values()) if isinstance(given, Mapping) else list(given or [])
     given_by_name = {e.name: e for e in given_list}
     names = [e["name"] for e in manifest["experts"]]
@@ -405,50 +235,81 @@ def _choose_experts(model, manifest, tensors, given, source) -> dict[str, Expert
         raise MoLEFileError(f"experts {extra} were passed but {source} has gates only for {names}")
     stored = embedded_experts(manifest, tensors, source)
     chosen = {}
-    for info in manifest["experts"]:
-        name = info["name"]
+    for name in names:
         if name in given_by_name:
-            ex = given_by_name[name]
-            if layers_fingerprint(resolve_layers(ex, model)) != info["fingerprint"]:
-                raise MoLEFileError(
-                    f"expert {name!r} passed from {ex.source} differs from the one {source} was trained with "
-                    f"(fingerprint {info['fingerprint'][:12]}); pass the original expert"
-                )
-            chosen[name] = ex
+            chosen[name] = given_by_name[name]
         elif name in stored:
             chosen[name] = stored[name]
         else:
             raise MoLEFileError(
                 f"expert {name!r} is missing: {source} does not embed it; pass experts=[load_expert(<file>, {name!r})]"
             )
+    return chosen, set(given_by_name)
+
+
+def _fixed_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, source: str) -> dict:
+    """The experts for fixed-weight mixing: the embedded ones, each replaced by a passed expert of its name."""
+    given = list(given.values()) if isinstance(given, Mapping) else list(given or [])
+    chosen = embedded_experts(manifest, tensors, source)
+    names = [e["name"] for e in manifest["experts"]]
+    unknown = sorted({e.name for e in given} - set(names))
+    if unknown:
+        raise MoLEFileError(f"experts {unknown} were passed but {source} has experts {names}")
+    chosen.update({e.name: e for e in given})
+    missing = [n for n in names if n not in chosen]
+    if missing:
+        raise MoLEFileError(
+            f"{source} does not embed experts {missing}; pass them as expert_files={{name: file}} (--expert)"
+        )
     return chosen
 
 
-def _load_gates(model: nn.Module, manifest: dict, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    file_names = [e["name"] for e in manifest["experts"]]
-    layers = mole_layers(model)
-    file_keys = {k for k in tensors if k.startswith("gates.")}
-    expected = {}
-    for path, layer in layers.items():
-        order = [file_names.index(n) for n in layer.expert_names]  # file row of each of the layer's experts
-        for pname, p in layer.gates.named_parameters():
-            expected[f"gates.{path}.{pname}"] = (p, order)
-    missing = sorted(set(expected) - file_keys)
-    unexpected = sorted(file_keys - set(expected))
-    if missing or unexpected:
-        raise MoLEFileError(
-            f"{source} does not match the model's MoLE layers: missing keys {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all), unexpected keys {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)"
-        )
-    for key, (p, _order) in expected.items():
-        t = tensors[key]
-        if t.shape != p.shape:
-            raise MoLEFileError(f"{source}: {key} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-        if not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise MoLEFileError(f"{source}: {key} holds {bad} NaN/Inf value(s); the file is damaged or came from a "
-                                "diverged run: use an earlier checkpoint")  # fmt: skip
-    with torch.no_grad():
-        for key, (p, order) in expected.items():
-            p.copy_(tensors[key][order].to(p.dtype))
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_safetensors(path)[1]
+    except ValueError as exc:
+        raise MoLEFileError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------------- the paper's files
+def load_official(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights] | None,
+    source: str,
+    replace: bool = False,
+) -> dict[str, str]:
+    """Inject the face and hand experts into `model` with the official file's gates; return {module path: kohya
+    flat name} of the gated layers. Everything is checked before the model changes (replace=True: MoLE layers the
+    model has are then removed; else they are an error)."""
+    if has_mole(model) and not replace:
+        raise MoLEFileError(f"{source}: the model already has MoLE layers; call remove_mole(model) first")
+    gates = parse_gates(tensors, source)
+    chosen = experts_by_name(experts, source)
+    covered = {name: resolve_layers(chosen[name], model) for name in EXPERTS}
+    paths = resolve_gate_layers(gates, model, source)
+    check_gate_shapes(gates, paths, model, source)
+    flat_of = {p: f for f, p in paths.items()}
+    for name in EXPERTS:
+        extra = sorted(set(covered[name]) - set(flat_of))
+        if extra:
+            raise MoLEFileError(
+                f"expert {name!r} ({chosen[name].source}) has weights for {extra[0]!r}"
+                f"{f' and {len(extra) - 1} more layers' if len(extra) > 1 else ''}, but {source} has no gates there "
+                f"(key {gate_key(kohya_flat_name(extra[0], model), 'Phi_1.weight')!r} is missing); pass the expert "
+                "the gates were trained with"
+            )
+        missing = sorted(set(flat_of) - set(covered[name]))
+        if missing:
+            raise MoLEFileError(
+                f"{source} has gates for {missing[0]!r} (key {gate_key(flat_of[missing[0]], 'Phi_1.weight')!r})"
+                f"{f' and {len(missing) - 1} more layers' if len(missing) > 1 else ''}, but expert {name!r} "
+                f"({chosen[name].source}) has no weights there; pass the expert the gates were trained with"
+            )
+    ours = mole_gate_tensors(gates, paths)
+    if replace and has_mole(model):
+        remove_mole(model)
+    inject_mole(model, [chosen[n] for n in EXPERTS], official_config())
+    load_gate_state_dict(model, ours, EXPERTS, source)
+    logger.info("loaded the official MoLE gate file %s: %d gated layers", source, len(paths))
+    return flat_of

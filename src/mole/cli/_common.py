@@ -95,8 +95,8 @@ def check_mole_arg(path: str | None) -> None:
     if path is None or is_mole_tiny(path):
         return
     check_file(path, "MoLE .safetensors", "--mole")
+    from ..formats.mole_file import read_mole_manifest
     from ..formats.official import is_official_gate_file
-    from ..io import read_mole_manifest
 
     if is_official_gate_file(path):  # the paper's released gate file: read with its --expert files
         return

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ..io import read_mole_file
+    from ..formats.mole_file import read_mole_file
     from ..mole_tiny import is_mole_tiny
 
     if not is_mole_tiny(args.file):

@@ -109,17 +109,17 @@ def uses_sgm_names(model: nn.Module) -> bool:
 
 
 def kohya_lookup(model: nn.Module) -> dict[str, str]:
-    """kohya flat name -> module path for every module of `model`, SGM names included for SDXL UNets."""
+    """kohya flat name -> module path for every module of `model`, SGM names included. Reading accepts both layouts
+    for every model, as expert files are read (resolve_layers): SDXL files use SGM names, other UNets diffusers'."""
     lookup: dict[str, str] = {}
     for path, _ in model.named_modules():
         lookup.setdefault(path.replace(".", "_"), path)
-    if uses_sgm_names(model):
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                try:
-                    lookup.setdefault(diffusers_to_sgm(path, model), path)
-                except ValueError:
-                    continue
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            try:
+                lookup.setdefault(diffusers_to_sgm(path, model), path)
+            except ValueError:
+                continue
     return lookup
 
 

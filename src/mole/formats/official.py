@@ -14,7 +14,6 @@ missing keys (``strict=False``); here a missing, extra or misshapen key, or a mi
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,11 +23,8 @@ from torch import nn
 
 from ..config import MoLEConfig
 from ..experts import ExpertWeights
-from ..inject import has_mole, inject_mole, mole_layers, resolve_layers
 from . import MoLEFileError
-from .kohya import _layers_per_block, kohya_flat_name, kohya_lookup, sgm_to_diffusers
-
-logger = logging.getLogger(__name__)
+from .kohya import _layers_per_block, kohya_lookup, sgm_to_diffusers
 
 EXPERTS = ("face", "hand")  # the official code's two experts, in the order of Phi_1's rows
 PARAMS = ("Phi_1.weight", "Phi_1.bias", "face_scale.weight", "face_scale.bias", "hand_scale.weight",
@@ -127,42 +123,14 @@ def resolve_gate_layers(gates: Mapping[str, Mapping], model: nn.Module, source: 
 
 
 def _dims(module: nn.Module) -> tuple[int, int]:
+    module = getattr(module, "base", module)  # a layer already wrapped (the model is being re-injected)
     if isinstance(module, nn.Conv2d):
         return module.in_channels, module.out_channels
     return module.in_features, module.out_features
 
 
-def load_official(
-    model: nn.Module,
-    tensors: Mapping[str, torch.Tensor],
-    experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights] | None,
-    source: str,
-) -> dict[str, str]:
-    """Inject the face and hand experts into `model` with the official file's gates; return {module path: kohya
-    flat name} of the gated layers. Everything is checked before the model changes."""
-    if has_mole(model):
-        raise MoLEFileError(f"{source}: the model already has MoLE layers; call remove_mole(model) first")
-    gates = parse_gates(tensors, source)
-    chosen = experts_by_name(experts, source)
-    paths = resolve_gate_layers(gates, model, source)
-    flat_of = {p: f for f, p in paths.items()}
-    for name in EXPERTS:
-        covered = resolve_layers(chosen[name], model)
-        extra = sorted(set(covered) - set(flat_of))
-        if extra:
-            raise MoLEFileError(
-                f"expert {name!r} ({chosen[name].source}) has weights for {extra[0]!r}"
-                f"{f' and {len(extra) - 1} more layers' if len(extra) > 1 else ''}, but {source} has no gates there "
-                f"(key {gate_key(kohya_flat_name(extra[0], model), 'Phi_1.weight')!r} is missing); pass the expert "
-                "the gates were trained with"
-            )
-        missing = sorted(set(flat_of) - set(covered))
-        if missing:
-            raise MoLEFileError(
-                f"{source} has gates for {missing[0]!r} (key {gate_key(flat_of[missing[0]], 'Phi_1.weight')!r})"
-                f"{f' and {len(missing) - 1} more layers' if len(missing) > 1 else ''}, but expert {name!r} "
-                f"({chosen[name].source}) has no weights there; pass the expert the gates were trained with"
-            )
+def check_gate_shapes(gates: Mapping[str, Mapping], paths: Mapping[str, str], model: nn.Module, source: str) -> None:
+    """Every gate tensor has the shape its layer needs (Phi_1: (2, d_in); the scales: (1, d_out))."""
     for flat, path in paths.items():
         d_in, d_out = _dims(model.get_submodule(path))
         want = {"Phi_1.weight": (2, d_in), "Phi_1.bias": (2,), "face_scale.weight": (1, d_out),
@@ -172,19 +140,19 @@ def load_official(
             if got != shape:
                 raise MoLEFileError(f"{source}: key {gate_key(flat, param)!r} has shape {got}, the layer {path!r} "
                                     f"needs {shape}")  # fmt: skip
-    inject_mole(model, [chosen[n] for n in EXPERTS], official_config())
-    layers = mole_layers(model)
-    with torch.no_grad():
-        for flat, path in paths.items():
-            g, layer = gates[flat], layers[path]
-            order = [EXPERTS.index(n) for n in layer.expert_names]
-            gw = torch.cat([g["face_scale.weight"], g["hand_scale.weight"]], 0)
-            gb = torch.cat([g["face_scale.bias"], g["hand_scale.bias"]], 0)
-            for p, value in ((layer.gates.local_weight, g["Phi_1.weight"]), (layer.gates.local_bias, g["Phi_1.bias"]),
-                             (layer.gates.global_weight, gw), (layer.gates.global_bias, gb)):  # fmt: skip
-                p.copy_(value[order].to(p.dtype))
-    logger.info("loaded the official MoLE gate file %s: %d gated layers", source, len(paths))
-    return flat_of
+
+
+def mole_gate_tensors(gates: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, str]) -> dict:
+    """The official gates in our layout (``gates.<path>.<param>``, rows in the order EXPERTS): Phi_1 is the local
+    gate; face_scale and hand_scale, stacked, the global one. The inverse of official_gate_tensors."""
+    out = {}
+    for flat, path in paths.items():
+        g = gates[flat]
+        out[f"gates.{path}.local_weight"] = g["Phi_1.weight"]
+        out[f"gates.{path}.local_bias"] = g["Phi_1.bias"]
+        out[f"gates.{path}.global_weight"] = torch.cat([g["face_scale.weight"], g["hand_scale.weight"]], 0)
+        out[f"gates.{path}.global_bias"] = torch.cat([g["face_scale.bias"], g["hand_scale.bias"]], 0)
+    return out
 
 
 def official_gate_tensors(

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..config import MoLEConfig
 from ..formats.lora import load_expert
-from ..formats.official import EXPERTS as OFFICIAL_EXPERTS
-from ..formats.official import experts_by_name, is_official_gate_file
-from ..inject import has_mole, inject_mole, remove_mole, set_expert_weights
-from ..io import MoLEFileError, check_base, embedded_experts, load_mole, read_mole_file, read_mole_manifest
+from ..formats.mole_file import read_mole_manifest
+from ..formats.official import is_official_gate_file
+from ..inject import has_mole, inject_mole, mole_state, remove_mole, set_expert_weights
+from ..io import load_mole
 from ..targets import Backbone
 
 logger = logging.getLogger(__name__)
@@ -124,44 +124,26 @@ def load_mole_weights(
         if previous.conditions is not None:
             previous.conditions.remove()
         pipe.mole_instruct = None
-    if has_mole(denoiser):
-        remove_mole(denoiser)
-    if mode is MixMode.NONE:
-        return pipe
-    if mode is MixMode.MOLE:
-        if not is_official_gate_file(path) and "instruct" in read_mole_manifest(path).get(
-            "extra", {}
-        ):  # InstructMoLE: the experts plus their instruction router
-            from ..instruct import InstructMoLE
-
-            pipe.mole_instruct = InstructMoLE.load(denoiser, path, strict_base=strict_base)
-        else:
-            load_mole(denoiser, path, experts=given or None, strict_base=strict_base)
+    instruct = mode is MixMode.MOLE and not is_official_gate_file(path) and "instruct" in read_mole_manifest(path).get(
+        "extra", {}
+    )  # InstructMoLE: the experts plus their instruction router
+    if mode is not MixMode.NONE and not instruct:  # a MoLE file or the paper's files: gated, or at fixed weights
+        load_mole(denoiser, path, experts=given or None, strict_base=strict_base, gates=mode is MixMode.MOLE,
+                  replace=True)  # fmt: skip
+        if mode is MixMode.FIXED:  # experts not named get weight 0
+            names = mole_state(denoiser).expert_names
+            expert_weights = {name: 0.0 for name in names} | dict(expert_weights or {name: 1.0 for name in names})
         if expert_weights:
             set_expert_weights(denoiser, expert_weights)
         return pipe
-    if is_official_gate_file(path):  # the paper's release: the experts come as files, by name
-        experts = experts_by_name(given or None, str(path))
-        inject_mole(denoiser, [experts[n] for n in OFFICIAL_EXPERTS], MoLEConfig(gating="none"))
-    else:
-        manifest, tensors = read_mole_file(path)
-        check_base(denoiser, manifest, str(path), strict_base)
-        experts = embedded_experts(manifest, tensors, str(path))
-        names = [e["name"] for e in manifest["experts"]]
-        unknown = sorted({e.name for e in given} - set(names))
-        if unknown:
-            raise MoLEFileError(f"experts {unknown} were passed but {path} has experts {names}")
-        experts.update({e.name: e for e in given})
-        missing = [e["name"] for e in manifest["experts"] if e["name"] not in experts]
-        if missing:
-            raise MoLEFileError(
-                f"{path} does not embed experts {missing}; pass them as expert_files={{name: file}} (--expert)"
-            )
-        inject_mole(denoiser, list(experts.values()), MoLEConfig(gating="none"),
-                    backbone=Backbone(manifest["base_model"]["backbone"]))  # fmt: skip
-    weights = {name: 0.0 for name in experts}
-    weights.update(expert_weights or {name: 1.0 for name in experts})
-    set_expert_weights(denoiser, weights)
+    if has_mole(denoiser):
+        remove_mole(denoiser)
+    if instruct:
+        from ..instruct import InstructMoLE
+
+        pipe.mole_instruct = InstructMoLE.load(denoiser, path, strict_base=strict_base)
+        if expert_weights:
+            set_expert_weights(denoiser, expert_weights)
     return pipe
 
 

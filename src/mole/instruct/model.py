@@ -22,8 +22,10 @@ from torch import nn
 
 from ..config import GateInit, MoLEConfig
 from ..experts import ExpertWeights, KeyNaming
+from ..formats import MoLEFileError
+from ..formats.mole_file import read_mole_file
 from ..inject import expert_parameters, gate_parameters, inject_mole, mole_layers
-from ..io import MoLEFileError, load_mole, read_mole_file, save_mole
+from ..io import load_mole, save_mole
 from ..layers.lora import LoraPair
 from ..targets import target_modules
 from .conditions import ConditionTokens
