@@ -259,3 +259,41 @@ def test_weight_samples_reach_the_last_element_of_tensors_past_2_24():
     for n in [1, 2, 3, 7, 10, 1000, 65536, 4_194_304, 16_777_215]:
         for count in (4, 16):
             assert spaced_indices(n, count).tolist() == torch.linspace(0, n - 1, count).long().tolist(), (n, count)
+
+
+def test_replace_swaps_the_experts_and_a_failed_replace_keeps_the_model_as_it_was(tmp_path, sd15):
+    model, inputs = sd15
+    trained_like(model)
+    first = save_mole(model, tmp_path / "first.safetensors")
+    expected = out_of(model, inputs)
+    other = tiny_unet("sd15").eval()  # same architecture, other weights: another base
+    with torch.no_grad():
+        other.conv_in.weight.add_(1.0)
+    inject_mole(other, [random_expert(other, "feet", rank=2, seed=5)])
+    second = save_mole(other, tmp_path / "second.safetensors")
+    with pytest.raises(MoLEFileError, match="was injected with"):  # without replace: the model's experts stay
+        load_mole(model, tmp_path / "second.safetensors", strict_base=False)
+    with pytest.raises(MoLEFileError, match="weights of .* differ"):  # the base check fails before any change
+        load_mole(model, second, replace=True)
+    assert mole_state(model).expert_names == ["face", "hand"]
+    assert torch.equal(out_of(model, inputs), expected)
+    load_mole(model, second, replace=True, strict_base=False)
+    assert mole_state(model).expert_names == ["feet"]
+    load_mole(model, first, replace=True)
+    assert torch.equal(out_of(model, inputs), expected)
+
+
+def test_gates_false_loads_the_experts_at_weight_one_without_gates(tmp_path, sd15):
+    model, inputs = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "mole.safetensors")
+    plain = tiny_unet("sd15").eval()
+    base = out_of(plain, inputs)
+    load_mole(plain, path, gates=False)
+    state = mole_state(plain)
+    assert state.config.gating.value == "none" and state.expert_names == ["face", "hand"]
+    fixed = out_of(plain, inputs)
+    assert not torch.allclose(fixed, base)
+    reference = tiny_unet("sd15").eval()  # the same experts injected by hand without gates give the same output
+    inject_mole(reference, two_experts(reference, std=0.2), MoLEConfig(gating="none"))
+    assert torch.allclose(out_of(reference, inputs), fixed, atol=1e-6)
