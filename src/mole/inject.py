@@ -19,7 +19,7 @@ from .config import MoLEConfig
 from .experts import ExpertLoadError, ExpertWeights, KeyNaming, layers_fingerprint, validate_expert_name
 from .formats import MoLEFileError
 from .formats.kohya import sgm_to_diffusers
-from .layers import MoLELayer, check_wrappable, mole_layer_for
+from .layers import MoLELayer, check_wrappable, layer_dims, mole_layer_for
 from .layers.lora import LoraPair
 from .targets import INJECT_TARGETS, TARGETS, Backbone, compile_targets, detect_backbone, is_target
 
@@ -80,14 +80,6 @@ def resolve_layers(expert: ExpertWeights, model: nn.Module) -> dict[str, LoraPai
             )
         out[path] = pair
     return out
-
-
-def layer_dims(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a Linear, channels of a Conv2d; a wrapped layer's base is looked through."""
-    module = getattr(module, "base", module)
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels, module.out_channels
-    return module.in_features, module.out_features
 
 
 def _as_named(experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights]) -> list[ExpertWeights]:

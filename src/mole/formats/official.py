@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import MoLEConfig
 from ..experts import ExpertWeights
+from ..layers import layer_dims
 from . import MoLEFileError
 from .kohya import _layers_per_block, kohya_lookup, sgm_to_diffusers
 
@@ -122,17 +123,10 @@ def resolve_gate_layers(gates: Mapping[str, Mapping], model: nn.Module, source: 
     return out
 
 
-def _dims(module: nn.Module) -> tuple[int, int]:
-    module = getattr(module, "base", module)  # a layer already wrapped (the model is being re-injected)
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels, module.out_channels
-    return module.in_features, module.out_features
-
-
 def check_gate_shapes(gates: Mapping[str, Mapping], paths: Mapping[str, str], model: nn.Module, source: str) -> None:
     """Every gate tensor has the shape its layer needs (Phi_1: (2, d_in); the scales: (1, d_out))."""
     for flat, path in paths.items():
-        d_in, d_out = _dims(model.get_submodule(path))
+        d_in, d_out = layer_dims(model.get_submodule(path))  # a wrapped layer: its base
         want = {"Phi_1.weight": (2, d_in), "Phi_1.bias": (2,), "face_scale.weight": (1, d_out),
                 "face_scale.bias": (1,), "hand_scale.weight": (1, d_out), "hand_scale.bias": (1,)}  # fmt: skip
         for param, shape in want.items():

@@ -2,8 +2,8 @@
 
 from .gates import MoLEGates
 from .lora import LoraPair
-from .mole_layer import MoLELayer, check_wrappable, is_pointwise
+from .mole_layer import MoLELayer, check_wrappable, is_pointwise, layer_dims
 from .spatial import SpatialMoLELayer, mole_layer_for
 
 __all__ = ["LoraPair", "MoLEGates", "MoLELayer", "SpatialMoLELayer", "check_wrappable", "is_pointwise",
-           "mole_layer_for"]  # fmt: skip
+           "layer_dims", "mole_layer_for"]  # fmt: skip

@@ -42,6 +42,14 @@ def is_pointwise(module: nn.Module) -> bool:
     )
 
 
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear, channels of a Conv2d; a wrapped layer's base is looked through."""
+    module = getattr(module, "base", module)
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
+
+
 def check_wrappable(module: nn.Module, path: str) -> None:
     """Raise a ValueError naming `path` when `module` cannot be wrapped (Linear and ungrouped Conv2d can)."""
     if type(module) is nn.Conv2d:
