@@ -106,8 +106,8 @@ def check_mole_arg(path: str | None) -> None:
 def check_base_arg(base: str, flag: str = "--base") -> None:
     """A local base must be a diffusers pipeline folder or a single-file checkpoint; `mole-tiny` names the shipped
     model; anything else must look like a hub id (org/name)."""
-    from ..mole_tiny import is_mole_tiny
     from ..formats.ldm import SUFFIXES
+    from ..mole_tiny import is_mole_tiny
 
     if is_mole_tiny(base):
         return
