@@ -76,7 +76,7 @@ def test_caption_cleanup_and_truncation():
         assert truncate_caption("short one", tok) == ("short one", False)
 
 
-def test_several_caption_sources_and_a_warning_for_crops_without_one(tmp_path, caplog):
+def test_several_caption_sources_and_the_template_for_crops_without_one(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"hand0.jpg": "a hand from a", "hand1.jpg": ""}))
     b.write_text(json.dumps({"hand0.jpg": "a hand from b", "hand1.jpg": "a hand from b"}))
@@ -91,13 +91,17 @@ def test_several_caption_sources_and_a_warning_for_crops_without_one(tmp_path, c
     src.mkdir()
     for i, f in enumerate(HANDS[:4]):
         Image.open(f).save(src / f"hand{i}.jpg")
-    with caplog.at_level("WARNING"):
-        stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="hand",
-                                           size=64, captioner="sidecar", captions_json=[str(a)]))  # fmt: skip
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="hand",
+                                       size=64, captioner="sidecar", captions_json=[str(a)]))  # fmt: skip
     rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
-    empty = sum(not r["caption"] for r in rows)
-    assert stats["kept"] == len(rows) >= 3 and empty >= 2 and stats["without_caption"] == empty
-    assert f"{empty} of the crops kept in this run have no caption" in caplog.text
+    # the photos without a sidecar caption fall back to the mode's template, never to an empty caption
+    by_name = {Path(r["source"]).name: r for r in rows}
+    assert stats["kept"] == len(rows) >= 3 and stats["without_caption"] == 0 and all(r["caption"] for r in rows)
+    assert by_name["hand0.jpg"]["caption"] == "A hand from a" and by_name["hand0.jpg"]["caption_level"] == "photo"
+    fell_back = [r for n, r in by_name.items() if n != "hand0.jpg"]
+    assert fell_back and all(r["caption"] == "A close-up photo of a hand" and r["caption_source"] == "template"
+                             and r["caption_level"] == "crop" for r in fell_back)  # fmt: skip
+    assert stats["captions"] == {"sidecar_photo": 1, "template_crop": len(fell_back)}
 
 
 def test_sharpness_is_judged_at_the_source_resolution():
@@ -117,14 +121,14 @@ def test_a_changed_option_reprocesses_and_says_so(tmp_path, caplog):
         Image.open(f).save(src / f"hand{i}.jpg")
     opts = dict(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", part="hand", size=64)
     first = build_dataset(BuildOptions(**opts, min_sharpness=1e9))
-    assert first["kept"] == 0 and first["dropped"]["blurry_laplacian"] >= 2
+    assert first["kept"] == 0 and first["crops_dropped"]["blurry_laplacian"] >= 2
     same = build_dataset(BuildOptions(**opts, min_sharpness=1e9, workers=1))  # workers is not part of the key
     assert same["sources"] == 3 and "reprocessed_for_options" not in same
     with pytest.raises(OutputExistsError, match=r"min_sharpness: 1000000000.0 -> 0.*--overwrite"):
         build_dataset(BuildOptions(**opts, min_sharpness=0))  # never silently mixed or replaced
     with caplog.at_level("WARNING"):
         again = build_dataset(BuildOptions(**opts, min_sharpness=0, overwrite=True))
-    assert again["kept"] >= 2 and again["sources"] == 3 and "blurry_laplacian" not in again["dropped"]
+    assert again["kept"] >= 2 and again["sources"] == 3 and "blurry_laplacian" not in again["crops_dropped"]
     assert again["reprocessed_for_options"] == {"min_sharpness": [1e9, 0]}
     assert "min_sharpness: 1000000000.0 -> 0" in caplog.text and "re-processing every source" in caplog.text
     rows = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
@@ -142,7 +146,7 @@ def test_face_closeups_from_real_faces(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     from_faces = {r["source"] for r in rows if "face" in Path(r["source"]).name}
     assert len(from_faces) >= 6 and not any("hand" in Path(r["source"]).name for r in rows)
-    assert sum(stats["dropped"].values()) >= 1  # the hand photo yields no face crop (none found, or too small)
+    assert stats["sources_dropped"]  # the hand photo yields no face crop (none found, or too small)
     for r in rows:
         with Image.open(tmp_path / "out" / r["file"]) as im:
             assert im.size == (96, 96)
@@ -222,7 +226,7 @@ def test_scene_crops_keep_people_and_drop_empty_scenes(tmp_path):
     hit = sum(im["file_name"] in kept for im in big) / len(big)
     false = sum(im["file_name"] in kept for im in empty) / len(empty)
     assert hit >= 0.5 and false <= 0.3, (hit, false)
-    assert stats["dropped"]["no_person"] > 0
+    assert stats["crops_dropped"]["no_person"] > 0
     assert all(r["caption"] and "person_fraction" in r["scores"] and r["box"][2] - r["box"][0] <= 640 for r in rows)
 
 
@@ -250,7 +254,7 @@ def test_bad_inputs_are_counted_and_skipped(tmp_path):
     stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out"), mode="closeups", size=64,
                                        min_sharpness=0))  # fmt: skip
     assert stats["sources"] == 5
-    assert stats["dropped"]["unreadable"] == 2 and stats["dropped"]["tiny_source"] == 1
+    assert stats["sources_dropped"]["unreadable"] == 2 and stats["sources_dropped"]["tiny_source"] == 1
     kept = {Path(json.loads(x)["source"]).name for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()}
     assert kept <= {"cmyk.jpg", "deep16.png"} and len(kept) >= 1
 
@@ -324,7 +328,7 @@ def test_scene_windows_per_window_evidence_keep_people_drop_objects(tmp_path):
         if Path(d["source"]).name in objects:
             assert d["reason"] == "no_person" and d["scores"]["person_fraction"] < 0.03, d
             assert set(d["scores"]) >= {"pose", "pose_landmarks", "person_fraction", "face_confidence"}
-    assert stats["dropped"]["no_person"] == sum(d["reason"] == "no_person" for d in drops) >= 5
+    assert stats["crops_dropped"]["no_person"] == sum(d["reason"] == "no_person" for d in drops) >= 5
 
 
 def test_large_sources_are_cropped_at_the_window_and_downscaled_small_ones_hit_the_floor(tmp_path):
@@ -344,12 +348,12 @@ def test_large_sources_are_cropped_at_the_window_and_downscaled_small_ones_hit_t
         assert im.size == (512, 512)
     floor = [json.loads(x) for x in (tmp_path / "a" / "drops.jsonl").read_text().splitlines()]
     floor = [d for d in floor if d["reason"] == "upscale_floor"]
-    assert stats["dropped"]["upscale_floor"] == 2 == len(floor)  # the small source's two 300-px windows
+    assert stats["crops_dropped"]["upscale_floor"] == 2 == len(floor)  # the small source's two 300-px windows
     assert all(Path(d["source"]).name == "small.png" and d["scores"] == {"window_side": 300, "floor": 358}
                for d in floor)  # fmt: skip
     assert BuildOptions(out_dir=str(tmp_path / "c"), **opts).upscale_floor_px == 358  # whole pixels, not 358.4
     off = build_dataset(BuildOptions(out_dir=str(tmp_path / "b"), min_scale=0, **opts))
-    assert "upscale_floor" not in off["dropped"]
+    assert "upscale_floor" not in off["crops_dropped"]
     with pytest.raises(ValueError, match=r"min_scale=1.5.*between 0"):
         BuildOptions(source=str(src), out_dir=str(tmp_path / "c"), min_scale=1.5)
     with pytest.raises(ValueError, match=r"min_pose_presence=2"):
@@ -376,7 +380,7 @@ def test_scene_thresholds_from_the_cli(tmp_path, capsys):
             "--min-scale", "0.8", "--min-pose-presence", "0.9", "--min-person", "0.1", "--little-person", "0.2",
             "--min-face-confidence", "0.95", "--no-pose-tiles", "--min-person-agreement", "0.5",
             "--tile-landmarks", "30"]  # fmt: skip
-    assert main(args) == 0
+    assert main(args) == 1  # nothing kept: an error, not a silent success
     out = json.loads(capsys.readouterr().out)
     options = json.loads((tmp_path / "out" / "stats.json").read_text())["options"]
     assert {k: options[k] for k in ("min_scale", "min_pose_presence", "min_person", "little_person",
@@ -386,7 +390,7 @@ def test_scene_thresholds_from_the_cli(tmp_path, capsys):
         "min_face_confidence": 0.95, "pose_tiles": False, "min_person_agreement": 0.5,
         "tile_landmarks": 30}  # fmt: skip
     assert BuildOptions(source=str(src), out_dir=str(tmp_path / "d")).pose_tiles  # tiles are on by default
-    assert out["dropped"] == {"upscale_floor": 2} and out["kept"] == 0  # 375 < 0.8 x 512: the floor is the CLI's
+    assert out["crops_dropped"] == {"upscale_floor": 2} and out["kept"] == 0  # 375 < 0.8 x 512: the floor is the CLI's
 
 
 def test_person_agreement_is_the_share_of_the_pose_the_segmenter_confirms():
@@ -413,7 +417,7 @@ def test_unconfirmed_poses_are_dropped_and_tiles_find_the_big_person(tmp_path):
     379349's right window (16 % of it) and 107438's left (6 %); the person segmenter marks none of those pixels, so
     both are dropped as no_person with person_agreement < 0.2 in drops.jsonl. In 311002 the pose model picks a
     small person (2.6 % of the window) beside a big one (22 %): a 3/4 tile finds the big one (pose_from "tile",
-    >= 22 landmarks, confirmed); without tiles the photo yields nothing. 536038 is 358 px: at the floor, kept."""
+    confirmed by the segmenter and a face at its head); without tiles the photo yields nothing. 536038 is 358 px: at the floor, kept."""
     if not COCO.is_dir():
         pytest.skip("coco_mini missing")
     src = _coco_sources(tmp_path, ["000000379349.jpg", "000000107438.jpg", "000000311002.jpg", "000000536038.jpg"])
@@ -429,7 +433,8 @@ def test_unconfirmed_poses_are_dropped_and_tiles_find_the_big_person(tmp_path):
         assert d["reason"] == "no_person" and s["pose"] and s["person_fraction"] >= 0.03, d
         assert s["person_agreement"] < 0.2, d
     tiled = [r for r in rows if Path(r["source"]).name == "000000311002.jpg"]
-    assert tiled and all(r["scores"]["pose_from"] == "tile" and r["scores"]["pose_landmarks"] >= 22 for r in tiled)
+    assert tiled and all(r["scores"]["pose_from"] == "tile" and r["scores"]["pose_confirmed"] for r in tiled)
+    assert all(r["scores"]["head_face"] >= 0.5 and r["scores"]["person_rule"] == "pose+face" for r in tiled)
     assert all(r["scores"]["person_fraction"] >= 0.05 and r["scores"]["person_agreement"] >= 0.2 for r in tiled)
     small = [r for r in rows if Path(r["source"]).name == "000000536038.jpg"]
     assert small and all(r["box"][2] - r["box"][0] == 358 for r in small)

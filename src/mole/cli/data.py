@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 
@@ -28,8 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     scenes.add_argument("--pose-tiles", action=argparse.BooleanOptionalAction, default=True,
                         help="search the four 3/4 tiles of a window without a confirmed big pose (default on; "
                         "--no-pose-tiles: the window alone)")
-    scenes.add_argument("--tile-landmarks", type=int, default=22,
-                        help="visible landmarks (of 33) a pose found in a tile needs (default 22)")
+    scenes.add_argument("--tile-landmarks", type=int, default=0,
+                        help="visible landmarks (of 33) a pose found in a tile needs (default 0: the head-face and "
+                        "segmenter checks decide)")
+    scenes.add_argument("--min-head-face", type=float, default=0.5,
+                        help="face confidence a pose needs at its head to count as a person (default 0.5; poses found "
+                        "on animals, vases and food have none; 0: the segmenter check alone)")
     close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
     _data_args(close)
     close.add_argument("--part", choices=["face", "hand"], default="face")
@@ -52,7 +57,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blur-filter", help="a BlurNet from `mole data train-filter`")
     p.add_argument("--min-blur-score", type=float, default=0.5)
     p.add_argument("--captioner", action="append",
-                   help="template:<text with {part}> | sidecar | hf:<model>; repeat for several (first caption wins)")
+                   help="template:<text with {part}> | sidecar | hf:<model> (a vision-language model per crop, the "
+                   "paper's path); repeat for several (first caption wins); the mode's template ('a photo of a "
+                   "person', 'a close-up photo of a face') is the default and always the last resort")
     p.add_argument("--captions-json", action="append",
                    help="for sidecar: COCO captions json or {file name: caption}; repeat for several")
     p.add_argument("--caption-prompt", help="prompt for hf: captioners that take one ('paper': the paper's "
@@ -64,10 +71,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    "face close-ups, else 0.5)")
     p.add_argument("--min-face-confidence", type=float, default=0.8,
                    help="scenes: a face this confident marks a window as holding a person (default 0.8)")
-    p.add_argument("--min-scale", type=float, default=0.7,
+    p.add_argument("--min-scale", type=float,
                    help="upscale floor: windows / crops whose source side is below MIN_SCALE x --size are dropped "
-                   "('upscale_floor'), never upscaled more than 1/MIN_SCALE (default 0.7: at most 1.43x, so a 375-px "
-                   "window still makes a 512 crop); larger ones are downscaled (a 1024 window -> 512); 0: any upscale")
+                   "('upscale_floor'), never upscaled more than 1/MIN_SCALE; larger ones are downscaled (a 1024 "
+                   "window -> 512); 0: any upscale. Default 0.7 for scenes (at most 1.43x), 0.15 for close-ups "
+                   "(small sharp close-ups such as 92-px ORL faces are kept; blur is judged at the source size)")
+    p.add_argument("--max-overlap", type=float, default=0.5,
+                   help="no two kept crops of one photo overlap by more than this IoU (default 0.5; 1: off)")
     p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
     p.add_argument("--min-clip", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -79,21 +89,27 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from ..data.build import BuildOptions, build_dataset
 
-    default_caption = "template:a close-up photo of a {part}" if args.data_command == "closeups" else "sidecar"
     # options only one of the two subcommands has (scenes: window, pose thresholds; closeups: part, margin): the
     # other takes BuildOptions' defaults
     mode_only = {k: getattr(args, k) for k in ("part", "margin", "window", "stride", "min_pose_presence",
                                                "min_person", "little_person", "pose_tiles", "min_person_agreement",
-                                               "tile_landmarks") if hasattr(args, k)}  # fmt: skip
+                                               "tile_landmarks", "min_head_face") if hasattr(args, k)}  # fmt: skip
     stats = build_dataset(BuildOptions(
         source=args.source, out_dir=args.out, mode=args.data_command, size=args.size,
         min_sharpness=args.min_sharpness, blur_filter=args.blur_filter, min_blur_score=args.min_blur_score,
-        captioner=args.captioner or default_caption, captions_json=args.captions_json, tokenizer=args.tokenizer,
+        captioner=args.captioner, captions_json=args.captions_json, tokenizer=args.tokenizer,
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
-        min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite, **mode_only,
+        min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite,
+        max_overlap=args.max_overlap, **mode_only,
     ))  # fmt: skip
-    print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
+    from ..data.build import nothing_kept_message
+
+    message = nothing_kept_message(stats, args.out)
+    if message:
+        logging.getLogger("mole").error(message)
+        return 1
     return 0
 
 

@@ -33,11 +33,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from .captions import build_captioner, clean_caption, truncate_caption
+from .captions import build_captioners, caption_crop, clean_caption, truncate_caption
 from .dataset import IMAGE_EXTS, load_rgb
-from .detect import Detector, sliding_windows, square_crop_box, window_evidence
+from .detect import Box, Detector, sliding_windows, square_crop_box, window_evidence
 from .quality import BlurFilter, DuplicateIndex, laplacian_variance, phash
 
 logger = logging.getLogger(__name__)
@@ -58,32 +59,47 @@ class BuildOptions:
     min_source_side: int = 64  # smaller sources are skipped as "tiny"
     min_crop_side: int = 64  # crops smaller than this (before resizing) are dropped
     # never upscale past this: a window / crop whose source side is < min_scale x size is dropped ("upscale_floor");
-    # larger ones are downscaled (a 1024 window -> 512). The floor is in whole pixels, round(min_scale x size):
-    # 358 px for 0.7 x 512 (upscale_floor_px)
-    min_scale: float = 0.7
+    # larger ones are downscaled (a 1024 window -> 512). The floor is in whole pixels, round(min_scale x size).
+    # None: 0.7 for scenes (358 px at 512: a scene window is a small part of a photo, upscaling it blurs people)
+    # and 0.15 for close-ups (77 px at 512, 38 at 256, so min_crop_side, 64 px, decides): close-up sets are small,
+    # sharp, single-subject images (ORL faces are 92 x 112, 11k Hands 180 px); a sharp small face upscaled to the
+    # training size is fine, a blurred one is dropped by min_sharpness, judged at the source resolution
+    min_scale: float | None = None
     # detector confidence floor; None: 0.8 for face close-ups (on COCO every face found at >= 0.8 was a human face,
     # at 0.5 only 12 of 30 were), 0.5 otherwise
     min_confidence: float | None = None
-    # scenes, judged per window on the window itself: a window has a person when a pose is found in it (pose
-    # presence >= min_pose_presence) whose person mask covers >= min_person of it, or it holds a face detected with
-    # >= min_face_confidence. "Little person": the posed person covers < little_person of the window and no
-    # confident face of >= min_face of the window side is in it (bench/data_quality.py --only scenes).
-    # A pose counts only when the person segmenter (an independent model) also marks >= min_person_agreement of
-    # its pixels as person (poses found where no person is sit on background). pose_tiles: a window without a
-    # confirmed big pose is searched again in its four 3/4 tiles; a tile's pose counts when it is a confirmed
-    # person of >= little_person of the window with >= tile_landmarks visible landmarks
+    # scenes, judged per window on the window's source pixels (seen by the detectors at detect_side, never at the
+    # output size: --size changes only the saved image). A window has a person when
+    #   pose+face: a pose is found in it (pose presence >= min_pose_presence) whose person mask covers >= min_person
+    #     of it, the person segmenter (an independent model) marks >= min_person_agreement of that mask as person,
+    #     and a face is found at the pose's head (>= min_head_face): poses found on cats, bears, vases, hydrants or
+    #     food have no human face where their head would be;
+    #   face: a face of >= min_face_confidence whose box the segmenter marks as person on >= min_face_segmenter.
+    # "Little person": the posed person covers < little_person of the window and no such face of >= min_face of the
+    # window side is in it. pose_tiles: a window without a confirmed pose of >= little_person is searched again in
+    # its four 3/4 tiles; a tile's pose counts when it is confirmed the same way, covers >= little_person of the
+    # window and shows >= tile_landmarks visible landmarks (bench/data_quality.py --only scenes)
+    detect_side: int = 512
     min_person: float = 0.03
     min_pose_presence: float = 0.8
     min_face_confidence: float = 0.8
+    min_face_segmenter: float = 0.3
+    min_head_face: float = 0.5
     little_person: float = 0.05
     min_face: float = 0.06
     min_person_agreement: float = 0.2
     pose_tiles: bool = True
-    tile_landmarks: int = 22
+    tile_landmarks: int = 0
+    # no two kept crops of one source image overlap by more than this IoU (the crop with the most person / the most
+    # confident detection is kept, the other dropped as "overlap"); 1 disables
+    max_overlap: float = 0.5
     min_sharpness: float = 30.0  # variance of the Laplacian (0 disables)
     blur_filter: str | None = None  # a trained BlurNet (safetensors)
     min_blur_score: float = 0.5
-    captioner: str | list = "template:a photo of a {part}"  # template:..., sidecar, hf:<model>; a list: first wins
+    # template:..., sidecar, hf:<model>; a list: the first that gives a caption wins. None: the mode's template
+    # (default_template). Whatever is given, the mode's template ends the chain, so no crop is left without a caption
+    # (the manifest's caption_source says which one wrote it)
+    captioner: str | list | None = None
     captions_json: str | list | None = None  # one or several (COCO captions json or {file name: caption})
     caption_prompt: str | None = None  # for hf: captioners that take a prompt (captions.PAPER_CAPTION_PROMPT)
     # a CLIP tokenizer folder (vocab.json + merges.txt) for truncation; "auto": the real CLIP tokenizer when one is
@@ -104,18 +120,32 @@ class BuildOptions:
             raise ValueError(f"part={self.part!r}: close-ups are of a face or a hand")
         if self.size < 8 or self.window < 8 or self.stride < 1:
             raise ValueError(f"size={self.size}, window={self.window}, stride={self.stride}: too small")
+        if self.min_scale is None:
+            self.min_scale = 0.7 if self.mode == "scenes" else 0.15
+        if self.captioner is None:
+            self.captioner = self.default_template
         if not 0 <= self.min_scale <= 1:
             raise ValueError(f"min_scale={self.min_scale}: the smallest source side as a fraction of size (0.75: "
                              "upscale at most 1.33x), between 0 (any upscale) and 1 (never upscale)")  # fmt: skip
         if self.min_confidence is None:
             self.min_confidence = 0.8 if self.mode == "closeups" and self.part == "face" else 0.5
-        for name in ("min_confidence", "min_face_confidence", "min_pose_presence", "min_person_agreement"):
+        if self.detect_side < 64:
+            raise ValueError(f"detect_side={self.detect_side}: the detectors need at least 64 px (default 512)")
+        for name in ("min_confidence", "min_face_confidence", "min_pose_presence", "min_person_agreement",
+                     "min_head_face", "min_face_segmenter", "max_overlap"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)}: confidences and shares are between 0 and 1")
         if not 0 <= self.tile_landmarks <= 33:
             raise ValueError(f"tile_landmarks={self.tile_landmarks}: the pose model has 33 landmarks; use 0 to 33")
         if not Path(self.source).is_dir():
             raise FileNotFoundError(f"source {self.source} is not a folder of images")
+
+    @property
+    def default_template(self) -> str:
+        """The caption every crop falls back to: what the crop shows."""
+        if self.mode == "scenes":
+            return "template:a photo of a person"
+        return f"template:a close-up photo of a {self.part}"
 
     @property
     def upscale_floor_px(self) -> int:
@@ -135,8 +165,55 @@ def _init_worker(opts: BuildOptions) -> None:
     _BLUR = BlurFilter.load(opts.blur_filter) if opts.blur_filter else None
 
 
+def _judge_window(scores: dict, opts: BuildOptions) -> tuple[str | None, str | None]:
+    """(drop reason or None, the rule that found the person: "pose+face" or "face") for one window's evidence."""
+    posed = scores["pose_confirmed"]
+    person = scores["person_fraction"] if posed else 0.0
+    faced = (scores["face_confidence"] >= opts.min_face_confidence
+             and scores.get("face_segmenter", 1.0) >= opts.min_face_segmenter)  # fmt: skip
+    if not ((posed and person >= opts.min_person) or faced):
+        return "no_person", None
+    if person < opts.little_person and (not faced or scores["face_fraction"] < opts.min_face):
+        return "little_person", None
+    return None, ("pose+face" if posed and person >= opts.min_person else "face")
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
+def _closeup_detections(image: Image.Image, part: str) -> tuple[list, bool]:
+    """Face / hand boxes in source pixels, and whether they came from the padded retry: a close-up whose subject
+    fills the frame (a hand photo, a tight face crop) is often missed by detectors trained on subjects with room
+    around them; when nothing is found, the image is searched again inside a border of 1/4 of its longer side in
+    its median edge colour, and the boxes are mapped back and clipped to the image."""
+    det = _DETECTOR(image)
+    found = det.faces if part == "face" else det.hands
+    if found:
+        return found, False
+    w, h = image.size
+    pad = max(w, h) // 4
+    arr = np.asarray(image)
+    edge = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    canvas = Image.new("RGB", (w + 2 * pad, h + 2 * pad), tuple(int(v) for v in np.median(edge, axis=0)))
+    canvas.paste(image, (pad, pad))
+    det = _DETECTOR(canvas)
+    found = det.faces if part == "face" else det.hands
+    out = []
+    for b in found:
+        box = Box(max(0.0, b.x0 - pad), max(0.0, b.y0 - pad), min(float(w), b.x1 - pad), min(float(h), b.y1 - pad),
+                  b.score)  # fmt: skip
+        if box.x1 - box.x0 > 0 and box.y1 - box.y0 > 0:
+            out.append(box)
+    return out, True
+
+
 def _process(args: tuple[str, BuildOptions]) -> dict:
-    """One source image -> {"source", "crops": [(file, record)], "drops": Counter, "status"}."""
+    """One source image -> {"source", "crops": [(file, record)], "crop_drops": Counter (per crop / window),
+    "source_drop": a reason when the source yields no candidate at all (per source image), "rejected", "status"}."""
     src, opts = args
     path = Path(src)
     drops: Counter = Counter()
@@ -147,48 +224,45 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
         if box is not None:
             rejected.append({"box": list(box), "reason": reason, "scores": scores or {}})
 
+    def done(status: str, source_drop: str | None = None, crops: list | None = None) -> dict:
+        return {"source": src, "crops": crops or [], "crop_drops": dict(drops), "source_drop": source_drop,
+                "rejected": rejected, "status": status}  # fmt: skip
+
     try:
         image = load_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        return {"source": src, "crops": [], "drops": {"unreadable": 1}, "status": f"unreadable: {exc}"}
+        return done(f"unreadable: {exc}", "unreadable")
     w, h = image.size
     if min(w, h) < opts.min_source_side:
-        return {"source": src, "crops": [], "drops": {"tiny_source": 1}, "status": "tiny"}
-    candidates = []
+        return done("tiny", "tiny_source")
+    candidates = []  # (box, scores, rank): rank orders overlapping crops (the larger is kept)
     if opts.mode == "scenes":
         for box in sliding_windows(w, h, opts.window, opts.stride):
             side = box[2] - box[0]
             if side < opts.upscale_floor_px:  # before detection: these are never kept
                 reject("upscale_floor", box, {"window_side": side, "floor": opts.upscale_floor_px})
                 continue
-            window = image.crop(box)
-            if side > opts.size:  # detect on what will be kept: the window downscaled to the output size
-                window = window.resize((opts.size, opts.size), Image.Resampling.LANCZOS)
-            scores = window_evidence(_DETECTOR, window, tiles=opts.pose_tiles, little=opts.little_person,
-                                     tile_landmarks=opts.tile_landmarks, min_agreement=opts.min_person_agreement)
-            # an unconfirmed pose (the segmenter sees background where it stands) is no evidence of a person
-            posed = scores["pose"] and scores["person_agreement"] >= opts.min_person_agreement
-            person, face = (scores["person_fraction"] if posed else 0.0), scores["face_fraction"]
-            faced = scores["face_confidence"] >= opts.min_face_confidence
-            if not ((posed and person >= opts.min_person) or faced):
-                reject("no_person", box, scores)
-            elif person < opts.little_person and (not faced or face < opts.min_face):
-                reject("little_person", box, scores)
+            # the window's source pixels: the detectors see it at detect_side, whatever --size is
+            scores = window_evidence(_DETECTOR, image.crop(box), tiles=opts.pose_tiles, little=opts.little_person,
+                                     tile_landmarks=opts.tile_landmarks, min_agreement=opts.min_person_agreement,
+                                     min_head_face=opts.min_head_face, detect_side=opts.detect_side)  # fmt: skip
+            reason, rule = _judge_window(scores, opts)
+            if reason:
+                reject(reason, box, scores)
             else:
-                candidates.append((box, scores))
+                scores["person_rule"] = rule
+                candidates.append((box, scores, (scores["person_fraction"], scores["face_confidence"])))
     else:
-        det = _DETECTOR(image)
-        found = det.faces if opts.part == "face" else det.hands
+        found, padded = _closeup_detections(image, opts.part)
         if not found:
-            drops[f"no_{opts.part}"] += 1
+            return done("ok", f"no_{opts.part}")
         for b in found:
             box = square_crop_box(b, opts.margin, w, h)
             scores = {"detection_confidence": round(float(b.score), 4), "detection_box": [round(v) for v in
-                      (b.x0, b.y0, b.x1, b.y1)]}  # fmt: skip
-            candidates.append((box, scores))
-    crops = []
-    out = Path(opts.out_dir) / "images"
-    for k, (box, scores) in enumerate(candidates):
+                      (b.x0, b.y0, b.x1, b.y1)], "detected_padded": padded}  # fmt: skip
+            candidates.append((box, scores, (float(b.score),)))
+    passed = []
+    for box, scores, rank in candidates:
         if box[2] - box[0] < opts.min_crop_side:
             reject("small_crop", box, scores)
             continue
@@ -196,24 +270,35 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
             reject("upscale_floor", box, scores)
             continue
         source_crop = image.crop(box)
-        crop = source_crop.resize((opts.size, opts.size), Image.Resampling.LANCZOS)
         sharp = laplacian_variance(source_crop, size=None)  # at the source resolution, not after the resize
         scores["sharpness"] = round(sharp, 2)
         if opts.min_sharpness and sharp < opts.min_sharpness:
             reject("blurry_laplacian", box, scores)
             continue
+        crop = source_crop.resize((opts.size, opts.size), Image.Resampling.LANCZOS)
         if _BLUR is not None:
             scores["blur_cnn"] = round(_BLUR.score([crop])[0], 4)
             if scores["blur_cnn"] < opts.min_blur_score:
                 reject("blurry_cnn", box, scores)
                 continue
+        passed.append((box, scores, rank, crop))
+    # distinct crops: the best-ranked first; any later one overlapping a kept one by IoU > max_overlap is dropped
+    kept: list = []
+    for box, scores, rank, crop in sorted(passed, key=lambda c: c[2], reverse=True):
+        near = max((_iou(box, k[0]) for k in kept), default=0.0)
+        if near > opts.max_overlap:
+            reject("overlap", box, {**scores, "iou_with_kept": round(near, 4)})
+            continue
+        kept.append((box, scores, rank, crop))
+    crops = []
+    out = Path(opts.out_dir) / "images"
+    for k, (box, scores, _, crop) in enumerate(sorted(kept, key=lambda c: (c[0][1], c[0][0]))):
         name = f"{path.stem}_{hashlib.md5(src.encode()).hexdigest()[:8]}_{k:02d}.png"
         out.mkdir(parents=True, exist_ok=True)
         crop.save(out / name)
-        crops.append(
-            (name, {"box": list(box), "scores": scores, "source_size": [w, h], "phash": f"{phash(crop):016x}"})
-        )
-    return {"source": src, "crops": crops, "drops": dict(drops), "rejected": rejected, "status": "ok"}
+        crops.append((name, {"box": list(box), "scores": scores, "source_size": [w, h],
+                             "phash": f"{phash(crop):016x}"}))  # fmt: skip
+    return done("ok", None, crops)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -321,8 +406,9 @@ def build_dataset(opts: BuildOptions) -> dict:
         logger.info("the output folder %s is inside the source folder: its files are not read as sources", out)
 
     todo = [s for s in sources if s not in done]
-    captioner = build_captioner(opts.captioner, part=opts.part if opts.mode == "closeups" else "person",
-                                captions_json=opts.captions_json, prompt=opts.caption_prompt)  # fmt: skip
+    captioners = build_captioners(opts.captioner, opts.default_template,
+                                  part=opts.part if opts.mode == "closeups" else "person",
+                                  captions_json=opts.captions_json, prompt=opts.caption_prompt)  # fmt: skip
     tokenizer = None
     if opts.tokenizer == "auto":
         from .captions import find_clip_tokenizer
@@ -339,7 +425,7 @@ def build_dataset(opts: BuildOptions) -> dict:
         from ..eval.metrics import CLIPScore
 
         clip = CLIPScore(opts.clip_filter)
-    needs_pixels = clip is not None or getattr(captioner, "needs_image", True)
+    needs_pixels = clip is not None or any(getattr(c, "needs_image", True) for c in captioners)
     stats = _load_stats(out)
     if changed:
         stats["reprocessed_for_options"] = changed
@@ -360,16 +446,18 @@ def build_dataset(opts: BuildOptions) -> dict:
             stats["sources"] += 1
             for r in res.get("rejected", ()):
                 df.write(json.dumps({"source": res["source"], **r}) + "\n")
-            for k, v in res["drops"].items():
-                stats["dropped"][k] = stats["dropped"].get(k, 0) + v
+            _count(stats["crops_dropped"], res["crop_drops"])
+            stats["crops_considered"] += sum(res["crop_drops"].values()) + len(res["crops"])
+            kept_here = 0
             for name, rec in res["crops"]:
                 img_path = out / "images" / name
                 if not dedupe.add_if_new(int(rec["phash"], 16)):
                     img_path.unlink(missing_ok=True)
-                    stats["dropped"]["duplicate"] = stats["dropped"].get("duplicate", 0) + 1
+                    _count(stats["crops_dropped"], {"duplicate": 1})
                     continue
                 crop = Image.open(img_path).convert("RGB") if needs_pixels else None  # the worker wrote it
-                raw = captioner(crop, Path(res["source"]))
+                raw, by, level = caption_crop(captioners, crop, Path(res["source"]),
+                                              about_a_person=opts.mode == "scenes")  # fmt: skip
                 caption, cut = truncate_caption(clean_caption(raw), tokenizer, opts.max_tokens)
                 if not caption:
                     no_caption.append(name)
@@ -377,17 +465,26 @@ def build_dataset(opts: BuildOptions) -> dict:
                     rec["scores"]["clip"] = round(clip.score([crop], [caption])["clip_score"][0], 3)
                 if clip is not None and rec["scores"]["clip"] < opts.min_clip:
                     img_path.unlink(missing_ok=True)
-                    stats["dropped"]["low_clip"] = stats["dropped"].get("low_clip", 0) + 1
+                    _count(stats["crops_dropped"], {"low_clip": 1})
                     continue
                 row = {"file": f"images/{name}", "caption": caption, "raw_caption": raw, "caption_truncated": cut,
-                       "source": res["source"], **rec, "size": opts.size, "mode": opts.mode}  # fmt: skip
+                       "caption_source": by, "caption_level": level, "source": res["source"], **rec,
+                       "size": opts.size, "mode": opts.mode}  # fmt: skip
                 mf.write(json.dumps(row) + "\n")
                 img_path.with_suffix(".txt").write_text(caption)
                 stats["kept"] += 1
+                kept_here += 1
+                _count(stats["captions"], {f"{by}_{level}" if by else "none": 1})
                 side = rec["box"][2] - rec["box"][0]
                 bucket = f"{2 ** (max(side, 1).bit_length() - 1)}-{2 ** max(side, 1).bit_length() - 1}"
                 stats["crop_side_histogram"][bucket] = stats["crop_side_histogram"].get(bucket, 0) + 1
-            sf.write(json.dumps({"source": res["source"], "status": res["status"], "crops": len(res["crops"]),
+            if res["source_drop"]:
+                _count(stats["sources_dropped"], {res["source_drop"]: 1})
+            elif kept_here:
+                stats["sources_with_crops"] += 1
+            else:  # it had candidates, and every one was dropped (the reasons are in crops_dropped)
+                _count(stats["sources_dropped"], {"every_crop_dropped": 1})
+            sf.write(json.dumps({"source": res["source"], "status": res["status"], "crops": kept_here,
                                  "options_key": key}) + "\n")  # fmt: skip
             mf.flush()
             df.flush()
@@ -397,9 +494,8 @@ def build_dataset(opts: BuildOptions) -> dict:
     stats["seconds"] += round(time.perf_counter() - t0, 2)
     stats["without_caption"] = stats.get("without_caption", 0) + len(no_caption)
     if no_caption:
-        logger.warning("%d of the crops kept in this run have no caption (e.g. %s): give another caption source "
-                       "(--captions-json, several allowed, or --captioner hf:...)", len(no_caption),
-                       ", ".join(no_caption[:3]))  # fmt: skip
+        logger.warning("%d of the crops kept in this run have no caption (e.g. %s): the captioners gave none, not "
+                       "even the template", len(no_caption), ", ".join(no_caption[:3]))  # fmt: skip
     stats["options"] = asdict(opts)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     if opts.shard_size > 0:
@@ -407,14 +503,49 @@ def build_dataset(opts: BuildOptions) -> dict:
     return stats
 
 
+STATS_DOC = {
+    "sources": "source images read",
+    "sources_with_crops": "source images with >= 1 kept crop",
+    "sources_dropped": "source images with no kept crop, by reason (unreadable, tiny_source, no_face / no_hand: "
+                       "nothing detected, every_crop_dropped: see crops_dropped); these and sources_with_crops add "
+                       "up to sources",
+    "crops_considered": "crops (scene windows, close-up detections) looked at",
+    "kept": "crops kept",
+    "crops_dropped": "crops dropped, by reason (no_person, little_person, upscale_floor, small_crop, "
+                     "blurry_laplacian, blurry_cnn, overlap, duplicate, low_clip); these and kept add up to "
+                     "crops_considered",
+    "captions": "kept crops by captioner and level (template_crop, hf_crop, sidecar_photo)",
+}
+
+
+def _count(into: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v
+
+
 def _load_stats(out: Path) -> dict:
     path = out / "stats.json"
+    fresh = {"units": STATS_DOC, "sources": 0, "sources_with_crops": 0, "sources_dropped": {}, "crops_considered": 0,
+             "kept": 0, "crops_dropped": {}, "captions": {}, "crop_side_histogram": {}, "seconds": 0.0}  # fmt: skip
     if path.is_file():
         s = json.loads(path.read_text())
         s.pop("options", None)
         s.pop("shards", None)
-        return s
-    return {"sources": 0, "kept": 0, "dropped": {}, "crop_side_histogram": {}, "seconds": 0.0}
+        s.pop("dropped", None)  # an older build's mixed-unit counts: not carried into the new ones
+        return {**fresh, **s, "units": STATS_DOC}
+    return fresh
+
+
+def nothing_kept_message(stats: dict, out_dir: str | Path) -> str | None:
+    """A one-line error when the build in `out_dir` holds no crop at all (the CLI exits 1 with it), naming the main
+    reasons; None when its manifest has rows (a resumed build that added none this time is fine)."""
+    manifest = Path(out_dir) / "manifest.jsonl"
+    if stats.get("kept", 0) or (manifest.is_file() and manifest.read_text().strip()):
+        return None
+    why = sorted({**stats.get("sources_dropped", {}), **stats.get("crops_dropped", {})}.items(), key=lambda kv: -kv[1])
+    reasons = ", ".join(f"{k} {v}" for k, v in why[:4]) or "no source images found"
+    return (f"mole data: no crop kept from {stats.get('sources', 0)} source images ({reasons}); see drops.jsonl and "
+            "docs/data.md for the options that decide (e.g. --min-scale, --min-sharpness)")
 
 
 def write_shards(out: Path, shard_size: int) -> list[str]:

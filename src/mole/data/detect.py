@@ -128,14 +128,17 @@ def detect_faces(models, arr: np.ndarray, min_confidence: float) -> list[Box]:
     return found
 
 
-def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, np.ndarray] | None:
-    """(visible landmarks, the posed person's mask as bools) or None when no pose passes the presence floor."""
+def _pose(detector: Detector, arr: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(visible landmarks, the posed person's mask as bools, (33, 2) landmark x, y in pixels of `arr`) or None when
+    no pose passes the presence floor."""
     res = detector.pose.process(np.ascontiguousarray(arr))
     if res.pose_landmarks is None:
         return None
+    h, w = arr.shape[:2]
     mask = res.segmentation_mask
     visible = sum(lm.visibility > 0.5 for lm in res.pose_landmarks.landmark)
-    return visible, (mask > 0.5) if mask is not None else np.zeros(arr.shape[:2], dtype=bool)
+    points = np.array([(lm.x * w, lm.y * h) for lm in res.pose_landmarks.landmark])
+    return visible, (mask > 0.5) if mask is not None else np.zeros(arr.shape[:2], dtype=bool), points
 
 
 def person_agreement(pose_mask: np.ndarray, segmenter_mask: np.ndarray | None) -> float:
@@ -148,55 +151,101 @@ def person_agreement(pose_mask: np.ndarray, segmenter_mask: np.ndarray | None) -
     return float((pose_mask & segmenter_mask).sum() / n) if n else 0.0
 
 
-def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05,
-                    tile_landmarks: int = 22, min_agreement: float = 0.2) -> dict:  # fmt: skip
-    """Person evidence for one scene window, from detectors run on the window itself (not the whole photo):
-    pose (a pose found in the window), pose_landmarks (how many of the 33 are visible), person_fraction (pixels of
-    the posed person, from the pose model's own mask, as a fraction of the window), person_agreement (the share of
-    those pixels the person segmenter also marks, `person_agreement()`; 1.0 without a segmenter),
-    segmenter_fraction (the segmenter's person pixels in the window), pose_from ("window" or "tile"),
-    face_confidence and face_fraction (the most confident face, its side as a fraction of the window side).
+HEAD_SIDE = 128  # the head crop is resized to this side before the face detectors see it (a fixed resolution)
 
-    With `tiles`, a window whose own pose is missing, unconfirmed (agreement < `min_agreement`) or covers <
-    `little` is searched again in its four overlapping 3/4 tiles (the pose model finds one person, the most
-    prominent: a big person beside a small one, a cut-off body). A tile's pose replaces the window's only when it
-    is a big, well-seen, confirmed person: >= `little` of the window, >= `tile_landmarks` visible landmarks and
-    agreement >= `min_agreement` (tiles alone found poses on objects: bench/RESULTS.md)."""
+
+def head_face(detector: Detector, image: Image.Image, points: np.ndarray) -> float:
+    """The face detectors' confidence for a face at a pose's head: a square around the nose landmark (half side 2.2 x
+    the larger of the head landmarks' extent and half the shoulder width), cut from `image` (the source pixels that
+    `points` are in), resized to HEAD_SIDE; the most confident face whose box holds the nose. 0.0 when none: poses
+    on animals, vases and food have no human face where their head would be (bench/RESULTS.md, issue 22)."""
+    head, shoulders = points[:11], points[11:13]
+    cx, cy = head[0]
+    half = 2.2 * max(float(np.ptp(head[:, 0])), float(np.ptp(head[:, 1])),
+                     0.5 * float(np.linalg.norm(shoulders[0] - shoulders[1])), 8.0)  # fmt: skip
+    box = (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
+    side = box[2] - box[0]
+    crop = image.crop(box).resize((HEAD_SIDE, HEAD_SIDE), Image.Resampling.LANCZOS)  # outside the image: black
+    nx, ny = (cx - box[0]) / side * HEAD_SIDE, (cy - box[1]) / side * HEAD_SIDE
+    faces = detect_faces(detector.faces, np.ascontiguousarray(np.asarray(crop)), detector.min_confidence)
+    return max((f.score for f in faces if f.x0 <= nx <= f.x1 and f.y0 <= ny <= f.y1), default=0.0)
+
+
+def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05,
+                    tile_landmarks: int = 0, min_agreement: float = 0.2, min_head_face: float = 0.5,
+                    detect_side: int = 512) -> dict:  # fmt: skip
+    """Person evidence for one scene window, from detectors run on the window itself (not the whole photo), given
+    at its source pixels: the segmenter, pose and face models see it at `detect_side` (downscaled when larger, never
+    upscaled: the output size plays no part), the head check sees the source pixels.
+
+    pose (a pose found), pose_landmarks (how many of the 33 are visible), person_fraction (pixels of the posed
+    person, from the pose model's own mask, as a fraction of the window), person_agreement (the share of those
+    pixels the person segmenter also marks, `person_agreement()`; 1.0 without a segmenter), head_face (a face at
+    the pose's head, `head_face()`), pose_confirmed (agreement >= `min_agreement` and head_face >=
+    `min_head_face`: the pose is a person's, not an animal's, a vase's or food's), segmenter_fraction (the
+    segmenter's person pixels in the window), pose_from ("window" or "tile"), face_confidence, face_fraction (the
+    most confident face, its side as a fraction of the window side) and face_segmenter (the share of its box the
+    segmenter marks as person).
+
+    With `tiles`, a window whose own pose is missing, unconfirmed or covers < `little` is searched again in its four
+    overlapping 3/4 tiles (the pose model finds one person, the most prominent: a big person beside a small one, a
+    cut-off body). A tile's pose replaces the window's when it is confirmed, covers >= `little` of the window and
+    shows >= `tile_landmarks` visible landmarks."""
     from ..native_logs import quiet_native_stderr
 
-    arr = np.ascontiguousarray(np.asarray(window.convert("RGB")))
+    src = window.convert("RGB")
+    det_img = src.resize((detect_side, detect_side), Image.Resampling.LANCZOS) if src.width > detect_side else src
+    arr = np.ascontiguousarray(np.asarray(det_img))
     h, w = arr.shape[:2]
-    ev = {"pose": False, "pose_landmarks": 0, "person_fraction": 0.0, "person_agreement": 0.0,
-          "segmenter_fraction": 0.0, "pose_from": None, "face_confidence": 0.0, "face_fraction": 0.0}  # fmt: skip
+    to_src = src.width / w
+    ev = {"pose": False, "pose_landmarks": 0, "person_fraction": 0.0, "person_agreement": 0.0, "head_face": 0.0,
+          "pose_confirmed": False, "segmenter_fraction": 0.0, "pose_from": None, "face_confidence": 0.0,
+          "face_fraction": 0.0, "face_segmenter": 0.0}  # fmt: skip
     with quiet_native_stderr():
         seg = None
         if detector.person is not None:
             seg = detector.person.process(arr).segmentation_mask > 0.5
             ev["segmenter_fraction"] = round(float(seg.mean()), 4)
+
+        def judged(found, offset, sub_seg, where):
+            visible, mask, points = found
+            agree = person_agreement(mask, sub_seg)
+            face = 0.0
+            if agree >= min_agreement and detector.faces is not None:
+                face = head_face(detector, src, (points + offset) * to_src)
+            ok = agree >= min_agreement and face >= min_head_face
+            return {"visible": visible, "fraction": float(mask.sum()) / (h * w), "agreement": agree, "face": face,
+                    "confirmed": ok, "from": where}  # fmt: skip
+
         if detector.pose is not None:
             found = _pose(detector, arr)
-            best = None  # (visible, fraction of the window, agreement, where)
-            if found is not None:
-                best = (found[0], float(found[1].mean()), person_agreement(found[1], seg), "window")
-            if tiles and (best is None or best[2] < min_agreement or best[1] < little):
+            best = None if found is None else judged(found, np.zeros(2), seg, "window")
+            if tiles and (best is None or not best["confirmed"] or best["fraction"] < little):
                 t = (3 * min(h, w)) // 4
                 for y, x in ((0, 0), (0, w - t), (h - t, 0), (h - t, w - t)):
                     sub = _pose(detector, arr[y : y + t, x : x + t])
                     if sub is None or sub[0] < tile_landmarks:
                         continue
-                    frac = float(sub[1].sum()) / (h * w)
-                    agree = person_agreement(sub[1], None if seg is None else seg[y : y + t, x : x + t])
-                    if frac >= little and agree >= min_agreement and (best is None or best[2] < min_agreement
-                                                                      or frac > best[1]):  # fmt: skip
-                        best = (sub[0], frac, agree, "tile")
+                    cand = judged(sub, np.array([x, y]), None if seg is None else seg[y : y + t, x : x + t], "tile")
+                    if cand["confirmed"] and cand["fraction"] >= little and (
+                        best is None or not best["confirmed"] or cand["fraction"] > best["fraction"]):
+                        best = cand
             if best is not None:
-                ev["pose"], ev["pose_landmarks"], ev["pose_from"] = True, int(best[0]), best[3]
-                ev["person_fraction"], ev["person_agreement"] = round(best[1], 4), round(best[2], 4)
+                ev.update(pose=True, pose_landmarks=int(best["visible"]), pose_from=best["from"],
+                          person_fraction=round(best["fraction"], 4), person_agreement=round(best["agreement"], 4),
+                          head_face=round(float(best["face"]), 4), pose_confirmed=bool(best["confirmed"]))
         if detector.faces is not None:
             for f in detect_faces(detector.faces, arr, detector.min_confidence):
                 if f.score > ev["face_confidence"]:
                     ev["face_confidence"] = round(float(f.score), 4)
                     ev["face_fraction"] = round(float(f.size / max(w, h)), 4)
+                    if seg is not None:
+                        y0, y1 = max(0, int(f.y0)), min(h, int(np.ceil(f.y1)))
+                        x0, x1 = max(0, int(f.x0)), min(w, int(np.ceil(f.x1)))
+                        ev["face_segmenter"] = round(float(seg[y0:y1, x0:x1].mean()) if y1 > y0 and x1 > x0
+                                                     else 0.0, 4)  # fmt: skip
+                    else:
+                        ev["face_segmenter"] = 1.0
     return ev
 
 
