@@ -417,7 +417,8 @@ def test_unconfirmed_poses_are_dropped_and_tiles_find_the_big_person(tmp_path):
     379349's right window (16 % of it) and 107438's left (6 %); the person segmenter marks none of those pixels, so
     both are dropped as no_person with person_agreement < 0.2 in drops.jsonl. In 311002 the pose model picks a
     small person (2.6 % of the window) beside a big one (22 %): a 3/4 tile finds the big one (pose_from "tile",
-    confirmed by the segmenter and a face at its head); without tiles the photo yields nothing. 536038 is 358 px: at the floor, kept."""
+    confirmed by the segmenter and a face at its head); without tiles the photo yields nothing. 536038 is 358 px:
+    at the floor, kept."""
     if not COCO.is_dir():
         pytest.skip("coco_mini missing")
     src = _coco_sources(tmp_path, ["000000379349.jpg", "000000107438.jpg", "000000311002.jpg", "000000536038.jpg"])
@@ -441,3 +442,186 @@ def test_unconfirmed_poses_are_dropped_and_tiles_find_the_big_person(tmp_path):
     build_dataset(BuildOptions(out_dir=str(tmp_path / "b"), pose_tiles=False, **opts))
     rows = [json.loads(x) for x in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
     assert "000000311002.jpg" not in {Path(r["source"]).name for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------------- issue 22
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _drops(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "drops.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _units_add_up(stats: dict) -> None:
+    assert stats["sources_with_crops"] + sum(stats["sources_dropped"].values()) == stats["sources"], stats
+    assert stats["kept"] + sum(stats["crops_dropped"].values()) == stats["crops_considered"], stats
+    assert "dropped" not in stats  # the old mixed-unit counter is gone
+
+
+def test_output_size_does_not_change_what_is_detected(tmp_path):
+    """Detection runs on the window's source pixels (at detect_side), never on the window shrunk to --size: at
+    --size 64 and 512 the same windows are kept with the same evidence, and the same ones dropped for the same
+    reasons (these photos are >= 375 px, above both upscale floors). With detection on the 64-px window the
+    pose model lost 311002's tile person and kept poses on animals (issue 22)."""
+    names = ["000000463557.jpg", "000000311002.jpg", "000000249346.jpg", "000000116270.jpg"]
+    src = _coco_sources(tmp_path, names)
+    runs = {}
+    for size in (64, 512):
+        out = tmp_path / f"s{size}"
+        build_dataset(BuildOptions(source=str(src), out_dir=str(out), size=size))
+        runs[size] = ({(Path(r["source"]).name, tuple(r["box"])): {k: v for k, v in r["scores"].items()
+                       if k != "sharpness"} for r in _rows(out)},
+                      sorted((Path(d["source"]).name, tuple(d["box"]), d["reason"]) for d in _drops(out)))  # fmt: skip
+        for r in _rows(out):
+            with Image.open(out / r["file"]) as im:
+                assert im.size == (size, size)
+    assert runs[64] == runs[512]
+    assert {n for n, _ in runs[512][0]} == {"000000463557.jpg", "000000311002.jpg"}
+
+
+def test_poses_on_animals_and_objects_are_not_people(tmp_path):
+    """Poses the pose model finds on a panda (249346, a tile pose the segmenter confirms 0.99), a cat (022892) and an
+    office chair (215657, the old rule's kept empty window: agreement 0.97, 17 landmarks) have no face at their
+    head: each window is dropped as no_person with the pose, its agreement and head_face = 0 in drops.jsonl. The big
+    person of 368212 is kept by the pose+face rule (all tuning-split photos)."""
+    names = ["000000249346.jpg", "000000022892.jpg", "000000215657.jpg", "000000368212.jpg"]
+    src = _coco_sources(tmp_path, names)
+    stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out")))
+    rows, drops = _rows(tmp_path / "out"), _drops(tmp_path / "out")
+    assert {Path(r["source"]).name for r in rows} == {"000000368212.jpg"}
+    assert all(r["scores"]["person_rule"] == "pose+face" and r["scores"]["head_face"] >= 0.5 for r in rows)
+    chair = [d for d in drops if d["source"].endswith("215657.jpg") and d["box"] == [160, 0, 640, 480]]
+    assert chair and chair[0]["reason"] == "no_person" and chair[0]["scores"]["pose"]
+    assert chair[0]["scores"]["person_agreement"] >= 0.2 and chair[0]["scores"]["head_face"] < 0.5
+    assert not chair[0]["scores"]["pose_confirmed"]
+    _units_add_up(stats)
+
+
+def test_kept_windows_of_a_photo_are_distinct(tmp_path):
+    """Windows of 400 px at stride 80 overlap by IoU up to 0.67; by default no two kept ones overlap by > 0.5 (the one
+    with the most person wins, the others are dropped as "overlap" with the IoU in drops.jsonl); --max-overlap 1
+    keeps the near-duplicates."""
+    src = _coco_sources(tmp_path, ["000000368212.jpg"])
+    opts = dict(source=str(src), window=400, stride=80, min_scale=0)
+    stats = build_dataset(BuildOptions(out_dir=str(tmp_path / "a"), **opts))
+    boxes = [r["box"] for r in _rows(tmp_path / "a")]
+    from mole.data.build import _iou
+
+    assert boxes and all(_iou(a, b) <= 0.5 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    overlap = [d for d in _drops(tmp_path / "a") if d["reason"] == "overlap"]
+    assert overlap and stats["crops_dropped"]["overlap"] == len(overlap)
+    assert all(d["scores"]["iou_with_kept"] > 0.5 for d in overlap)
+    off = build_dataset(BuildOptions(out_dir=str(tmp_path / "b"), max_overlap=1.0, **opts))
+    assert off["kept"] == stats["kept"] + len(overlap)
+    _units_add_up(stats)
+
+
+def test_closeup_defaults_keep_orl_faces_and_11k_hands_and_drop_blurred_and_empty(tmp_path):
+    """With the defaults (--size 512): >= 90 % of ORL faces (92 x 112) and of 11k Hands photos (180 px) yield a crop
+    (they all hit the upscale floor before); their Gaussian-blurred copies and COCO photos without a person yield
+    none. stats.json counts source images and crops apart, each adding up."""
+    orl = sorted((SHARED / "data" / "faces" / "orl").glob("s*/1.pgm"))[:16]
+    hands = sorted((SHARED / "data" / "hands" / "11k_hands_sample").glob("*.jpg"))[::70][:16]
+    empty = ["000000116270.jpg", "000000194322.jpg", "000000330993.jpg"]
+    for part, files in (("face", orl), ("hand", hands)):
+        src = tmp_path / part
+        src.mkdir()
+        for i, f in enumerate(files):
+            Image.open(f).convert("RGB").save(src / f"{i:02d}.png")
+        for i, f in enumerate(files[:4]):
+            Image.open(f).convert("RGB").filter(ImageFilter.GaussianBlur(2)).save(src / f"blur{i}.png")
+        for n in empty:
+            (src / n).symlink_to(COCO / "train2017" / n if (COCO / "train2017" / n).is_file() else COCO / "val2017" / n)
+        out = tmp_path / f"{part}_out"
+        stats = build_dataset(BuildOptions(source=str(src), out_dir=str(out), mode="closeups", part=part))
+        kept = {Path(r["source"]).name for r in _rows(out)}
+        sharp = {f"{i:02d}.png" for i in range(len(files))}
+        assert len(kept & sharp) >= 0.9 * len(files), (part, sorted(sharp - kept), stats)
+        assert kept <= sharp, (part, sorted(kept - sharp))  # no blurred copy, no COCO photo without people
+        assert stats["crops_dropped"].get("blurry_laplacian", 0) >= 4 and "upscale_floor" not in stats["crops_dropped"]
+        assert stats["options"]["min_scale"] == 0.15
+        _units_add_up(stats)
+        for r in _rows(out):
+            assert r["caption"] == f"A close-up photo of a {part}" and r["caption_source"] == "template"
+
+
+def test_every_crop_gets_a_caption_through_the_cli(tmp_path, capsys):
+    """`mole data scenes` with no --captioner writes the template for every window; with COCO captions a window gets
+    the first of its photo's captions that is about a person, marked caption_level "photo", and a photo whose
+    captions are not about a person gets the template instead of "A red fire hydrant ..."; never an empty one."""
+    names = ["000000463557.jpg", "000000368212.jpg", "000000311002.jpg"]
+    src = _coco_sources(tmp_path, names)
+    assert main(["data", "scenes", str(src), str(tmp_path / "a"), "--workers", "1"]) == 0
+    rows = _rows(tmp_path / "a")
+    assert rows and all(r["caption"] == "A photo of a person" and r["caption_source"] == "template" for r in rows)
+    assert all((tmp_path / "a" / r["file"]).with_suffix(".txt").read_text() == "A photo of a person" for r in rows)
+    capsys.readouterr()
+    captions = tmp_path / "captions.json"
+    first = {"000000463557.jpg": "A red fire hydrant on a quiet street.", "000000368212.jpg": ""}
+    captions.write_text(json.dumps(first))
+    coco = COCO / "annotations" / "captions_train2017.json"
+    args = ["data", "scenes", str(src), str(tmp_path / "b"), "--workers", "1", "--captioner", "sidecar",
+            "--captions-json", str(captions), "--captions-json", str(coco)]  # fmt: skip
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out)
+    rows = _rows(tmp_path / "b")
+    from mole.eval.human_text import is_human_text
+
+    assert rows and all(r["caption"] for r in rows) and stats["without_caption"] == 0
+    for r in rows:
+        assert "hydrant" not in r["caption"]
+        if r["caption_source"] == "sidecar":
+            assert r["caption_level"] == "photo" and is_human_text(r["caption"])
+        else:
+            assert r["caption_source"] == "template" and r["caption_level"] == "crop"
+    assert sum(stats["captions"].values()) == len(rows) and stats["captions"].get("sidecar_photo", 0) >= 1
+
+
+def _tiny_captioner(folder: Path) -> Path:
+    """A tiny random BLIP captioning model (vision 1 layer, text 1 layer, 16-word vocabulary) written locally."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "person", "man", "woman", "hand", "face",
+             "smiling", "red", "the"]  # fmt: skip
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                         tokenizer=BertTokenizer(str(folder / "vocab.txt"), model_max_length=32))  # fmt: skip
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = BlipConfig(vision_config=dict(**small, image_size=32, patch_size=8), projection_dim=16,
+                     text_config=dict(**small, vocab_size=len(words), max_position_embeddings=128, bos_token_id=2,
+                                      sep_token_id=3, pad_token_id=0, eos_token_id=3))  # fmt: skip
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def test_hf_captioner_captions_each_crop_with_a_local_model(tmp_path, capsys):
+    """The paper's path, `--captioner hf:MODEL` (a vision-language model per crop), with a tiny random BLIP written
+    locally: every crop's caption comes from the model (caption_source hf, level crop) and is made of its
+    vocabulary; two different crops get their own captions from their own pixels."""
+    model = _tiny_captioner(tmp_path / "blip")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(sorted((SHARED / "data" / "faces" / "orl").glob("s*/1.pgm"))[:3]):
+        Image.open(f).convert("RGB").save(src / f"{i}.png")
+    assert main(["data", "closeups", str(src), str(tmp_path / "out"), "--workers", "1", "--captioner",
+                 f"hf:{model}"]) == 0  # fmt: skip
+    rows = _rows(tmp_path / "out")
+    vocab = set((model / "vocab.txt").read_text().split())
+    assert len(rows) >= 2
+    for r in rows:
+        assert r["caption_source"] == "hf" and r["caption_level"] == "crop" and r["caption"], r
+        assert set(r["raw_caption"].lower().split()) <= vocab, r["raw_caption"]
+    from mole.data.captions import HFCaptioner
+
+    cap = HFCaptioner(str(model))
+    a, b = (Image.open(tmp_path / "out" / r["file"]) for r in rows[:2])
+    assert cap(a, Path("x")) == cap(a.copy(), Path("y"))  # a function of the pixels (greedy decoding)
+    with pytest.raises(ValueError, match="template is empty"):
+        from mole.data.captions import build_captioner
+
+        build_captioner("template:  ")
