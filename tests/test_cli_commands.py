@@ -47,7 +47,7 @@ COMMANDS = {
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --max-overlap --clip-filter "
         "--min-clip --workers --shard-size --overwrite --window --stride --min-pose-presence --min-person "
-        "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks --min-head-face"
+        "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks --min-head-face --min-wrist-hand"
     ),
     "mole data closeups": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "

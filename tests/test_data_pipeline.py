@@ -483,17 +483,21 @@ def test_output_size_does_not_change_what_is_detected(tmp_path):
 def test_poses_on_animals_and_objects_are_not_people(tmp_path):
     """Poses the pose model finds on a panda (249346, a tile pose the segmenter confirms 0.99), a cat (022892) and an
     office chair (215657, the old rule's kept empty window: agreement 0.97, 17 landmarks) have no face at their
-    head: each window is dropped as no_person with the pose, its agreement and head_face = 0 in drops.jsonl. The big
-    person of 368212 is kept by the pose+face rule (all tuning-split photos)."""
+    head and no hand at their wrists: each window is dropped as no_person with the pose, its agreement, head_face
+    and wrist_hand in drops.jsonl. The big person of 368212 is kept (all tuning-split photos)."""
     names = ["000000249346.jpg", "000000022892.jpg", "000000215657.jpg", "000000368212.jpg"]
     src = _coco_sources(tmp_path, names)
     stats = build_dataset(BuildOptions(source=str(src), out_dir=str(tmp_path / "out")))
     rows, drops = _rows(tmp_path / "out"), _drops(tmp_path / "out")
     assert {Path(r["source"]).name for r in rows} == {"000000368212.jpg"}
-    assert all(r["scores"]["person_rule"] == "pose+face" and r["scores"]["head_face"] >= 0.5 for r in rows)
+    for r in rows:  # a face at the head (0.5) or, when none, a hand at a wrist (0.8) confirmed each kept pose
+        s = r["scores"]
+        assert (s["person_rule"], s["confirmed_by"]) in {("pose+face", "face"), ("pose+hand", "hand")}, s
+        assert s["head_face"] >= 0.5 if s["confirmed_by"] == "face" else s["wrist_hand"] >= 0.8, s
     chair = [d for d in drops if d["source"].endswith("215657.jpg") and d["box"] == [160, 0, 640, 480]]
     assert chair and chair[0]["reason"] == "no_person" and chair[0]["scores"]["pose"]
     assert chair[0]["scores"]["person_agreement"] >= 0.2 and chair[0]["scores"]["head_face"] < 0.5
+    assert chair[0]["scores"]["wrist_hand"] < 0.8
     assert not chair[0]["scores"]["pose_confirmed"]
     _units_add_up(stats)
 

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     scenes.add_argument("--min-head-face", type=float, default=0.5,
                         help="face confidence a pose needs at its head to count as a person (default 0.5; poses found "
                         "on animals, vases and food have none; 0: the segmenter check alone)")
+    scenes.add_argument("--min-wrist-hand", type=float, default=0.8,
+                        help="hand confidence at a pose's wrist that confirms it when no face is at its head (default "
+                        "0.8; a back turned, a face hidden)")
     close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
     _data_args(close)
     close.add_argument("--part", choices=["face", "hand"], default="face")
@@ -93,7 +96,8 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     # other takes BuildOptions' defaults
     mode_only = {k: getattr(args, k) for k in ("part", "margin", "window", "stride", "min_pose_presence",
                                                "min_person", "little_person", "pose_tiles", "min_person_agreement",
-                                               "tile_landmarks", "min_head_face") if hasattr(args, k)}  # fmt: skip
+                                               "tile_landmarks", "min_head_face", "min_wrist_hand")
+                 if hasattr(args, k)}  # fmt: skip
     stats = build_dataset(BuildOptions(
         source=args.source, out_dir=args.out, mode=args.data_command, size=args.size,
         min_sharpness=args.min_sharpness, blur_filter=args.blur_filter, min_blur_score=args.min_blur_score,

@@ -72,8 +72,9 @@ class BuildOptions:
     # output size: --size changes only the saved image). A window has a person when
     #   pose+face: a pose is found in it (pose presence >= min_pose_presence) whose person mask covers >= min_person
     #     of it, the person segmenter (an independent model) marks >= min_person_agreement of that mask as person,
-    #     and a face is found at the pose's head (>= min_head_face): poses found on cats, bears, vases, hydrants or
-    #     food have no human face where their head would be;
+    #     and a face is found at the pose's head (>= min_head_face) or a hand at one of its wrists (>=
+    #     min_wrist_hand): poses found on cats, pandas, chairs, vases or food have no human face where their head
+    #     would be and no hand at their wrists (pose+face, pose+hand);
     #   face: a face of >= min_face_confidence whose box the segmenter marks as person on >= min_face_segmenter.
     # "Little person": the posed person covers < little_person of the window and no such face of >= min_face of the
     # window side is in it. pose_tiles: a window without a confirmed pose of >= little_person is searched again in
@@ -85,6 +86,7 @@ class BuildOptions:
     min_face_confidence: float = 0.8
     min_face_segmenter: float = 0.3
     min_head_face: float = 0.5
+    min_wrist_hand: float = 0.8
     little_person: float = 0.05
     min_face: float = 0.06
     min_person_agreement: float = 0.2
@@ -132,7 +134,7 @@ class BuildOptions:
         if self.detect_side < 64:
             raise ValueError(f"detect_side={self.detect_side}: the detectors need at least 64 px (default 512)")
         for name in ("min_confidence", "min_face_confidence", "min_pose_presence", "min_person_agreement",
-                     "min_head_face", "min_face_segmenter", "max_overlap"):
+                     "min_head_face", "min_wrist_hand", "min_face_segmenter", "max_overlap"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)}: confidences and shares are between 0 and 1")
         if not 0 <= self.tile_landmarks <= 33:
@@ -160,7 +162,10 @@ _BLUR: BlurFilter | None = None
 
 def _init_worker(opts: BuildOptions) -> None:
     global _DETECTOR, _BLUR
-    need = ("faces", "pose", "person") if opts.mode == "scenes" else (("faces",) if opts.part == "face" else ("hands",))
+    if opts.mode == "scenes":
+        need = ("faces", "pose", "person", "hands")
+    else:
+        need = ("faces",) if opts.part == "face" else ("hands",)
     _DETECTOR = Detector(need, opts.min_confidence, pose_presence=opts.min_pose_presence)
     _BLUR = BlurFilter.load(opts.blur_filter) if opts.blur_filter else None
 
@@ -175,7 +180,7 @@ def _judge_window(scores: dict, opts: BuildOptions) -> tuple[str | None, str | N
         return "no_person", None
     if person < opts.little_person and (not faced or scores["face_fraction"] < opts.min_face):
         return "little_person", None
-    return None, ("pose+face" if posed and person >= opts.min_person else "face")
+    return None, (f"pose+{scores['confirmed_by']}" if posed and person >= opts.min_person else "face")
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -245,7 +250,8 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
             # the window's source pixels: the detectors see it at detect_side, whatever --size is
             scores = window_evidence(_DETECTOR, image.crop(box), tiles=opts.pose_tiles, little=opts.little_person,
                                      tile_landmarks=opts.tile_landmarks, min_agreement=opts.min_person_agreement,
-                                     min_head_face=opts.min_head_face, detect_side=opts.detect_side)  # fmt: skip
+                                     min_head_face=opts.min_head_face, min_wrist_hand=opts.min_wrist_hand,
+                                     detect_side=opts.detect_side)  # fmt: skip
             reason, rule = _judge_window(scores, opts)
             if reason:
                 reject(reason, box, scores)

@@ -171,9 +171,30 @@ def head_face(detector: Detector, image: Image.Image, points: np.ndarray) -> flo
     return max((f.score for f in faces if f.x0 <= nx <= f.x1 and f.y0 <= ny <= f.y1), default=0.0)
 
 
+WRIST_SIDE = 192  # the wrist crop is resized to this side before the hand model sees it
+
+
+def wrist_hand(detector: Detector, image: Image.Image, points: np.ndarray) -> float:
+    """The hand model's confidence for a hand at either of a pose's wrists: a square around the point 0.3 forearm
+    lengths beyond the wrist (half side: the larger of 0.35 torso lengths and 0.6 forearm lengths), cut from
+    `image`, resized to WRIST_SIDE. Catches people whose face is hidden (a skater's hair, a back turned)."""
+    torso = max(float(np.linalg.norm(points[11] - points[23])), float(np.linalg.norm(points[12] - points[24])), 8.0)
+    best = 0.0
+    for wrist, elbow in ((15, 13), (16, 14)):
+        forearm = points[wrist] - points[elbow]
+        cx, cy = points[wrist] + 0.3 * forearm
+        half = max(0.35 * torso, 0.6 * float(np.linalg.norm(forearm)), 8.0)
+        crop = image.crop((int(cx - half), int(cy - half), int(cx + half), int(cy + half)))
+        crop = crop.resize((WRIST_SIDE, WRIST_SIDE), Image.Resampling.LANCZOS)
+        res = detector.hands.process(np.ascontiguousarray(np.asarray(crop)))
+        for handed in res.multi_handedness or []:
+            best = max(best, float(handed.classification[0].score))
+    return best
+
+
 def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False, little: float = 0.05,
                     tile_landmarks: int = 0, min_agreement: float = 0.2, min_head_face: float = 0.5,
-                    detect_side: int = 512) -> dict:  # fmt: skip
+                    min_wrist_hand: float = 0.8, detect_side: int = 512) -> dict:  # fmt: skip
     """Person evidence for one scene window, from detectors run on the window itself (not the whole photo), given
     at its source pixels: the segmenter, pose and face models see it at `detect_side` (downscaled when larger, never
     upscaled: the output size plays no part), the head check sees the source pixels.
@@ -199,8 +220,8 @@ def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False
     h, w = arr.shape[:2]
     to_src = src.width / w
     ev = {"pose": False, "pose_landmarks": 0, "person_fraction": 0.0, "person_agreement": 0.0, "head_face": 0.0,
-          "pose_confirmed": False, "segmenter_fraction": 0.0, "pose_from": None, "face_confidence": 0.0,
-          "face_fraction": 0.0, "face_segmenter": 0.0}  # fmt: skip
+          "wrist_hand": 0.0, "pose_confirmed": False, "confirmed_by": None, "segmenter_fraction": 0.0,
+          "pose_from": None, "face_confidence": 0.0, "face_fraction": 0.0, "face_segmenter": 0.0}  # fmt: skip
     with quiet_native_stderr():
         seg = None
         if detector.person is not None:
@@ -210,12 +231,18 @@ def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False
         def judged(found, offset, sub_seg, where):
             visible, mask, points = found
             agree = person_agreement(mask, sub_seg)
-            face = 0.0
-            if agree >= min_agreement and detector.faces is not None:
-                face = head_face(detector, src, (points + offset) * to_src)
-            ok = agree >= min_agreement and face >= min_head_face
+            face = hand = 0.0
+            by = None
+            if agree >= min_agreement:
+                at = (points + offset) * to_src
+                if detector.faces is not None:
+                    face = head_face(detector, src, at)
+                    by = "face" if face >= min_head_face else None
+                if by is None and detector.hands is not None:
+                    hand = wrist_hand(detector, src, at)
+                    by = "hand" if hand >= min_wrist_hand else None
             return {"visible": visible, "fraction": float(mask.sum()) / (h * w), "agreement": agree, "face": face,
-                    "confirmed": ok, "from": where}  # fmt: skip
+                    "hand": hand, "confirmed": by is not None, "by": by, "from": where}  # fmt: skip
 
         if detector.pose is not None:
             found = _pose(detector, arr)
@@ -233,7 +260,8 @@ def window_evidence(detector: Detector, window: Image.Image, tiles: bool = False
             if best is not None:
                 ev.update(pose=True, pose_landmarks=int(best["visible"]), pose_from=best["from"],
                           person_fraction=round(best["fraction"], 4), person_agreement=round(best["agreement"], 4),
-                          head_face=round(float(best["face"]), 4), pose_confirmed=bool(best["confirmed"]))
+                          head_face=round(float(best["face"]), 4), wrist_hand=round(float(best["hand"]), 4),
+                          pose_confirmed=bool(best["confirmed"]), confirmed_by=best["by"])
         if detector.faces is not None:
             for f in detect_faces(detector.faces, arr, detector.min_confidence):
                 if f.score > ev["face_confidence"]:
