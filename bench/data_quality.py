@@ -181,8 +181,10 @@ def scenes(data: Path, work: Path = ROOT / "runs" / "data_quality_scenes", sizes
         res["captions"] = stats["captions"]
         res["seconds"] = stats["seconds"]
         out[f"size_{size}"] = res
-    a, b = out[f"size_{sizes[0]}"], out[f"size_{sizes[1]}"]
-    out["same_windows_at_both_sizes"] = all(a[s]["kept_windows"] == b[s]["kept_windows"] for s in ("tune", "heldout"))
+    if len(sizes) == 2:
+        a, b = out[f"size_{sizes[0]}"], out[f"size_{sizes[1]}"]
+        out["same_kept_count_at_both_sizes"] = all(a[s]["kept_windows"] == b[s]["kept_windows"]
+                                                   for s in ("tune", "heldout"))  # fmt: skip
     return out
 
 
@@ -211,8 +213,8 @@ def closeup_defaults(data: Path, work: Path = ROOT / "runs" / "data_quality_clos
             shutil.rmtree(work, ignore_errors=True)
             src = work / "src"
             src.mkdir(parents=True)
-            for f in files:
-                (src / f.name).symlink_to(f.resolve())
+            for i, f in enumerate(files):  # ORL repeats names (s1/1.pgm, s2/1.pgm, ...)
+                (src / f"{i:05d}_{f.name}").symlink_to(f.resolve())
             stats = build_dataset(BuildOptions(source=str(src), out_dir=str(work / "out"), mode="closeups", part=part))
             out[f"{part}_{name}"] = {"sources_with_a_crop": _share(stats["sources_with_crops"], stats["sources"]),
                                      "sources_dropped": stats["sources_dropped"],
@@ -270,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
     p.add_argument("--out", default="runs/data_quality.json")
+    p.add_argument("--sizes", default="512,64", help="scenes: the --size values to build at (comma-separated)")
     args = p.parse_args(argv)
     results = {}
     for part in args.only.split(","):
-        results[part] = PARTS[part](Path(args.data))
+        extra = {"sizes": tuple(int(v) for v in args.sizes.split(","))} if part == "scenes" else {}
+        results[part] = PARTS[part](Path(args.data), **extra)
         print(f"## {part}\n{json.dumps(results[part], indent=2)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

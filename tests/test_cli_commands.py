@@ -45,13 +45,15 @@ COMMANDS = {
     "mole data": "{scenes,closeups,train-filter}",
     "mole data scenes": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
-        "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --max-overlap --clip-filter "
+        "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
+        "--max-overlap --clip-filter "
         "--min-clip --workers --shard-size --overwrite --window --stride --min-pose-presence --min-person "
         "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks --min-head-face --min-wrist-hand"
     ),
     "mole data closeups": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
-        "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --max-overlap --clip-filter "
+        "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
+        "--max-overlap --clip-filter "
         "--min-clip --workers --shard-size --overwrite --part --margin"
     ),
     "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",

@@ -79,6 +79,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    "('upscale_floor'), never upscaled more than 1/MIN_SCALE; larger ones are downscaled (a 1024 "
                    "window -> 512); 0: any upscale. Default 0.7 for scenes (at most 1.43x), 0.15 for close-ups "
                    "(small sharp close-ups such as 92-px ORL faces are kept; blur is judged at the source size)")
+    p.add_argument("--dedupe-distance", type=int, default=3, choices=range(4), metavar="0-3",
+                   help="near-duplicate crops across photos: pHash Hamming distance (default 3; resized / re-encoded "
+                   "copies are at 0-2, and so are burst shots of one hand)")
     p.add_argument("--max-overlap", type=float, default=0.5,
                    help="no two kept crops of one photo overlap by more than this IoU (default 0.5; 1: off)")
     p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
@@ -105,7 +108,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
         min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite,
-        max_overlap=args.max_overlap, **mode_only,
+        max_overlap=args.max_overlap, dedupe_distance=args.dedupe_distance, **mode_only,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
     from ..data.build import nothing_kept_message
