@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,22 +110,59 @@ def test_mean_se_and_separation():
 
 
 def test_demo_table_is_built_from_the_summary_numbers():
+    se = {"base": 0.02, "fixed 1:1": 0.0, "MoLE": 0.05}
     summary = {
         "base": "mole-tiny", "mole": "mole-tiny", "seconds": 12.3, "seeds": [0, 1],
         "prompts": {"face": ["a"], "hand": ["b"], "scene": ["c"]},
-        "global_gate": {"face": {"face": {"mean": 0.8123, "se": 0.01}, "hand": {"mean": 0.4567, "se": 0.01}},
+        "global_gate": {"face": {"face": {"mean": 0.8123, "se": 0.011}, "hand": {"mean": 0.4567, "se": 0.01}},
                         "hand": {"face": {"mean": 0.3456, "se": 0.01}, "hand": {"mean": 0.7891, "se": 0.01}}},
-        "detection": {f"{m}/{k}": {"face_rate": {"mean": r, "se": 0.0}, "hand_rate": {"mean": r + 0.01, "se": 0.0}}
+        "detection": {f"{m}/{k}": {"face_rate": {"mean": r, "se": se[m]}, "hand_rate": {"mean": r + 0.01, "se": se[m]}}
                       for m, r0 in (("base", 0.1), ("fixed 1:1", 0.2), ("MoLE", 0.3))
-                      for k, r in (("face", r0), ("hand", r0 + 0.4), ("scene", r0 + 0.05))},
+                      for k, r in (("face", r0), ("hand", r0 + 0.4), ("scene", r0 - 0.15 if m == "MoLE" else r0))},
         "checks": {"max_abs_fused_vs_naive": 1.5e-7, "max_abs_kohya_hand_vs_embedded_hand": 0.0,
                    "remove_restores_base_exactly": True, "wrapped_layers": 84},
         "files": {"compare": "X/compare.png", "inspect": "X/inspect", "images": "X/images"},
+        "bench": {"date": "2026-11-23", "images_per_cell": 80, "detection": {
+            m: {"face": {"face_rate": [0.09, 0.03]}, "hand": {"hand_rate": [h, 0.04]},
+                "scene": {"face_rate": [0.0, 0.0]}}
+            for m, h in (("base", 0.12), ("fixed 1:1", 0.04), ("MoLE", 0.30))}},
     }  # fmt: skip
     text = summary_table(summary)
-    face_row = next(line for line in text.splitlines() if line.strip().startswith("face ") and "0.812" in line)
-    assert "0.457" in face_row
-    assert "0.789" in next(line for line in text.splitlines() if line.strip().startswith("hand "))
-    det_row = next(line for line in text.splitlines() if "hand found on hand prompts" in line)
-    assert det_row.split()[-3:] == ["0.51", "0.61", "0.71"]  # base, fixed, MoLE: hand_rate of the hand prompts
+    lines = text.splitlines()
+    face_row = next(line for line in lines if line.strip().startswith("face ") and "0.812" in line)
+    assert "0.812 ± 0.011" in face_row and "0.457" in face_row
+    assert "0.789" in next(line for line in lines if line.strip().startswith("hand "))
+    assert "n=2 images per cell" in text  # 2 seeds x 1 prompt per kind
+    quick = lines[next(i for i, line in enumerate(lines) if line.startswith("Quick look")):]
+    det_row = next(line for line in quick if "hand found on hand prompts" in line)
+    assert "0.51 ± 0.02" in det_row and "0.61 ± 0.00" in det_row and "0.71 ± 0.05" in det_row
+    assert det_row.endswith("higher (error bars apart)")  # 0.71-0.05 > 0.51+0.02
+    face_det = next(line for line in quick if "face found on face prompts" in line)
+    assert face_det.endswith("higher (error bars apart)")  # 0.30-0.05 = 0.25 > 0.12
+    scene_det = next(line for line in quick if "face found on scene prompts" in line)
+    assert scene_det.endswith("no difference shown at this n")  # MoLE 0.15 ± 0.05 vs base 0.10 ± 0.02 overlap
+    measured = lines[next(i for i, line in enumerate(lines) if line.startswith("Measured (2026-11-23, n=80")):]
+    assert next(line for line in measured if "face found on face" in line).endswith("no difference shown at this n")
+    assert next(line for line in measured if "hand found on hand" in line).endswith("higher (error bars apart)")
     assert "84 wrapped layers" in text and "X/compare.png" in text
+
+
+def test_demo_verdict_needs_error_bars_apart():
+    from mole.demo import _verdict
+
+    assert _verdict({"mean": 0.30, "se": 0.05}, {"mean": 0.20, "se": 0.04}) == "higher (error bars apart)"
+    assert _verdict({"mean": 0.12, "se": 0.05}, {"mean": 0.20, "se": 0.04}) == "no difference shown at this n"
+    assert _verdict({"mean": 0.10, "se": 0.01}, {"mean": 0.20, "se": 0.01}) == "lower (error bars apart)"
+
+
+def test_shipped_bench_table_matches_the_results_file():
+    from mole.demo import shipped_bench
+
+    bench = shipped_bench()
+    assert bench is not None and bench["images_per_cell"] == 80
+    results = (Path(__file__).resolve().parents[1] / "bench" / "RESULTS.md").read_text()
+    table = results[results.index("| model | face prompts: face rate"):]
+    row = next(line for line in table.splitlines() if line.startswith("| base | 0."))
+    face, hand = (tuple(float(x) for x in cell.split(" ± ")) for cell in row.split("|")[2:4])
+    assert tuple(bench["detection"]["base"]["face"]["face_rate"]) == face
+    assert tuple(bench["detection"]["base"]["hand"]["hand_rate"]) == hand

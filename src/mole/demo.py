@@ -182,11 +182,46 @@ def run_demo(opts: DemoOptions) -> dict:
         "global_gate": {kind: {n: {"mean": m, "se": s} for n, (m, s) in d.items()} for kind, d in gates.items()},
         "detection": {f"{MODE_LABEL[mode]}/{kind}": {k: {"mean": m, "se": s} for k, (m, s) in d.items()}
                       for (mode, kind), d in detect.items()} if detector else None,  # fmt: skip
+        "bench": shipped_bench() if opts.mole == "mole-tiny" and opts.train is None else None,
         "files": {"compare": str(compare), "inspect": str(out / "inspect"), "images": str(out / "images")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _verdict(mole: dict, base: dict) -> str:
+    """What a pair of error bars supports: a difference only when they do not overlap."""
+    from .measure import separated
+
+    a, b = (mole["mean"], mole["se"]), (base["mean"], base["se"])
+    if separated(a, b):
+        return "higher (error bars apart)"
+    if separated(b, a):
+        return "lower (error bars apart)"
+    return "no difference shown at this n"
+
+
+_RATE_ROWS = (("face", "face_rate", "face found on face prompts"), ("hand", "hand_rate", "hand found on hand prompts"),
+              ("scene", "face_rate", "face found on scene prompts"))  # fmt: skip
+
+
+def _rate_rows(cell) -> list[str]:
+    """One line per detection row: mean ± s.e. per mode, and what MoLE vs base supports; cell(mode, kind, metric)."""
+    lines = []
+    for kind, metric, label in _RATE_ROWS:
+        cells = {m: cell(m, kind, metric) for m in MODES}
+        lines.append(f"  {label:<30}" + "".join(f"{c['mean']:>8.2f} ± {c['se']:.2f}" for c in cells.values())
+                     + f"   {_verdict(cells['mole'], cells['none'])}")  # fmt: skip
+    return lines
+
+
+def shipped_bench() -> dict | None:
+    """The detection table measured by bench/mole_tiny_claims.py for the shipped mole-tiny (date and n with it)."""
+    from .mole_tiny import ASSETS
+
+    path = ASSETS / "claims.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def summary_table(summary: dict) -> str:
@@ -195,24 +230,27 @@ def summary_table(summary: dict) -> str:
     gates = summary["global_gate"]
     if gates:
         experts = list(next(iter(gates.values())))
-        lines.append("MoLE global gates (mean over layers, steps, prompts and seeds):")
-        lines.append("  prompts  " + "".join(f"{e + ' expert':>14}" for e in experts))
+        lines.append("MoLE global gates (mean ± s.e. over images; each image averaged over layers and steps):")
+        lines.append("  prompts  " + "".join(f"{e + ' expert':>18}" for e in experts))
         for kind, d in gates.items():
-            lines.append(f"  {kind:<8} " + "".join(f"{d[e]['mean']:>14.3f}" for e in experts))
+            lines.append(f"  {kind:<8} " + "".join(f"{d[e]['mean']:>10.3f} ± {d[e]['se']:.3f}" for e in experts))
         lines.append("")
     det = summary["detection"]
     if det:
         n = len(summary["seeds"]) * len(next(iter(summary["prompts"].values())))
-        lines.append(f"Detected (share of {n} images per cell; mediapipe):")
-        lines.append(f"  {'':<30}" + "".join(f"{MODE_LABEL[m]:>11}" for m in MODES))
-        for kind, metric, label in (("face", "face_rate", "face found on face prompts"),
-                                    ("hand", "hand_rate", "hand found on hand prompts"),
-                                    ("scene", "face_rate", "face found on scene prompts")):  # fmt: skip
-            lines.append(f"  {label:<30}" + "".join(f"{det[f'{MODE_LABEL[m]}/{kind}'][metric]['mean']:>11.2f}"
-                                                    for m in MODES))  # fmt: skip
+        lines.append(f"Quick look: detected (share of n={n} images per cell, mean ± s.e.; mediapipe):")
+        lines.append(f"  {'':<30}" + "".join(f"{MODE_LABEL[m]:>15}" for m in MODES) + "   MoLE vs base")
+        lines += _rate_rows(lambda mode, kind, metric: det[f"{MODE_LABEL[mode]}/{kind}"][metric])
         lines.append("")
     else:
         lines.append("Detection skipped: mediapipe is not installed (see scripts/install.sh).\n")
+    bench = summary.get("bench")
+    if bench:
+        lines.append(f"Measured ({bench['date']}, n={bench['images_per_cell']} images per cell, held-out prompts; "
+                     "bench/mole_tiny_claims.py):")  # fmt: skip
+        lines += _rate_rows(lambda mode, kind, metric: dict(zip(("mean", "se"),
+                                                                bench["detection"][MODE_LABEL[mode]][kind][metric])))
+        lines.append("")
     c = summary["checks"]
     lines.append(f"Checks: fused vs naive max |diff| {c['max_abs_fused_vs_naive']:.1e}, kohya copy vs embedded "
                  f"{c['max_abs_kohya_hand_vs_embedded_hand']:.1e}, removal exact: {c['remove_restores_base_exactly']}"
