@@ -57,7 +57,7 @@ COMMANDS = {
         "--min-clip --workers --shard-size --overwrite --part --margin"
     ),
     "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",
-    "mole convert": "--mole --expert --base --out --tokenizer --force",
+    "mole convert": "--mole --expert --base --out --tokenizer --overwrite",
     "mole estimate": (
         "config --base --preset --stage --batch-size --resolution --precision --optimizer "
         "--gradient-checkpointing --rank --experts --fits --json"

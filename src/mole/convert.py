@@ -42,7 +42,7 @@ def official_to_mole(
     """Write the official face / hand LoRAs and gate file as one mole file for `model`; the model is left as given."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise MoLEFileError(f"{out} exists; pass overwrite=True (CLI: --force) to replace it")
+        raise MoLEFileError(f"{out} exists; pass --overwrite to replace it")
     gate = Path(gate)
     gate_meta, gate_tensors = _read(gate)
     loaded, record = [], {}
@@ -104,7 +104,7 @@ def mole_to_official(
     }
     clash = [str(f) for f in files.values() if f.exists()]
     if clash and not overwrite:
-        raise MoLEFileError(f"{clash} exist; pass overwrite=True (CLI: --force) to replace them")
+        raise MoLEFileError(f"{clash} exist; pass --overwrite to replace them")
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -73,6 +74,17 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in text:
         text = f"{exc.filename}: {text}"
     return text if len(text) <= 600 else text[:597] + "..."
+
+
+def finite_float(text: str) -> float:
+    """argparse type for numeric options: a finite number (nan / inf are refused with the value named)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
 
 
 def check_file(path: str | None, what: str, flag: str) -> None:
@@ -157,7 +169,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=finite_float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -166,6 +178,9 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--no-strict-base", action="store_true", help="accept a base whose weights differ (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+
+
+MAX_SIDE = 4096  # pixels per side; 100000 would ask for tens of GB before the first step
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
@@ -181,6 +196,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and (v < 8 or v % 8):
             raise ValueError(f"--{name} {v}: use a positive multiple of 8 (e.g. 512)")
+        if v is not None and v > MAX_SIDE:
+            raise ValueError(f"--{name} {v}: at most {MAX_SIDE} px (SDXL draws 1024); give a smaller size")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: use at least 1")
     check_device(args.device)
@@ -205,8 +222,8 @@ def expert_weights(items: list[str] | None) -> dict[str, float] | None:
         for part in item.split(","):
             name, _, value = part.partition("=")
             try:
-                out[name.strip()] = float(value) if value else 1.0
-            except ValueError:
+                out[name.strip()] = finite_float(value) if value else 1.0
+            except (ValueError, argparse.ArgumentTypeError):
                 raise ValueError(f"--experts {part!r}: use name=weight, e.g. face=1.0") from None
     return out
 
