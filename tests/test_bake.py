@@ -183,3 +183,27 @@ def test_from_prompts_weights_equal_the_recorded_conditional_gate_means(tmp_path
         assert abs(got[n] - float(want[i])) < 1e-6
     cond_uncond = torch.stack([rec.global_gates()[:, :, 0].mean((0, 1)), rec.global_gates()[:, :, 1].mean((0, 1))])
     assert float((cond_uncond[0] - cond_uncond[1]).abs().max()) > 1e-6  # the halves differ: the choice matters
+
+
+def test_sdxl_bake_uses_the_sgm_names_convert_writes_and_sums_exactly(tmp_path):
+    from mole import inject_mole, remove_mole, save_mole
+    from mole.bake import bake_mole_file
+    from mole.config import MoLEConfig
+    from mole.convert import mole_to_official
+    from mole.tiny import random_expert, tiny_unet
+
+    unet = tiny_unet("sdxl").eval()
+    experts = [random_expert(unet, "face", seed=1, std=0.2), random_expert(unet, "hand", seed=2, rank=6, std=0.2)]
+    inject_mole(unet, experts, MoLEConfig(gating="both", global_source="expert_output"))
+    ours = save_mole(unet, tmp_path / "mole.safetensors")
+    remove_mole(unet)
+    files = mole_to_official(ours, tmp_path / "official", model=unet)
+    out = tmp_path / "baked.safetensors"
+    with pytest.raises(ValueError, match="needs the base model"):
+        bake_mole_file(ours, out, {"face": 0.5, "hand": -1.5})
+    report = bake_mole_file(ours, out, {"face": 0.5, "hand": -1.5}, model=unet)
+    face, hand, baked = _deltas(files["face"]), _deltas(files["hand"]), _deltas(out)
+    assert set(baked) == set(face) and any(k.startswith("lora_unet_input_blocks_") for k in baked)
+    for k in baked:
+        torch.testing.assert_close(baked[k], 0.5 * face[k] - 1.5 * hand[k], rtol=1e-5, atol=1e-6)
+    assert report.total_rank == 4 + 6 and report.relative_error == 0.0
