@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=24, help="held-out images per set")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="denoising steps when recording the gates")
+    p.add_argument("--ranks", default="4,8,16", help="also the face bake compressed to these ranks (--rank)")
     args = p.parse_args(argv)
     from mole.bake import bake_mole_file, gate_means
     from mole.inference.pipeline import load_loras, load_mole_weights
@@ -64,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
                                    output_type="latent")  # fmt: skip
         bakes[kind] = out / f"{kind}_bake.safetensors"
         bake_mole_file("mole-tiny", bakes[kind], weights[kind], model=model.denoiser, overwrite=True)
+    errors = {}
+    for r in [int(x) for x in args.ranks.split(",") if x]:
+        bakes[f"face-r{r}"] = out / f"face_bake_r{r}.safetensors"
+        rep = bake_mole_file("mole-tiny", bakes[f"face-r{r}"], weights["face"], model=model.denoiser, rank=r,
+                             overwrite=True)  # fmt: skip
+        errors[f"face-r{r} bake"] = rep.relative_error
     loss: dict[str, dict[str, list[float]]] = {}
-    for name in ("base", "MoLE", "face bake", "hand bake"):
+    for name in ("base", "MoLE", "face bake", "hand bake", *errors):
         if name == "base":
             load_mole_weights(model.pipe, "", "none")
         elif name == "MoLE":
@@ -77,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {n: {k: mean_se(v) for k, v in d.items()} for n, d in loss.items()}
     paired = {n: {k: mean_se([a - b for a, b in zip(loss[n][k], loss["MoLE"][k])]) for k in sets}
               for n in ("face bake", "hand bake")}  # fmt: skip
-    results = {"weights": weights, "heldout_loss": summary, "bake_minus_mole": paired, "seeds": seeds,
+    paired |= {n: {k: mean_se([a - b for a, b in zip(loss[n][k], loss["face bake"][k])]) for k in sets}
+               for n in errors}  # fmt: skip
+    results = {"weights": weights, "svd_relative_error": errors, "heldout_loss": summary, "paired": paired,
+               "seeds": seeds,
                "images": {k: len(v[0]) for k, v in sets.items()}, "seconds": time.perf_counter() - t0}  # fmt: skip
     md = [f"Held-out denoising loss (epsilon MSE, 5 fixed timesteps, fixed noise; lower is better; "
           f"{', '.join(f'{k}: {n} images' for k, n in results['images'].items())} x {len(seeds)} seeds). "
@@ -86,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
           + "\n"]  # fmt: skip
     md.append(table(["model", "face close-ups", "hand close-ups", "scenes"],
                     [[n] + [fmt(summary[n][k], 4) for k in sets] for n in loss]
-                    + [[f"{n} − MoLE (paired)"] + [fmt(paired[n][k], 4) for k in sets] for n in paired]))  # fmt: skip
+                    + [[f"{n} − {'face bake' if n in errors else 'MoLE'} (paired)"]
+                       + [fmt(paired[n][k], 4) for k in sets] for n in paired]))  # fmt: skip
+    md.append("\nSVD relative Frobenius error of the face bake: "
+              + ", ".join(f"{n.split()[0]}: {e:.3f}" for n, e in errors.items()))  # fmt: skip
     (out / "bake_loss.json").write_text(json.dumps(results, indent=2))
     (out / "bake_loss.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
