@@ -19,7 +19,9 @@ def make_layer(base, ranks=(4, 6, 3), missing=(), gating="both", source="input",
     d_out = base.out_channels if isinstance(base, nn.Conv2d) else base.out_features
     names = [f"e{i}" for i in range(len(ranks))]
     experts = {
-        n: LoraPair(torch.randn(r, d_in, generator=g) * 0.3, torch.randn(d_out, r, generator=g) * 0.3, alpha=r * ALPHA_OVER_R)
+        n: LoraPair(
+            torch.randn(r, d_in, generator=g) * 0.3, torch.randn(d_out, r, generator=g) * 0.3, alpha=r * ALPHA_OVER_R
+        )
         for n, r in zip(names, ranks)
         if n not in missing
     }
