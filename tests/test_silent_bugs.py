@@ -47,3 +47,31 @@ def test_kohya_writer_keys_and_shapes_read_literally(tmp_path):
     # the delta a kohya reader builds, up @ down * alpha / rank, written out literally
     delta = sd[f"{flat}.lora_up.weight"].float() @ sd[f"{flat}.lora_down.weight"].float() * (2.0 / 4)
     torch.testing.assert_close(delta, up @ down * 0.5)
+
+
+def test_peft_rslora_adapter_file_matches_peft_output(tmp_path):
+    # bug targeted: rsLoRA read with the wrong scale (peft's is alpha / sqrt(r)). Reference: peft's own model output.
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from mole import MoLEConfig, inject_mole, load_expert
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 20))
+    ref = get_peft_model(
+        nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_rslora=True)
+    )
+    ref.base_model.model[0].base_layer.load_state_dict(base[0].state_dict())
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    ref.save_pretrained(tmp_path / "adapter")
+    x = torch.randn(3, 12)
+    expected = ref(x)
+    expert = load_expert(tmp_path / "adapter", "face")
+    inject_mole(base, [expert], MoLEConfig(gating="none", targets=["0"]))
+    torch.testing.assert_close(base(x), expected, rtol=1e-5, atol=1e-6)
+    # the adapter is not a no-op (peft scale 8/sqrt(4) = 4; a reader using alpha/r = 2 or alpha/r^1.5 = 1 fails above)
+    delta = (expected - ref.base_model.model[0].base_layer(x)).detach()
+    assert delta.abs().max() > 0
