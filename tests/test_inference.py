@@ -195,3 +195,22 @@ def test_generate_and_inspect_other_pipelines(tmp_path, kind):
     data = inspect(InspectOptions(base=str(tmp_path / "base"), mole=str(tmp_path / "mole.safetensors"),
                                   prompts=["a face"], steps=3, map_steps=2, out_dir=str(tmp_path / "i")))  # fmt: skip
     assert len(data["global_mean"]["face"]) == 3 and data["local_maps"]["0"]
+
+
+def test_inspect_records_the_conditional_half_of_cfg(tmp_path, tiny_mole):
+    # bug targeted: inspect keeping the unconditional half of the CFG batch. Reference: a conditional-only run
+    # (guidance 1: no CFG batch) with the same seed has the same first-step latents, hence the same step-0 gates.
+    from mole import record_gates
+
+    data = inspect(InspectOptions(base=str(tiny_mole / "base"), mole=str(tiny_mole / "mole.safetensors"),
+                                  prompts=["a face"], steps=2, map_steps=1, height=64, width=64,
+                                  guidance_scale=7.5, out_dir=str(tmp_path)))  # fmt: skip
+    pipe = load_mole_weights(DiffusionModel.from_pretrained(tiny_mole / "base").pipe, tiny_mole / "mole.safetensors")
+    with record_gates(pipe.unet, keep_local=False) as rec:
+        pipe(prompt="a face", num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
+             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    g = rec.global_gates()  # (steps, layers, b=1, e)
+    assert g.shape[2] == 1
+    for j, layer in enumerate(data["layers"]):
+        for e, name in enumerate(data["experts"]):
+            assert abs(data["global_per_layer"][layer][name][0] - float(g[0, j, 0, e])) < 1e-5, (layer, name)

@@ -9,6 +9,7 @@ from torch import nn
 from mole import GateInit, LoraPair, MoLEConfig, MoLELayer
 
 GATINGS = ["local", "global", "both", "none"]
+ALPHA_OVER_R = 1.5  # make_layer's experts have alpha = 1.5 r; references use this literal, never LoraPair.scale
 SOURCES = ["input", "expert_output"]
 
 
@@ -18,7 +19,9 @@ def make_layer(base, ranks=(4, 6, 3), missing=(), gating="both", source="input",
     d_out = base.out_channels if isinstance(base, nn.Conv2d) else base.out_features
     names = [f"e{i}" for i in range(len(ranks))]
     experts = {
-        n: LoraPair(torch.randn(r, d_in, generator=g) * 0.3, torch.randn(d_out, r, generator=g) * 0.3, alpha=r * 1.5)
+        n: LoraPair(
+            torch.randn(r, d_in, generator=g) * 0.3, torch.randn(d_out, r, generator=g) * 0.3, alpha=r * ALPHA_OVER_R
+        )
         for n, r in zip(names, ranks)
         if n not in missing
     }
@@ -34,7 +37,7 @@ def manual_reference(layer: MoLELayer, x: torch.Tensor) -> torch.Tensor:
     glob = torch.sigmoid(x.mean(1) @ g.global_weight.T + g.global_bias)  # (b, e)
     for i, name in enumerate(layer.expert_names):
         p = layer.expert(name)
-        y = ((x * s[..., i : i + 1]) @ p.down.T) @ p.up.T * (p.alpha / p.rank)
+        y = ((x * s[..., i : i + 1]) @ p.down.T) @ p.up.T * ALPHA_OVER_R
         out = out + glob[:, i, None, None] * y
     return out
 
@@ -138,7 +141,7 @@ def test_no_gating_is_the_plain_sum_of_loras():
     assert list(layer.gates.parameters()) == []
     x = torch.randn(2, 3, 8)
     expected = base(x) + sum(
-        (x @ layer.expert(n).down.T @ layer.expert(n).up.T) * layer.expert(n).scale for n in layer.expert_names
+        (x @ layer.expert(n).down.T @ layer.expert(n).up.T) * ALPHA_OVER_R for n in layer.expert_names
     )
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -149,7 +152,7 @@ def test_zero_gate_init_starts_every_gate_at_one_half():
     layer = make_layer(base, (2, 2), init="zero")
     x = torch.randn(2, 3, 8)
     expected = base(x) + 0.25 * sum(
-        (x @ layer.expert(n).down.T @ layer.expert(n).up.T) * layer.expert(n).scale for n in layer.expert_names
+        (x @ layer.expert(n).down.T @ layer.expert(n).up.T) * ALPHA_OVER_R for n in layer.expert_names
     )
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -246,7 +249,7 @@ def test_expert_weights_scale_each_expert(fused):
     x = torch.randn(2, 3, 8)
     e0, e1 = (layer.expert(n) for n in layer.expert_names)
     layer.expert_weight.copy_(torch.tensor([0.5, 0.0]))
-    expected = base(x) + 0.5 * (x @ e0.down.T @ e0.up.T) * e0.scale
+    expected = base(x) + 0.5 * (x @ e0.down.T @ e0.up.T) * ALPHA_OVER_R
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
