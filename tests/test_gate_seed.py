@@ -21,3 +21,23 @@ def test_gate_init_is_a_function_of_the_generator_not_global_state():
         assert torch.equal(pa, pb), na
         assert not torch.equal(pa, pc), na
         assert pa.abs().max() <= 1 / 8**0.5 + 1e-7
+
+
+def test_mole_layer_gates_do_not_depend_on_global_rng():
+    from mole import LoraPair, MoLEConfig, MoLELayer
+
+    def layer(global_seed: int, path: str) -> MoLELayer:
+        torch.manual_seed(global_seed)
+        base = nn_linear()
+        a, b = torch.ones(2, 8), torch.ones(6, 2)
+        return MoLELayer(base, ["x", "y"], {"x": LoraPair(a, b, 2), "y": LoraPair(a, b, 2)}, MoLEConfig(), path=path)
+
+    one, two, other = layer(1, "down.0"), layer(2, "down.0"), layer(1, "down.1")
+    for (n, p1), (_, p2), (_, p3) in zip(one.gates.named_parameters(), two.gates.named_parameters(),
+                                        other.gates.named_parameters()):
+        assert torch.equal(p1, p2), n
+        assert not torch.equal(p1, p3), n
+
+
+def nn_linear():
+    return torch.nn.Linear(8, 6)
