@@ -29,6 +29,7 @@ class MoLEGates(nn.Module):
         init: GateInit = GateInit.DEFAULT,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -42,18 +43,19 @@ class MoLEGates(nn.Module):
             dim = in_features if global_source is GlobalSource.INPUT else out_features
             self.global_weight = nn.Parameter(torch.empty(num_experts, dim, **kw))
             self.global_bias = nn.Parameter(torch.empty(num_experts, **kw))
-        self.reset_parameters(init)
+        self.reset_parameters(init, generator=generator)
 
     @torch.no_grad()
-    def reset_parameters(self, init: GateInit = GateInit.DEFAULT) -> None:
+    def reset_parameters(self, init: GateInit = GateInit.DEFAULT, generator: torch.Generator | None = None) -> None:
+        # generator: a seeded torch.Generator (CPU) makes the init a function of the run seed, not of global state
         for weight, bias in self._pairs():
             if init is GateInit.ZERO:
                 weight.zero_()
                 bias.zero_()
             else:  # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
                 bound = 1.0 / math.sqrt(weight.shape[1])
-                weight.uniform_(-bound, bound)
-                bias.uniform_(-bound, bound)
+                weight.copy_(torch.empty(weight.shape).uniform_(-bound, bound, generator=generator))
+                bias.copy_(torch.empty(bias.shape).uniform_(-bound, bound, generator=generator))
 
     def _pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         pairs = []

@@ -16,6 +16,7 @@ r stacked rank rows of all experts (R = sum of the experts' ranks at this layer)
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -167,6 +168,10 @@ class MoLELayer(nn.Module):
             config.gate_init,
             dtype=ref.dtype,
             device=ref.device,
+            # a function of the layer name (and the config's seed where it has one), never of global RNG state
+            generator=torch.Generator().manual_seed(
+                zlib.crc32(path.encode()) + 1_000_003 * int(getattr(config, "seed", 0) or 0)
+            ),
         )
         self._aug_cache: tuple[tuple, torch.Tensor] | None = None
         self._dense_cache: tuple[tuple, torch.Tensor] | None = None
