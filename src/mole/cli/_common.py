@@ -12,6 +12,19 @@ from pathlib import Path
 logger = logging.getLogger("mole")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan / inf are refused with a one-line error naming the value)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a number such as 7.5")
+    return value
+
+
 def quiet_dependencies(verbose: int, load: bool = True) -> None:
     """transformers / diffusers / huggingface_hub / absl (mediapipe) / TFLite: errors only and no loading bars,
     unless -vv. Environment settings the user made win."""
@@ -157,7 +170,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=finite_float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)

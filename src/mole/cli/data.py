@@ -7,6 +7,8 @@ import json
 import logging
 import os
 
+from ._common import finite_float
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build training sets: scene crops, face / hand close-ups, blur filter")
@@ -15,15 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _data_args(scenes)
     scenes.add_argument("--window", type=int, default=1024)
     scenes.add_argument("--stride", type=int, default=512)
-    scenes.add_argument("--min-pose-presence", type=float, default=0.8,
+    scenes.add_argument("--min-pose-presence", type=finite_float, default=0.8,
                         help="pose-presence score a pose found in a window needs (default 0.8; 0.5 lets through poses "
                         "on animals, food and beds)")
-    scenes.add_argument("--min-person", type=float, default=0.03,
+    scenes.add_argument("--min-person", type=finite_float, default=0.03,
                         help="the posed person's pixels a window needs, as a fraction of it (default 0.03)")
-    scenes.add_argument("--little-person", type=float, default=0.05,
+    scenes.add_argument("--little-person", type=finite_float, default=0.05,
                         help="drop windows whose person covers less than this and hold no confident face of >= 6 %% "
                         "of the window side (default 0.05)")
-    scenes.add_argument("--min-person-agreement", type=float, default=0.2,
+    scenes.add_argument("--min-person-agreement", type=finite_float, default=0.2,
                         help="share of the posed person's pixels the person segmenter must also mark as person for "
                         "the pose to count (default 0.2; poses found on objects sit on background: 0.0)")
     scenes.add_argument("--pose-tiles", action=argparse.BooleanOptionalAction, default=True,
@@ -32,16 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     scenes.add_argument("--tile-landmarks", type=int, default=0,
                         help="visible landmarks (of 33) a pose found in a tile needs (default 0: the head-face and "
                         "segmenter checks decide)")
-    scenes.add_argument("--min-head-face", type=float, default=0.5,
+    scenes.add_argument("--min-head-face", type=finite_float, default=0.5,
                         help="face confidence a pose needs at its head to count as a person (default 0.5; poses found "
                         "on animals, vases and food have none; 0: the segmenter check alone)")
-    scenes.add_argument("--min-wrist-hand", type=float, default=0.8,
+    scenes.add_argument("--min-wrist-hand", type=finite_float, default=0.8,
                         help="hand confidence at a pose's wrist that confirms it when no face is at its head (default "
                         "0.8; a back turned, a face hidden)")
     close = data_sub.add_parser("closeups", help="face or hand close-ups from detections")
     _data_args(close)
     close.add_argument("--part", choices=["face", "hand"], default="face")
-    close.add_argument("--margin", type=float, default=0.4)
+    close.add_argument("--margin", type=finite_float, default=0.4)
     flt = data_sub.add_parser("train-filter", help="train the blur / low-quality CNN from labelled folders")
     flt.add_argument("--good", required=True, help="sharp, good images")
     flt.add_argument("--bad", help="blurry / low-quality images (optional with synthetic blur)")
@@ -56,9 +58,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="folder of raw images (searched recursively)")
     p.add_argument("out", help="output folder: images/, manifest.jsonl, stats.json")
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--min-sharpness", type=float, default=30.0, help="variance-of-Laplacian floor (0: off)")
+    p.add_argument("--min-sharpness", type=finite_float, default=30.0, help="variance-of-Laplacian floor (0: off)")
     p.add_argument("--blur-filter", help="a BlurNet from `mole data train-filter`")
-    p.add_argument("--min-blur-score", type=float, default=0.5)
+    p.add_argument("--min-blur-score", type=finite_float, default=0.5)
     p.add_argument("--captioner", action="append",
                    help="template:<text with {part}> | sidecar | hf:<model> (a vision-language model per crop, the "
                    "paper's path); repeat for several (first caption wins); the mode's template ('a photo of a "
@@ -69,12 +71,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    "'Describe this image in one sentence with details.')")
     p.add_argument("--tokenizer", default="auto", help="CLIP tokenizer folder (vocab.json, merges.txt) to truncate "
                    "captions; auto (default): the real CLIP tokenizer when one is on this machine; none: words")
-    p.add_argument("--min-confidence", type=float,
+    p.add_argument("--min-confidence", type=finite_float,
                    help="detector confidence floor: the face / hand detection a close-up needs (default: 0.8 for "
                    "face close-ups, else 0.5)")
-    p.add_argument("--min-face-confidence", type=float, default=0.8,
+    p.add_argument("--min-face-confidence", type=finite_float, default=0.8,
                    help="scenes: a face this confident marks a window as holding a person (default 0.8)")
-    p.add_argument("--min-scale", type=float,
+    p.add_argument("--min-scale", type=finite_float,
                    help="upscale floor: windows / crops whose source side is below MIN_SCALE x --size are dropped "
                    "('upscale_floor'), never upscaled more than 1/MIN_SCALE; larger ones are downscaled (a 1024 "
                    "window -> 512); 0: any upscale. Default 0.7 for scenes (at most 1.43x), 0.15 for close-ups "
@@ -82,10 +84,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dedupe-distance", type=int, default=3, choices=range(4), metavar="0-3",
                    help="near-duplicate crops across photos: pHash Hamming distance (default 3; resized / re-encoded "
                    "copies are at 0-2, and so are burst shots of one hand)")
-    p.add_argument("--max-overlap", type=float, default=0.5,
+    p.add_argument("--max-overlap", type=finite_float, default=0.5,
                    help="no two kept crops of one photo overlap by more than this IoU (default 0.5; 1: off)")
     p.add_argument("--clip-filter", help="CLIP weights (folder or hub id) for the CLIP-score filter")
-    p.add_argument("--min-clip", type=float, default=20.0)
+    p.add_argument("--min-clip", type=finite_float, default=20.0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--shard-size", type=int, default=0, help="also write webdataset tar shards of N samples")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build in OUT made with other options")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._common import finite_float
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     est = sub.add_parser("estimate", help="accelerator memory of a training stage (weights, gradients, optimizer, "
@@ -20,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     est.add_argument("--gradient-checkpointing", dest="checkpointing", action="store_true", default=None)
     est.add_argument("--rank", type=int, help="expert rank (stage 2 / 3)")
     est.add_argument("--experts", type=int, help="number of experts (stage 3)")
-    est.add_argument("--fits", type=float, nargs="+", metavar="GIB", help="also the largest batch size per budget")
+    est.add_argument("--fits", type=finite_float, nargs="+", metavar="GIB",
+                     help="also the largest batch size per budget")
     est.add_argument("--json", action="store_true")
     est.set_defaults(func=_cmd_estimate)
 

@@ -356,12 +356,16 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TrainConfigError(f"{name}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise TrainConfigError(f"{name}={value!r} must be a finite number (nan / inf are not settings)")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TrainConfigError(f"{name}={value!r} must be a whole number")
         return value
     if tp is str:
+        if name == "resume" and value is False:  # resume = false: start fresh, as resume = "none"
+            return None
         if not isinstance(value, (str, Path)):
             raise TrainConfigError(f"{name}={value!r} must be a string")
         return str(value)
