@@ -124,3 +124,18 @@ def test_importing_the_cli_and_building_its_parser_stay_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_nan_and_inf_are_refused_in_every_numeric_option_and_config_value(capsys):
+    # the class: no option anywhere parses with a bare float (which takes nan / inf)
+    bare = [f"{p.prog} {a.option_strings}" for p in _parsers(build_parser()) for a in p._actions if a.type is float]
+    assert bare == []
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--base", "b", "--prompt", "x", f"--guidance-scale={value}"])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # argparse's usage, then one error line naming the option and value
+        assert exc.value.code == 2 and f"--guidance-scale: {value!r} is not a finite number" in last
+    for value in ("nan", "inf"):  # a config value (TOML reads nan / inf as floats)
+        assert main(["train", "--preset", "stage2-face", "--set", "model=m", "--set", "data.path=d",
+                     "--set", f"optim.lr={value}", "--print-config"]) == 2  # fmt: skip
