@@ -25,7 +25,7 @@ COMMANDS = {
         "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
         "--resume --overwrite"
     ),
-    "mole train": "--config --preset --set --print-config --tokenizer --overwrite",
+    "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes",
     "mole generate": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
         "--height --width --seed --dtype --device --no-strict-base --overwrite --out --num-images --seeds "
@@ -57,7 +57,7 @@ COMMANDS = {
         "--min-clip --workers --shard-size --overwrite --part --margin"
     ),
     "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",
-    "mole convert": "--mole --expert --base --out --tokenizer --force",
+    "mole convert": "--mole --expert --base --out --tokenizer --overwrite",
     "mole estimate": (
         "config --base --preset --stage --batch-size --resolution --precision --optimizer "
         "--gradient-checkpointing --rank --experts --fits --json"
@@ -139,3 +139,19 @@ def test_nan_and_inf_are_refused_in_every_numeric_option_and_config_value(capsys
     for value in ("nan", "inf"):  # a config value (TOML reads nan / inf as floats)
         assert main(["train", "--preset", "stage2-face", "--set", "model=m", "--set", "data.path=d",
                      "--set", f"optim.lr={value}", "--print-config"]) == 2  # fmt: skip
+
+
+def test_one_word_per_concept_and_messages_in_cli_terms():
+    # every command that replaces files says --overwrite (mole convert said --force)
+    words = {s for p in _parsers(build_parser()) for a in p._actions for s in a.option_strings}
+    assert "--overwrite" in words and "--force" not in words
+    import tempfile
+    from pathlib import Path
+
+    from mole.outputs import OutputExistsError, check_output_dir
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.toml").write_text("")
+        with pytest.raises(OutputExistsError) as exc:
+            check_output_dir(Path(d), ("config.toml",), False, "mole train")
+    assert "--overwrite" in str(exc.value) and "overwrite=True" not in str(exc.value)

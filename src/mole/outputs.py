@@ -45,8 +45,8 @@ def check_output_dir(out: str | Path, names: Iterable[str], overwrite: bool, wha
     if not overwrite:
         hint = f"; {resume_hint}" if resume_hint else ""
         raise OutputExistsError(
-            f"{what}: output folder {str(out)!r} already holds results ({', '.join(found)}); pass --overwrite "
-            f"(overwrite=True) to replace them, or choose another output folder{hint}"
+            f"{what}: output folder {str(out)!r} already holds results ({', '.join(found)}); pass --overwrite to "
+            f"replace them, or choose another output folder{hint}"
         )
     for name in found:
         p = out / name
@@ -84,7 +84,7 @@ def check_output_file(path: str | Path, overwrite: bool, what: str) -> Path:
         raise OutputExistsError(f"{what}: {str(path)!r} is a folder; give a file path")
     if path.exists() and not overwrite:
         raise OutputExistsError(
-            f"{what}: {str(path)!r} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
+            f"{what}: {str(path)!r} already exists; pass --overwrite to replace it, or choose "
             "another file name"
         )
     return path

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--base", help="the base model (required for the paper's files; for SDXL mole files)")
     conv.add_argument("--out", required=True, help="mole .safetensors, or a folder for the official layout")
     tokenizer_arg(conv)
-    conv.add_argument("--force", action="store_true", help="replace existing output files")
+    conv.add_argument("--overwrite", action="store_true", help="replace existing output files")
     conv.set_defaults(func=_cmd_convert)
 
 
@@ -30,11 +30,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if model is None:
             raise ValueError("--base is required to convert the paper's files: the manifest identifies the base model")
         files = expert_files(args.expert) or {}
-        out = official_to_mole(model, args.mole, files, args.out, base_model=args.base, overwrite=args.force)
+        out = official_to_mole(model, args.mole, files, args.out, base_model=args.base, overwrite=args.overwrite)
         print(json.dumps({"mole": str(out)}, indent=2))
     else:
         if args.expert:
             raise ValueError("--expert is for converting the paper's gate file; a mole file embeds its experts")
-        written = mole_to_official(args.mole, args.out, model=model, overwrite=args.force)
+        written = mole_to_official(args.mole, args.out, model=model, overwrite=args.overwrite)
         print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
     return 0
