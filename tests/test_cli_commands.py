@@ -155,3 +155,9 @@ def test_one_word_per_concept_and_messages_in_cli_terms():
         with pytest.raises(OutputExistsError) as exc:
             check_output_dir(Path(d), ("config.toml",), False, "mole train")
     assert "--overwrite" in str(exc.value) and "overwrite=True" not in str(exc.value)
+
+
+def test_inspect_without_mole_is_a_one_line_error(caplog):
+    assert main(["inspect", "--base", "b", "--prompt", "x"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "needs --mole" in errors[0] and "internal error" not in errors[0]
