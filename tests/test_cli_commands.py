@@ -161,3 +161,10 @@ def test_inspect_without_mole_is_a_one_line_error(caplog):
     assert main(["inspect", "--base", "b", "--prompt", "x"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "needs --mole" in errors[0] and "internal error" not in errors[0]
+
+
+def test_all_unknown_config_keys_reported_at_once_with_the_nearest(caplog):
+    assert main(["train", "--preset", "stage2-face", "--set", "model=m", "--set", "data.path=d", "--set",
+                 "max_step=3", "--set", "chekpoint_every=2", "--print-config"]) == 2  # fmt: skip
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "max_step (did you mean max_steps?)" in error and "chekpoint_every (did you mean checkpoint_every?)" in error

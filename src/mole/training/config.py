@@ -305,8 +305,14 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
+        import difflib
+
+        def near(u: str) -> str:
+            match = difflib.get_close_matches(u, sorted(known), n=1, cutoff=0.6)
+            return f"{prefix}{u} (did you mean {prefix}{match[0]}?)" if match else f"{prefix}{u}"
+
         raise TrainConfigError(
-            f"unknown option(s) {[prefix + u for u in unknown]}; known options here: {sorted(known)}"
+            f"unknown option(s) {', '.join(near(u) for u in unknown)}; known options here: {sorted(known)}"
         )
     kwargs = {}
     for f in fields(cls):
