@@ -25,7 +25,7 @@ COMMANDS = {
         "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
         "--resume --overwrite"
     ),
-    "mole train": "--config --preset --set --print-config --tokenizer --overwrite",
+    "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes",
     "mole generate": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
         "--height --width --seed --dtype --device --no-strict-base --overwrite --out --num-images --seeds "
@@ -127,3 +127,47 @@ def test_importing_the_cli_and_building_its_parser_stay_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_nan_and_inf_are_refused_in_every_numeric_option_and_config_value(capsys):
+    # the class: no option anywhere parses with a bare float (which takes nan / inf)
+    bare = [f"{p.prog} {a.option_strings}" for p in _parsers(build_parser()) for a in p._actions if a.type is float]
+    assert bare == []
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--base", "b", "--prompt", "x", f"--guidance-scale={value}"])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # argparse's usage, then one error line naming the option and value
+        assert exc.value.code == 2 and f"--guidance-scale: {value!r} is not a finite number" in last
+    for value in ("nan", "inf"):  # a config value (TOML reads nan / inf as floats)
+        assert main(["train", "--preset", "stage2-face", "--set", "model=m", "--set", "data.path=d",
+                     "--set", f"optim.lr={value}", "--print-config"]) == 2  # fmt: skip
+
+
+def test_one_word_per_concept_and_messages_in_cli_terms():
+    # every command that replaces files says --overwrite (mole convert said --force)
+    words = {s for p in _parsers(build_parser()) for a in p._actions for s in a.option_strings}
+    assert "--overwrite" in words and "--force" not in words
+    import tempfile
+    from pathlib import Path
+
+    from mole.outputs import OutputExistsError, check_output_dir
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.toml").write_text("")
+        with pytest.raises(OutputExistsError) as exc:
+            check_output_dir(Path(d), ("config.toml",), False, "mole train")
+    assert "--overwrite" in str(exc.value) and "overwrite=True" not in str(exc.value)
+
+
+def test_inspect_without_mole_is_a_one_line_error(caplog):
+    assert main(["inspect", "--base", "b", "--prompt", "x"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "needs --mole" in errors[0] and "internal error" not in errors[0]
+
+
+def test_all_unknown_config_keys_reported_at_once_with_the_nearest(caplog):
+    assert main(["train", "--preset", "stage2-face", "--set", "model=m", "--set", "data.path=d", "--set",
+                 "max_step=3", "--set", "chekpoint_every=2", "--print-config"]) == 2  # fmt: skip
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "max_step (did you mean max_steps?)" in error and "chekpoint_every (did you mean checkpoint_every?)" in error

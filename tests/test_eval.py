@@ -365,7 +365,7 @@ def test_eval_config_errors_name_the_field(tmp_path):
     with pytest.raises(TrainConfigError, match=r"models\[0\]\.mode='softmax' is not valid"):
         load_eval_config(cfg)
     cfg.write_text('benchmark = "b"\nrepeat = 3\n[[models]]\nname = "m"\nbase = "b"\n')
-    with pytest.raises(TrainConfigError, match=r"unknown option\(s\) \['repeat'\]"):
+    with pytest.raises(TrainConfigError, match=r"unknown option\(s\) repeat \(did you mean repeats\?\)"):
         load_eval_config(cfg)
 
 

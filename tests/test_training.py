@@ -196,3 +196,30 @@ def test_accumulation_checkpointing_bf16_caches_and_tensorboard(tmp_path, tiny_s
     assert events and events[0].stat().st_size > 0
     expert = load_expert(result.final[0], "face")
     assert all(p.up.dtype == torch.float32 and p.up.abs().sum() > 0 for p in expert.layers.values())
+
+
+def test_cli_resume_is_explicit_about_changed_settings(tmp_path, tiny_sd15_dir, faces_dir, capsys, caplog):
+    from mole.cli import main
+
+    out = tmp_path / "run"
+    base = ["train", "--preset", "stage2-face", *[a for s in [f"model='{tiny_sd15_dir}'", f"data.path='{faces_dir}'",
+            f"output_dir='{out}'", *FAST, "expert.rank=2", "expert.alpha=2", "checkpoint_every=2"]
+            for a in ("--set", s)]]  # fmt: skip
+    # resume=none / false start fresh (they used to be refused as "not a checkpoint folder")
+    assert main([*base, "--set", "max_steps=2", "--set", "resume=none"]) == 0
+    assert main([*base, "--set", "max_steps=2", "--set", "resume=false", "--overwrite"]) == 0
+    capsys.readouterr()
+    caplog.clear()
+    # a changed learning rate stops the resume, naming the key, both values and the two ways forward
+    assert main([*base, "--set", "max_steps=3", "--set", "resume=latest", "--set", "optim.lr=5e-4"]) == 2
+    err = capsys.readouterr().err + caplog.text
+    assert "optim.lr" in err and "0.0005" in err and "output_dir" in err and "--accept-changes" in err
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "max_steps" not in errors[0]  # one line; more steps is a safe change
+    assert not (out / "checkpoints" / "checkpoint-0000003").exists()
+    # more steps alone is applied; with --accept-changes the new lr too, and config.toml says what ran
+    assert main([*base, "--set", "max_steps=3", "--set", "resume=latest"]) == 0
+    assert json.loads(capsys.readouterr().out)["start_step"] == 2
+    assert main([*base, "--set", "max_steps=4", "--set", "resume=latest", "--set", "optim.lr=5e-4",
+                 "--accept-changes"]) == 0  # fmt: skip
+    assert "5e-4" in (out / "config.toml").read_text() or "0.0005" in (out / "config.toml").read_text()

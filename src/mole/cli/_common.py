@@ -13,6 +13,19 @@ from pathlib import Path
 logger = logging.getLogger("mole")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan / inf are refused with a one-line error naming the value)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a number such as 7.5")
+    return value
+
+
 def quiet_dependencies(verbose: int, load: bool = True) -> None:
     """transformers / diffusers / huggingface_hub / absl (mediapipe) / TFLite: errors only and no loading bars,
     unless -vv. Environment settings the user made win."""
@@ -74,17 +87,6 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in text:
         text = f"{exc.filename}: {text}"
     return text if len(text) <= 600 else text[:597] + "..."
-
-
-def finite_float(text: str) -> float:
-    """argparse type for numeric options: a finite number (nan / inf are refused with the value named)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
-    return value
 
 
 def check_file(path: str | None, what: str, flag: str) -> None:

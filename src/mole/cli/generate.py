@@ -72,6 +72,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ..inference import InspectOptions, inspect
 
+    if not args.mole:  # inspect shows a mixture's gates: without one there is nothing to show
+        raise ValueError("mole inspect needs --mole: the MoLE .safetensors (or mole-tiny) whose gates to show")
     check_sampling_args(args)
     out = output_dir(args, "runs/inspect", InspectOptions.OUTPUTS, "mole inspect")
     data = inspect(InspectOptions(

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--overwrite", action="store_true",
                     help="start afresh in an output_dir that holds an earlier run (its checkpoints, final/ and "
                          "metrics are removed); to continue that run use --set resume=latest")  # fmt: skip
+    tr.add_argument("--accept-changes", action="store_true",
+                    help="resume a run with settings that differ from its checkpoint's (without it, a changed "
+                         "setting other than steps / logging stops with the list of changes)")  # fmt: skip
     tr.set_defaults(func=_cmd_train)
 
 
@@ -37,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(annotated_toml(cfg, args.preset, int(os.environ.get("WORLD_SIZE", "1"))), end="")
         return 0
     try:
-        result = train(cfg, overwrite=args.overwrite)
+        result = train(cfg, overwrite=args.overwrite, accept_changes=args.accept_changes)
     except TrainingInterrupted as exc:
         if os.environ.get("RANK", "0") == "0":
             cmd = _resume_command(args.argv)

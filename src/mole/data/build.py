@@ -382,7 +382,7 @@ def _check_earlier_build(opts: BuildOptions, out: Path) -> None:
         diffs = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
         raise OutputExistsError(
             f"mole data: {str(out)!r} holds a build made with other options ({diffs}); pass --overwrite "
-            "(overwrite=True) to build again with the new options, or choose another output folder"
+            "to build again with the new options, or choose another output folder"
         )
 
 

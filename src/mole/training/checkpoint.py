@@ -86,8 +86,11 @@ def checkpoint_state(path: Path) -> dict:
         return {}
 
 
-def resolve_resume(resume: str | None, folder: Path) -> Path | None:
-    if resume is None:
+NO_RESUME = ("", "none", "false", "no", "off")
+
+
+def resolve_resume(resume: str | bool | None, folder: Path) -> Path | None:
+    if resume is None or resume is False or str(resume).strip().lower() in NO_RESUME:
         return None
     if resume == "latest":
         found = list_checkpoints(folder)

@@ -305,8 +305,14 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
+        import difflib
+
+        def near(u: str) -> str:
+            match = difflib.get_close_matches(u, sorted(known), n=1, cutoff=0.6)
+            return f"{prefix}{u} (did you mean {prefix}{match[0]}?)" if match else f"{prefix}{u}"
+
         raise TrainConfigError(
-            f"unknown option(s) {[prefix + u for u in unknown]}; known options here: {sorted(known)}"
+            f"unknown option(s) {', '.join(near(u) for u in unknown)}; known options here: {sorted(known)}"
         )
     kwargs = {}
     for f in fields(cls):
@@ -356,12 +362,16 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TrainConfigError(f"{name}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise TrainConfigError(f"{name}={value!r} must be a finite number (nan / inf are not settings)")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TrainConfigError(f"{name}={value!r} must be a whole number")
         return value
     if tp is str:
+        if name == "resume" and value is False:  # resume = false: start fresh, as resume = "none"
+            return None
         if not isinstance(value, (str, Path)):
             raise TrainConfigError(f"{name}={value!r} must be a string")
         return str(value)

@@ -86,7 +86,62 @@ def load_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype | dic
     return {"default": weight_dtype, **trained}
 
 
-def check_run_folder(cfg: TrainConfig, overwrite: bool = False) -> tuple[Path | None, dict]:
+# settings a resumed run may change without changing what it trains; every other change needs accept_changes
+SAFE_ON_RESUME = ("max_steps", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                  "output_dir")  # fmt: skip
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _norm(v):
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items() if x is not None and x != {}}
+    return None if v == {} else v
+
+
+def resume_changes(cfg: TrainConfig, checkpoint: Path) -> dict[str, tuple]:
+    """Settings that differ between cfg and the config.toml saved with the checkpoint: {key: (old, new)}."""
+    import tomllib
+
+    try:
+        old = _flat(tomllib.loads((Path(checkpoint) / "config.toml").read_text()))
+    except (OSError, ValueError):
+        return {}
+    new = _flat(tomllib.loads(cfg.to_toml()))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if _norm(old.get(k)) != _norm(new.get(k))}  # fmt: skip
+
+
+def check_resume_settings(cfg: TrainConfig, checkpoint: Path, accept_changes: bool = False) -> dict[str, tuple]:
+    """Log the safe changes (e.g. more steps); raise naming every other changed key unless accept_changes."""
+    changes = resume_changes(cfg, checkpoint)
+    unsafe = {k: v for k, v in changes.items() if k.split(".")[0] not in SAFE_ON_RESUME}
+    for k, (a, b) in changes.items():
+        if k not in unsafe:
+            logger.warning("resume: %s changed from %r to %r", k, a, b)
+    if unsafe and not accept_changes:
+        named = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
+        raise TrainConfigError(
+            f"resuming {checkpoint} with changed settings: {named}; start a new run in another output_dir "
+            f"(--set output_dir=...), or continue with the new settings with --accept-changes"
+        )
+    for k, (a, b) in unsafe.items():
+        logger.warning("resume: %s changed from %r to %r (accepted)", k, a, b)
+    return changes
+
+
+def check_run_folder(cfg: TrainConfig, overwrite: bool = False,
+                     accept_changes: bool = False) -> tuple[Path | None, dict]:  # fmt: skip
     """Before anything heavy: the checkpoint to resume from (and its state), or, for a fresh start, a check that
     output_dir holds no earlier run (unless overwrite). Raises with the field, the value and the fix."""
     out = Path(cfg.output_dir)
@@ -98,6 +153,8 @@ def check_run_folder(cfg: TrainConfig, overwrite: bool = False) -> tuple[Path | 
             f"max_steps={cfg.max_steps} is below the step of the checkpoint to resume ({state['step']}, {resume_from});"
             f" set max_steps to at least {state['step']}, or start afresh in another output_dir"
         )
+    if resume_from is not None:
+        check_resume_settings(cfg, resume_from, accept_changes)
     _check_inputs(cfg)
     own = resume_from is not None and resume_from.parent.resolve() == ckpt_dir.resolve()
     if not own and not overwrite:
@@ -106,7 +163,7 @@ def check_run_folder(cfg: TrainConfig, overwrite: bool = False) -> tuple[Path | 
     return resume_from, state
 
 
-def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = False) -> TrainResult:
     """Run one stage as configured; return what it did (losses, files).
 
     A fresh run (no resume) refuses an output_dir that holds an earlier run; overwrite=True removes that run's
@@ -119,7 +176,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
 
     cfg.validate()
     out = Path(cfg.output_dir)
-    resume_from, resume_state = check_run_folder(cfg, overwrite)
+    resume_from, resume_state = check_run_folder(cfg, overwrite, accept_changes)
     fresh = resume_from is None
     run_id = resume_state.get("run_id") if not fresh else uuid.uuid4().hex
     trackers = _trackers(cfg)
