@@ -15,7 +15,6 @@ logger = logging.getLogger("mole")
 
 def finite_float(text: str) -> float:
     """argparse type: a finite number (nan / inf are refused with a one-line error naming the value)."""
-    import math
 
     try:
         value = float(text)
