@@ -208,13 +208,13 @@ def test_convert_round_trip_is_exact(tmp_path, kind):
     load_mole(direct, folder / "gate.safetensors", experts=_experts(folder))
     load_mole(unet, one)  # our file: manifest, experts embedded
     torch.testing.assert_close(out_of(unet, inputs), out_of(direct, inputs), rtol=0, atol=0)
-    with pytest.raises(MoLEFileError, match="exists; pass overwrite=True"):
+    with pytest.raises(MoLEFileError, match="exists; pass --overwrite"):
         official_to_mole(unet, folder / "gate.safetensors", files, one)
     back = mole_to_official(one, tmp_path / "back")
     assert {p.name for p in back.values()} == {"face.safetensors", "hand.safetensors", "gate.safetensors"}
     for name in ("face", "hand", "gate"):
         _same_file(folder / f"{name}.safetensors", back[name])
-    with pytest.raises(MoLEFileError, match="exist; pass overwrite=True"):
+    with pytest.raises(MoLEFileError, match="exist; pass --overwrite"):
         mole_to_official(one, tmp_path / "back")
 
 
