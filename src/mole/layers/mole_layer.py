@@ -168,10 +168,8 @@ class MoLELayer(nn.Module):
             config.gate_init,
             dtype=ref.dtype,
             device=ref.device,
-            # a function of the layer name (and the config's seed where it has one), never of global RNG state
-            generator=torch.Generator().manual_seed(
-                zlib.crc32(path.encode()) + 1_000_003 * int(getattr(config, "seed", 0) or 0)
-            ),
+            # a function of the layer name, never of global RNG state (MoLEConfig has no run seed yet)
+            generator=torch.Generator().manual_seed(zlib.crc32(path.encode())),
         )
         self._aug_cache: tuple[tuple, torch.Tensor] | None = None
         self._dense_cache: tuple[tuple, torch.Tensor] | None = None
