@@ -9,40 +9,13 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from conftest import FACES, t5_tokenizer
+from conftest import FACES
 from mole import mole_layers
 from mole.instruct import InstructConfig, InstructMoLE, KontextConditions
 from mole.targets import TARGETS, Backbone, detect_backbone, target_modules
+from mole.tiny import tiny_flux, tiny_flux_pipeline
 
 SMALL = dict(rank=4, shared_rank=4, resampler_dim=32, resampler_heads=2)
-
-
-def tiny_flux(seed: int = 0):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # fmt: skip
-
-
-def tiny_flux_pipeline(kontext: bool = True, seed: int = 0):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
-    from transformers import T5Config, T5EncoderModel
-
-    from mole.tiny import _tiny_clip_text, tiny_clip_tokenizer, tiny_vae
-
-    tok = t5_tokenizer()
-    tok.model_max_length = 16
-    torch.manual_seed(seed)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
-    clip_tok = tiny_clip_tokenizer()
-    clip = _tiny_clip_text(32, len(clip_tok))
-    vae = tiny_vae(seed)
-    vae.register_to_config(shift_factor=0.1)
-    cls = FluxKontextPipeline if kontext else FluxPipeline
-    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
-               text_encoder_2=t5, tokenizer_2=tok, transformer=tiny_flux(seed))  # fmt: skip
 
 
 def flux_inputs(t, batch=2, hw=(4, 6), seed=0):
@@ -176,3 +149,19 @@ def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path):
     assert len(mole_layers(fresh)) == 3 and len(im.shared.paths) == 17
     trained = float(sum(layer.lora_B.abs().sum() for layer in mole_layers(fresh).values()))
     assert trained > 0  # the experts moved from B = 0
+
+
+def test_mole_tiny_cli_writes_a_loadable_kontext_pipeline_and_instruct_file(tmp_path):
+    from mole.cli import main
+    from mole.formats.mole_file import read_mole_manifest
+    from mole.models import DiffusionModel
+
+    assert main(["tiny", "flux-kontext", "--out", str(tmp_path), "--instruct", "--seed", "3"]) == 0
+    model = DiffusionModel.from_pretrained(tmp_path / "base")
+    assert type(model.pipe).__name__ == "FluxKontextPipeline" and model.backbone is Backbone.FLUX
+    ref = tiny_flux(3).state_dict()  # the seed reaches the weights
+    got = model.denoiser.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    manifest = read_mole_manifest(tmp_path / "instruct.safetensors")
+    assert manifest["extra"]["instruct"]["num_experts"] == 8 and manifest["extra"]["text_dim"] == 32
+    assert main(["tiny", "flux-kontext", "--out", str(tmp_path)]) == 2  # never replaces without --overwrite
