@@ -165,3 +165,78 @@ def test_mole_tiny_cli_writes_a_loadable_kontext_pipeline_and_instruct_file(tmp_
     manifest = read_mole_manifest(tmp_path / "instruct.safetensors")
     assert manifest["extra"]["instruct"]["num_experts"] == 8 and manifest["extra"]["text_dim"] == 32
     assert main(["tiny", "flux-kontext", "--out", str(tmp_path)]) == 2  # never replaces without --overwrite
+
+
+def test_condition_images_reach_kontext_as_the_pipeline_does_and_several_sizes_stack(tmp_path):
+    from mole.inference.pipeline import condition_latents
+    from mole.models import DiffusionModel
+
+    pipe = tiny_flux_pipeline()
+    model = DiffusionModel(pipe, "tiny")
+    g = torch.Generator().manual_seed(0)
+    img = Image.fromarray((torch.rand(40, 24, 3, generator=g) * 255).byte().numpy())  # not a multiple of 4
+    img.save(tmp_path / "c.png")
+    Image.new("RGB", (16, 8), (10, 200, 30)).save(tmp_path / "c2.png")
+    run = dict(prompt="make it blue", height=32, width=32, num_inference_steps=2, guidance_scale=2.5, max_area=1024,
+               max_sequence_length=16, output_type="np")  # fmt: skip
+    ref = pipe(image=img, _auto_resize=False, generator=torch.Generator().manual_seed(1), **run).images
+    seen = []
+    t = pipe.transformer
+    kontext = KontextConditions(t)  # hooks run in order: this one sees the tokens Kontext appended
+    t.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True)
+    lat = condition_latents(model, [tmp_path / "c.png"])
+    assert lat[0].shape == (1, 4, 20, 12)  # 40 x 24 px (already a multiple of 4) / 2
+    kontext.set(lat)
+    ours = pipe(generator=torch.Generator().manual_seed(1), **run).images
+    assert float(abs(ours - ref).max()) < 1e-5 and seen[-1] == 64 + 10 * 6
+    kontext.set(condition_latents(model, [tmp_path / "c.png", tmp_path / "c2.png"]))
+    two = pipe(generator=torch.Generator().manual_seed(1), **run).images
+    assert seen[-1] == 64 + 60 + 2 * 4 and float(abs(two - ours).max()) > 1e-4  # the one above: exactly 0
+    tokens, ids = KontextConditions.pack_all([torch.zeros(1, 4, 20, 12), torch.zeros(1, 4, 4, 8)])
+    assert tokens.shape == (1, 68, 16) and (ids[:, 0] == 1).all()
+    assert ids[:60, 2].max() == 5 and ids[60:, 2].min() == 6 and ids[60:, 2].max() == 9  # side by side
+    kontext.remove()
+
+
+def test_mole_generate_with_condition_images_writes_images_and_routing(tmp_path):
+    from mole.cli import main
+
+    assert main(["tiny", "flux-kontext", "--out", str(tmp_path / "m"), "--instruct"]) == 0
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 16), (20, 30, 200)).save(tmp_path / "b.png")
+    prompts = ["make it blue", "sharpen this blurry photo"]
+    argv = ["generate", "--base", str(tmp_path / "m" / "base"), "--mole", str(tmp_path / "m" / "instruct.safetensors"),
+            "--prompt", prompts[0], "--prompt", prompts[1], "--image", str(tmp_path / "a.png"),
+            "--image", str(tmp_path / "b.png"), "--steps", "2", "--height", "32", "--width", "32",
+            "--out", str(tmp_path / "g")]  # fmt: skip
+    assert main(argv) == 0
+    recs = [json.loads(x) for x in (tmp_path / "g" / "images.jsonl").read_text().splitlines()]
+    assert [Image.open(r["path"]).size for r in recs] == [(32, 32), (32, 32)]
+    assert recs[0]["images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    from mole.instruct import InstructMoLE
+    from mole.models import DiffusionModel
+
+    model = DiffusionModel.from_pretrained(tmp_path / "m" / "base")
+    im = InstructMoLE.load(model.denoiser, tmp_path / "m" / "instruct.safetensors")
+    for rec, prompt in zip(recs, prompts):
+        pe, pooled, _ = model.pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=512)
+        with torch.no_grad():
+            w = im.router(pe, None, pooled)[:, 0]  # (layers, E): what the router gives this instruction
+        assert list(rec["routing"]) == im.router.layer_paths
+        for j, r in enumerate(rec["routing"].values()):
+            top = torch.topk(w[j], 4)
+            assert r["experts"] == [f"expert{i}" for i in top.indices.tolist()]
+            assert r["weights"] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert recs[0]["routing"] != recs[1]["routing"]  # routed by the instruction
+    assert main(argv[:-2] + ["--out", str(tmp_path / "g2"), "--image", str(tmp_path / "none.png")]) == 2
+
+
+def test_default_size_comes_from_the_pipelines_own_defaults():
+    from mole.inference.pipeline import default_size
+    from mole.models import DiffusionModel
+    from mole.tiny import tiny_pipeline
+
+    flux = DiffusionModel(tiny_flux_pipeline(), "tiny")  # FluxTransformer2DModel's config has no sample_size
+    assert default_size(flux) == (128 * 2, 128 * 2)  # FluxKontextPipeline.default_sample_size x vae_scale_factor
+    sd = DiffusionModel(tiny_pipeline("sd15"), "tiny")
+    assert default_size(sd) == (16 * 2, 16 * 2)  # the UNet's sample_size x the tiny VAE's factor 2

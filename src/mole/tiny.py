@@ -282,7 +282,8 @@ def tiny_flux(seed: int = 0) -> nn.Module:
 def tiny_flux_pipeline(kontext: bool = True, tokenizer=None, seed: int = 0):
     """A complete tiny FluxKontextPipeline (kontext=False: FluxPipeline): CLIP + T5 text encoders, a VAE with
     factor 2 (x2 packing: 32 px images -> 8x8 = 64 image tokens), tiny_flux. `tokenizer`: a T5 tokenizer (default:
-    tiny_t5_tokenizer, built in place). Save it with save_pretrained to use it as `mole generate --base`."""
+    tiny_t5_tokenizer, built in place). The text encoders are in eval mode (T5's dropout off), as from_pretrained
+    gives them. Save it with save_pretrained to use it as `mole generate --base`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
     from transformers import T5Config, T5EncoderModel
 
@@ -294,5 +295,5 @@ def tiny_flux_pipeline(kontext: bool = True, tokenizer=None, seed: int = 0):
     vae = tiny_vae(seed)
     vae.register_to_config(shift_factor=0.1)
     cls = FluxKontextPipeline if kontext else FluxPipeline
-    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
-               text_encoder_2=t5, tokenizer_2=tok, transformer=tiny_flux(seed))  # fmt: skip
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(), tokenizer=clip_tok,
+               text_encoder_2=t5.eval(), tokenizer_2=tok, transformer=tiny_flux(seed))  # fmt: skip

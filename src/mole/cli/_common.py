@@ -169,6 +169,8 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
                         "file; else replaces the file's embedded expert)")  # fmt: skip
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
+    p.add_argument("--image", action="append", default=[], metavar="COND",
+                   help="a condition image (repeatable, any sizes; Flux / Flux-Kontext): e.g. the photo to edit")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
     p.add_argument("--guidance-scale", type=finite_float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
@@ -193,6 +195,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         check_mole_arg(args.mole)
     if args.prompt_file:
         check_file(args.prompt_file, "prompt", "--prompt-file")
+    for image in args.image:
+        check_file(image, "condition image", "--image")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v < 8 or v % 8):

@@ -62,7 +62,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
         expert_files=expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
         negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, images=args.image,
     ))  # fmt: skip
     print(json.dumps({"images": len(index["images"]), "out": out,
                       "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip

@@ -18,7 +18,15 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..outputs import check_output_dir
 from ..targets import Backbone
-from .pipeline import MixMode, SamplingOptions, default_size, load_mole_weights, open_sampler, pipeline_kwargs
+from .pipeline import (
+    MixMode,
+    SamplingOptions,
+    condition_latents,
+    default_size,
+    load_mole_weights,
+    open_sampler,
+    pipeline_kwargs,
+)
 from .plot import grid
 
 logger = logging.getLogger(__name__)
@@ -41,6 +49,7 @@ class GenerateOptions(SamplingOptions):
     scheduler_config: dict | None = None  # overrides of the scheduler's config (e.g. kohya's DDIM)
     strict_base: bool = True
     overwrite: bool = False  # False: refuse an out_dir holding an earlier run's images and index
+    images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext), any sizes, in order
 
     OUTPUTS = ("images.jsonl", "index.json", "compare.png", "mole", "fixed", "none")
 
@@ -118,6 +127,70 @@ def _png(image: Image.Image, path: Path, meta: dict) -> None:
     image.save(path, pnginfo=info)
 
 
+class RoutingCapture:
+    """The expert weights an InstructMoLE router gave on the first denoiser call of each pipeline call (the
+    instruction routing does not depend on the step): per sample, per instruction-routed layer, the chosen experts
+    and their weights. Nothing is captured for a model without an InstructMoLE router."""
+
+    def __init__(self, pipe) -> None:
+        im = getattr(pipe, "mole_instruct", None)
+        self.router = im.router if im is not None else None
+        self.weights: torch.Tensor | None = None  # (layers, b, E) of the first call since reset()
+        self._handle = None
+        if self.router is not None:
+            from ..inject import mole_state
+
+            denoiser = im.transformer[0]
+            self.experts = mole_state(denoiser).expert_names
+            self._handle = denoiser.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self.weights is None and self.router.last_weights is not None:
+            self.weights = self.router.last_weights.detach().float().cpu().clone()
+
+    def reset(self) -> None:
+        self.weights = None
+
+    def per_sample(self, n: int) -> list[dict | None]:
+        """The last n samples of the captured batch (the conditional ones under guidance): {layer: {experts,
+        weights}} with the experts of nonzero weight, largest first."""
+        if self.router is None or self.weights is None:
+            return [None] * n
+        w = self.weights[:, -n:]  # (layers, n, E)
+        out = []
+        for i in range(n):
+            rec = {}
+            for j, path in enumerate(self.router.layer_paths):
+                order = [e for e in torch.argsort(w[j, i], descending=True).tolist() if w[j, i, e] > 0]
+                rec[path] = {"experts": [self.experts[e] for e in order],
+                             "weights": [round(float(w[j, i, e]), 6) for e in order]}  # fmt: skip
+            out.append(rec)
+        return out
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def attach_conditions(model, images: list[str]):
+    """KontextConditions on the Flux denoiser, set to the condition images' latents (None without images)."""
+    if not images:
+        return None
+    if not is_flux(model):
+        raise ValueError(f"images={images[:2]}: condition images need a Flux / Flux-Kontext base, not "
+                         f"{model.backbone.value}; drop --image or use a Flux-Kontext base")  # fmt: skip
+    from ..instruct import KontextConditions
+
+    kontext = KontextConditions(model.denoiser)
+    kontext.set([x.to(model.denoiser.dtype) for x in condition_latents(model, images)])
+    return kontext
+
+
+def is_flux(model) -> bool:
+    return model.backbone is Backbone.FLUX
+
+
 def generate(opts: GenerateOptions) -> dict:
     """Generate every (prompt, seed) in every mode; return an index of what was written. An out_dir holding an
     earlier run's images is refused unless opts.overwrite (which removes them first)."""
@@ -127,7 +200,6 @@ def generate(opts: GenerateOptions) -> dict:
     pipe = model.pipe
     if opts.scheduler_config:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **opts.scheduler_config)
-    dtype = model.denoiser.dtype
     native = default_size(model)
     height, width = opts.height or native[0], opts.width or native[1]
     lengths = check_prompt_lengths(model, opts.prompts)
@@ -136,38 +208,12 @@ def generate(opts: GenerateOptions) -> dict:
     jobs = [(pi, p, s) for pi, p in enumerate(opts.prompts) for s in opts.seeds]
     index: dict = {"options": {**asdict(opts), "modes": [m.value for m in opts.modes]}, "prompts": lengths,
                    "images": []}  # fmt: skip
-    by_mode: dict[str, list[Image.Image]] = {}
-    for mode in opts.modes:
-        if opts.mole:
-            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
-        folder = out / mode.value
-        folder.mkdir(parents=True, exist_ok=True)
-        images: list[Image.Image] = []
-        for start in range(0, len(jobs), opts.batch_size):
-            chunk = jobs[start : start + opts.batch_size]
-            generators = [torch.Generator(device=device).manual_seed(s) for _, _, s in chunk]
-            kwargs = dict(
-                prompt=[p + opts.prompt_suffix for _, p, _ in chunk], num_inference_steps=opts.steps,
-                guidance_scale=opts.guidance_scale,
-                height=height, width=width, generator=generators, **pipeline_kwargs(model),
-            )  # fmt: skip
-            negative = (opts.negative_prompt or "") + opts.negative_suffix
-            if negative:
-                kwargs["negative_prompt"] = [negative] * len(chunk)
-            result = pipe(**kwargs).images
-            for (pi, prompt, seed), image in zip(chunk, result):
-                meta = {"prompt": prompt + opts.prompt_suffix, "negative_prompt": negative or None, "seed": seed,
-                        "steps": opts.steps, "guidance_scale": opts.guidance_scale, "scheduler": opts.scheduler,
-                        "height": height, "width": width, "base": opts.base, "mole": opts.mole, "mode": mode.value,
-                        "expert_weights": opts.expert_weights, "dtype": str(dtype).replace("torch.", ""),
-                        "truncated": lengths[pi]["truncated"]}  # fmt: skip
-                path = folder / f"{pi:04d}_seed{seed}.png"
-                _png(image, path, meta)
-                images.append(image)
-                index["images"].append({"path": str(path), **meta})
-        grid(images, cols=min(len(opts.seeds), 8) if len(opts.seeds) > 1 else min(len(images), 8),
-             labels=[f"{p[:24]} s{s}" for _, p, s in jobs]).save(folder / "grid.png")  # fmt: skip
-        by_mode[mode.value] = images
+    kontext = attach_conditions(model, opts.images)
+    try:
+        by_mode = _generate_modes(opts, model, device, jobs, height, width, lengths, index, out)
+    finally:
+        if kontext is not None:
+            kontext.remove()
     if len(opts.modes) > 1:  # side by side: one row per (prompt, seed), one column per mode
         cells, labels = [], []
         for k in range(len(jobs)):
@@ -180,3 +226,47 @@ def generate(opts: GenerateOptions) -> dict:
             fh.write(json.dumps(rec) + "\n")
     (out / "index.json").write_text(json.dumps(index, indent=2, default=str))
     return index
+
+
+def _generate_modes(opts, model, device, jobs, height, width, lengths, index, out) -> dict[str, list[Image.Image]]:
+    pipe, dtype = model.pipe, model.denoiser.dtype
+    by_mode: dict[str, list[Image.Image]] = {}
+    scheduler = type(pipe.scheduler).__name__ if is_flux(model) else opts.scheduler  # Flux keeps its own
+    for mode in opts.modes:
+        if opts.mole:
+            load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
+        capture = RoutingCapture(pipe)
+        folder = out / mode.value
+        folder.mkdir(parents=True, exist_ok=True)
+        images: list[Image.Image] = []
+        for start in range(0, len(jobs), opts.batch_size):
+            chunk = jobs[start : start + opts.batch_size]
+            generators = [torch.Generator(device=device).manual_seed(s) for _, _, s in chunk]
+            kwargs = dict(
+                prompt=[p + opts.prompt_suffix for _, p, _ in chunk], num_inference_steps=opts.steps,
+                guidance_scale=opts.guidance_scale,
+                height=height, width=width, generator=generators, **pipeline_kwargs(model, height, width),
+            )  # fmt: skip
+            negative = (opts.negative_prompt or "") + opts.negative_suffix
+            if negative:
+                kwargs["negative_prompt"] = [negative] * len(chunk)
+            capture.reset()
+            result = pipe(**kwargs).images
+            routing = capture.per_sample(len(chunk))
+            for (pi, prompt, seed), image, route in zip(chunk, result, routing):
+                meta = {"prompt": prompt + opts.prompt_suffix, "negative_prompt": negative or None, "seed": seed,
+                        "steps": opts.steps, "guidance_scale": opts.guidance_scale, "scheduler": scheduler,
+                        "height": height, "width": width, "base": opts.base, "mole": opts.mole, "mode": mode.value,
+                        "expert_weights": opts.expert_weights, "dtype": str(dtype).replace("torch.", ""),
+                        "truncated": lengths[pi]["truncated"], "images": list(opts.images) or None}  # fmt: skip
+                if route is not None:
+                    meta["routing"] = route
+                path = folder / f"{pi:04d}_seed{seed}.png"
+                _png(image, path, meta)
+                images.append(image)
+                index["images"].append({"path": str(path), **meta})
+        grid(images, cols=min(len(opts.seeds), 8) if len(opts.seeds) > 1 else min(len(images), 8),
+             labels=[f"{p[:24]} s{s}" for _, p, s in jobs]).save(folder / "grid.png")  # fmt: skip
+        by_mode[mode.value] = images
+        capture.remove()
+    return by_mode
