@@ -230,6 +230,21 @@ def test_mole_generate_with_condition_images_writes_images_and_routing(tmp_path)
     assert recs[0]["routing"] != recs[1]["routing"]  # routed by the instruction
     assert main(argv[:-2] + ["--out", str(tmp_path / "g2"), "--image", str(tmp_path / "none.png")]) == 2
 
+    # inspect on the same file: the routing picture and numbers per prompt, the same routing as generate recorded
+    argv = ["inspect", "--base", str(tmp_path / "m" / "base"), "--mole", str(tmp_path / "m" / "instruct.safetensors"),
+            "--prompt", prompts[0], "--prompt", prompts[1], "--image", str(tmp_path / "a.png"), "--steps", "1",
+            "--height", "32", "--width", "32", "--out", str(tmp_path / "i")]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "i" / "routing.json").read_text())
+    assert [r["prompt"] for r in data["routing"]] == prompts and data["layers"] == im.router.layer_paths
+    for r, rec in zip(data["routing"], recs):
+        for path, got in r["chosen"].items():  # generate routed a batch of 2, inspect one prompt: within 1e-5
+            assert got["experts"] == rec["routing"][path]["experts"]
+            assert got["weights"] == pytest.approx(rec["routing"][path]["weights"], abs=1e-5)
+        assert all(sum(x > 0 for x in w) == 4 and len(w) == 8 for w in r["weights"].values())
+    heat = Image.open(tmp_path / "i" / "routing_0.png")
+    assert heat.size == (90 + 56 * 8 + 10, 40 + 56 * len(im.router.layer_paths) + 10)  # layers x experts
+    assert (tmp_path / "i" / "routing.png").is_file() and (tmp_path / "i" / "image_1.png").is_file()
 
 def test_default_size_comes_from_the_pipelines_own_defaults():
     from mole.inference.pipeline import default_size

@@ -81,8 +81,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
         expert_files=expert_files(args.expert),
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, images=args.image,
     ))  # fmt: skip
+    if data.get("kind") == "instruct":  # InstructMoLE: the experts each prompt chose (mean over layers)
+        chosen = {r["prompt"]: {data["experts"][i]: round(w, 3) for i, w in enumerate(r["mean_over_layers"]) if w > 0}
+                  for r in data["routing"]}  # fmt: skip
+        print(json.dumps({"out": out, "routing": chosen}, indent=2))
+        return 0
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
     }
