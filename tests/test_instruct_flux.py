@@ -255,3 +255,43 @@ def test_default_size_comes_from_the_pipelines_own_defaults():
     assert default_size(flux) == (128 * 2, 128 * 2)  # FluxKontextPipeline.default_sample_size x vae_scale_factor
     sd = DiffusionModel(tiny_pipeline("sd15"), "tiny")
     assert default_size(sd) == (16 * 2, 16 * 2)  # the UNet's sample_size x the tiny VAE's factor 2
+
+
+def test_the_routing_signal_reads_the_whole_instruction_not_its_last_token():
+    t = tiny_flux().eval()
+    im = InstructMoLE(t, InstructConfig(**SMALL), text_dim=32, total_steps=10)
+    inp = flux_inputs(t, batch=1)
+    text = inp["encoder_hidden_states"]
+    early = text.clone()
+    early[:, 0] += 3.0  # the instruction differs in its first token only; the last token is the same
+    with torch.no_grad():
+        t(**inp)
+        w = im.router.last_weights.clone()
+        t(**{**inp, "encoder_hidden_states": early})
+        w_early = im.router.last_weights.clone()
+        z, z_early = im.router.signal(text), im.router.signal(early)
+    assert float((z - z_early).abs().max()) > 1e-3  # a last-token signal would give exactly 0
+    assert float((w - w_early).abs().max()) > 1e-4  # and the layers' weights follow it
+    mean = InstructMoLE(tiny_flux().eval(), InstructConfig(**SMALL, variant="package", pooling="mean"), text_dim=32)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])  # masked mean over the 3 real tokens, then the LayerNorm
+    z = mean.router.signal(text, mask)
+    torch.testing.assert_close(z, mean.router.norm(text[:, :3].mean(1)))
+
+
+def test_each_layer_is_routed_by_its_own_gate_row():
+    t = tiny_flux().eval()
+    im = InstructMoLE(t, InstructConfig(**SMALL), text_dim=32, total_steps=10)
+    inp = flux_inputs(t, batch=2)
+    with torch.no_grad():
+        t(**inp)
+        z = im.router.signal(inp["encoder_hidden_states"], None, inp["pooled_projections"])
+    layers = mole_layers(t)
+    paths = im.router.layer_paths
+    assert len(paths) == 3
+    for j, path in enumerate(paths):
+        scores = torch.softmax(z @ im.router.gates[j].weight.T, -1)  # official: softmax, top-4, not renormalised
+        top = torch.topk(scores, 4, -1)
+        expected = torch.zeros_like(scores).scatter(-1, top.indices, top.values)
+        torch.testing.assert_close(layers[path].routing, expected)
+    first, last = layers[paths[0]].routing, layers[paths[-1]].routing
+    assert float((first - last).abs().max()) > 1e-3  # the rows differ, so a swapped order is seen
