@@ -112,7 +112,7 @@ def test_flux_kontext_pipeline_generates_with_the_router():
     assert im.router.last_weights.shape == (3, 1, 8) and not im.router.training
 
 
-def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path):
+def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path, monkeypatch):
     from mole.training import load_config, train
 
     if not FACES:
@@ -126,24 +126,48 @@ def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path):
         face.save(data / f"{i}.png")
         face.filter(ImageFilter.FIND_EDGES).save(data / f"{i}_edge.png")
         face.filter(ImageFilter.GaussianBlur(2)).save(data / f"{i}_blur.png")
+        face.resize((16, 24)).save(data / f"{i}_small.png")  # a second condition of another size
         records.append({"file": f"{i}.png", "caption": "draw the face outlined by these edges",
-                        "condition": f"{i}_edge.png", "condition_type": "edge"})  # fmt: skip
+                        "condition": [f"{i}_edge.png", f"{i}_small.png"], "condition_type": ["edge", "blur"]})
         records.append({"file": f"{i}.png", "caption": "sharpen this blurry face photo",
-                        "condition": f"{i}_blur.png", "condition_type": "blur"})  # fmt: skip
+                        "condition": [f"{i}_blur.png", f"{i}_small.png"], "condition_type": "blur"})  # fmt: skip
     (data / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    result = train(load_config(preset="instruct", overrides=[
+    from diffusers import FluxTransformer2DModel
+
+    from mole.training import stages
+
+    drops = []
+    real_draw = stages.conditions_dropped
+    monkeypatch.setattr(stages, "conditions_dropped", lambda *a: drops.append(real_draw(*a)) or drops[-1])
+    seen = []  # tokens each training call of the transformer gets (after Kontext appended the conditions)
+    real_forward = FluxTransformer2DModel.forward
+
+    def counting(self, hidden_states=None, *a, **k):
+        seen.append(hidden_states.shape[1])
+        return real_forward(self, hidden_states, *a, **k)
+
+    FluxTransformer2DModel.forward = counting
+    try:
+        result = train(load_config(preset="instruct", overrides=[
         f"model='{tmp_path / 'flux'}'", f"data.path='{data}'", f"data.manifest='{data / 'm.jsonl'}'",
         f"output_dir='{tmp_path / 'o'}'", "max_steps=2", "data.resolution=32", "batch_size=2", "tensorboard=false",
         "instruct.rank=4", "instruct.shared_rank=4", "instruct.resampler_dim=32", "instruct.resampler_heads=2",
         "instruct.condition_types=['edge', 'blur']", "data.caption_dropout=0.0", "log_every=1",
+        "instruct.condition_dropout=0.5",
     ]))  # fmt: skip
+    finally:
+        FluxTransformer2DModel.forward = real_forward
+    assert len(drops) >= 2 and len(seen) >= len(drops)
+    for dropped, tokens in zip(drops, seen):  # 8x8 image tokens, + 64 per condition (both cut to 32 px)
+        assert tokens == (64 if dropped else 64 + 64 + 64)
+    assert not all(drops)
     assert [p.name for p in result.final] == ["instruct.safetensors", "routing.png", "routing.json"]
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["instruct/load_balance"] > 0 and "instruct/ortho" in r for r in rows)
     assert rows[0]["instruct/aux_weight"] == pytest.approx(1.0)
     assert rows[1]["instruct/aux_weight"] == pytest.approx(1e-5 + 0.5 * (1 - 1e-5) * 2 * 0.5)  # step 1 of 2
     routing = json.loads((tmp_path / "o" / "final" / "routing.json").read_text())
-    assert set(routing) == {"edge", "blur"} and all(len(v) == 8 and 0 < sum(v) < 1 for v in routing.values())
+    assert set(routing) == {"edge+blur", "blur"} and all(len(v) == 8 and 0 < sum(v) < 1 for v in routing.values())
     fresh = tiny_flux_pipeline().transformer
     im = InstructMoLE.load(fresh, result.final[0], strict_base=False)
     assert len(mole_layers(fresh)) == 3 and len(im.shared.paths) == 17
@@ -295,3 +319,41 @@ def test_each_layer_is_routed_by_its_own_gate_row():
         torch.testing.assert_close(layers[path].routing, expected)
     first, last = layers[paths[0]].routing, layers[paths[-1]].routing
     assert float((first - last).abs().max()) > 1e-3  # the rows differ, so a swapped order is seen
+
+
+def test_multi_condition_records_and_the_official_condition_dropout(tmp_path):
+    from mole.data.dataset import CaptionedImages, DataError, collate, scan_samples
+    from mole.training.stages import conditions_dropped
+
+    g = torch.Generator().manual_seed(0)
+    target = Image.fromarray((torch.rand(24, 40, 3, generator=g) * 255).byte().numpy())  # 40 x 24 px
+    target.save(tmp_path / "t.png")
+    target.convert("L").convert("RGB").save(tmp_path / "grey.png")  # aligned: the target's size
+    Image.new("RGB", (10, 30), (0, 200, 0)).save(tmp_path / "ref.png")  # another size
+    recs = [{"file": "t.png", "caption": "colour it", "condition": ["grey.png", "ref.png"],
+             "condition_type": ["grey", "subject"]},
+            {"file": "t.png", "caption": "one", "condition": "grey.png", "condition_type": "grey"}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    samples = scan_samples(tmp_path, tmp_path / "m.jsonl")
+    assert samples[0].condition_types == ("grey", "subject") and samples[0].condition_type == "grey+subject"
+    ds = CaptionedImages(samples, resolution=16, center_crop=False, random_flip=True, seed=3)  # random crop and flip
+    item = ds[0]
+    assert [tuple(c.shape) for c in item["conditions"]] == [(3, 16, 16), (3, 16, 16)]
+    luma = torch.tensor([0.299, 0.587, 0.114])[:, None, None]
+    grey = (item["pixels"] * luma).sum(0)  # the aligned condition shares the target's resize and crop
+    assert float((item["conditions"][0][0] - grey).abs().mean()) < 0.02
+    assert float((item["conditions"][0][0] - grey.flip(-1)).abs().mean()) > 0.1  # (a flipped crop is far)
+    assert float((item["conditions"][1][1] - (200 / 127.5 - 1)).abs().max()) < 1e-5  # the other: its own crop
+    batch = collate([ds[0], ds[0]])
+    assert len(batch["conditions"]) == 2 and batch["condition_types"] == [["grey", "grey"], ["subject", "subject"]]
+    with pytest.raises(DataError, match="same number of conditions"):
+        collate([ds[0], ds[1]])
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**recs[0], "condition_type": ["grey", "a", "b"]}))
+    with pytest.raises(DataError, match="2 condition image"):
+        scan_samples(tmp_path, tmp_path / "bad.jsonl")
+    assert InstructConfig().condition_dropout == 0.05  # official
+    draws = [conditions_dropped(0, [i, i + 1], 0.05) for i in range(4000)]
+    assert 0.04 < sum(draws) / len(draws) < 0.06
+    assert draws == [conditions_dropped(0, [i, i + 1], 0.05) for i in range(4000)]  # a function of seed and samples
+    assert draws != [conditions_dropped(1, [i, i + 1], 0.05) for i in range(4000)]
+    assert not any(conditions_dropped(0, [i], 0.0) for i in range(100))

@@ -34,7 +34,7 @@ class ConditionTokens(nn.Module):
         self.type_embedding = nn.Embedding(len(self.types), dim)
         nn.init.normal_(self.type_embedding.weight, std=0.02)
         self.transformer = [transformer]  # a list: not registered as a submodule (it is not ours to save)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._n_image: int | None = None
         self._handles = [
             transformer.pos_embed.register_forward_hook(self._append),
@@ -47,29 +47,39 @@ class ConditionTokens(nn.Module):
             raise ValueError(f"condition types {unknown} are unknown; this model knows {self.types}")
         return torch.tensor([self.types.index(n) for n in names])
 
-    def set(self, latents: torch.Tensor | None, types: torch.Tensor | Sequence[str] | None = None) -> None:
-        """Condition the next denoiser calls on `latents` (b, c, h, w) of `types` (b,); None clears."""
+    def set(self, latents: torch.Tensor | Sequence[torch.Tensor] | None,
+            types: torch.Tensor | Sequence[str] | Sequence[Sequence[str]] | None = None) -> None:  # fmt: skip
+        """Condition the next denoiser calls on `latents` (b, c, h, w) of `types` (b,); several conditions per
+        sample: a list of latents (b, c, h_k, w_k) and a list of type lists, one per condition; None clears."""
         if latents is None:
             self._pending = None
             return
         if types is None:
             raise ValueError("types is missing: one condition type per sample")
-        ids = types if isinstance(types, torch.Tensor) else self.type_ids(types)
-        if ids.shape[0] != latents.shape[0]:
-            raise ValueError(f"{latents.shape[0]} condition latents but {ids.shape[0]} condition types")
-        self._pending = (latents, ids)
+        if isinstance(latents, torch.Tensor):
+            latents, types = [latents], [types]
+        if len(latents) != len(types):
+            raise ValueError(f"{len(latents)} condition latents but {len(types)} lists of condition types")
+        pending = []
+        for x, t in zip(latents, types):
+            ids = t if isinstance(t, torch.Tensor) else self.type_ids(t)
+            if ids.shape[0] != x.shape[0]:
+                raise ValueError(f"{x.shape[0]} condition latents but {ids.shape[0]} condition types")
+            pending.append((x, ids))
+        self._pending = pending
 
     def _append(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         self._n_image = output.shape[1]
         if self._pending is None:
             return output
-        latents, ids = self._pending
-        if latents.shape[0] != output.shape[0]:  # classifier-free guidance doubles the batch
-            reps = output.shape[0] // latents.shape[0]
-            latents, ids = latents.repeat(reps, 1, 1, 1), ids.repeat(reps)
-        cond = module.forward(latents.to(output.dtype))  # the same patch embedding (and positions), no hooks
-        cond = cond + self.type_embedding(ids.to(output.device)).to(output.dtype)[:, None, :]
-        return torch.cat([output, cond], dim=1)
+        parts = [output]
+        for latents, ids in self._pending:
+            if latents.shape[0] != output.shape[0]:  # classifier-free guidance doubles the batch
+                reps = output.shape[0] // latents.shape[0]
+                latents, ids = latents.repeat(reps, 1, 1, 1), ids.repeat(reps)
+            cond = module.forward(latents.to(output.dtype))  # the same patch embedding (and positions), no hooks
+            parts.append(cond + self.type_embedding(ids.to(output.device)).to(output.dtype)[:, None, :])
+        return torch.cat(parts, dim=1)
 
     def _drop(self, module: nn.Module, args):
         hidden = args[0]
