@@ -357,3 +357,30 @@ def test_multi_condition_records_and_the_official_condition_dropout(tmp_path):
     assert draws == [conditions_dropped(0, [i, i + 1], 0.05) for i in range(4000)]  # a function of seed and samples
     assert draws != [conditions_dropped(1, [i, i + 1], 0.05) for i in range(4000)]
     assert not any(conditions_dropped(0, [i], 0.0) for i in range(100))
+
+
+def test_generate_on_pixart_with_typed_condition_tokens(tmp_path):
+    import numpy as np
+
+    from mole.cli import main
+    from mole.tiny import tiny_pipeline, tiny_t5_tokenizer
+
+    pipe = tiny_pipeline("pixart", tokenizer=tiny_t5_tokenizer())
+    pipe.text_encoder.eval()
+    pipe.save_pretrained(tmp_path / "base")
+    cfg = InstructConfig(variant="package", num_experts=3, rank=2, condition_types=["edge", "blur"])
+    im = InstructMoLE(pipe.transformer, cfg, text_dim=32)
+    with torch.no_grad():
+        im.conditions.type_embedding.weight.normal_(0, 1.0)  # trained types differ clearly
+    im.save(tmp_path / "i.safetensors", base_model=str(tmp_path / "base"))
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(tmp_path / "c.png")
+    argv = ["generate", "--base", str(tmp_path / "base"), "--mole", str(tmp_path / "i.safetensors"), "--prompt",
+            "outline it", "--image", str(tmp_path / "c.png"), "--steps", "2", "--height", "16", "--width", "16"]
+    outs = {}
+    for ctype in ("edge", "blur"):
+        assert main(argv + ["--condition-type", ctype, "--out", str(tmp_path / ctype)]) == 0
+        rec = json.loads((tmp_path / ctype / "images.jsonl").read_text())
+        assert set(rec["routing"]) == set(im.router.layer_paths)
+        outs[ctype] = np.asarray(Image.open(rec["path"]), dtype=np.float32)
+    assert outs["edge"].shape == (16, 16, 3) and np.abs(outs["edge"] - outs["blur"]).max() > 0  # the type counts
+    assert main(argv + ["--out", str(tmp_path / "x")]) == 2  # two types known: --condition-type is needed

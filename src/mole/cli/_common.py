@@ -171,6 +171,8 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
     p.add_argument("--image", action="append", default=[], metavar="COND",
                    help="a condition image (repeatable, any sizes; Flux / Flux-Kontext): e.g. the photo to edit")
+    p.add_argument("--condition-type", action="append", metavar="TYPE",
+                   help="PixArt InstructMoLE: the type of each --image, in order (default: the file's only type)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
     p.add_argument("--guidance-scale", type=finite_float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))

@@ -50,6 +50,7 @@ class GenerateOptions(SamplingOptions):
     strict_base: bool = True
     overwrite: bool = False  # False: refuse an out_dir holding an earlier run's images and index
     images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext), any sizes, in order
+    condition_types: list[str] | None = None  # PixArt: one type per image (default: the file's only type)
 
     OUTPUTS = ("images.jsonl", "index.json", "compare.png", "mole", "fixed", "none")
 
@@ -173,18 +174,44 @@ class RoutingCapture:
             self._handle = None
 
 
-def attach_conditions(model, images: list[str]):
-    """KontextConditions on the Flux denoiser, set to the condition images' latents (None without images)."""
+class _TypedConditions:
+    """PixArt: the loaded InstructMoLE's condition tokens, set to the condition images with their types."""
+
+    def __init__(self, tokens, latents: list[torch.Tensor], types: list[str]) -> None:
+        self.tokens = tokens
+        tokens.set(latents, [[t] for t in types])
+
+    def remove(self) -> None:
+        self.tokens.set(None)
+
+
+def attach_conditions(model, images: list[str], types: list[str] | None = None):
+    """Condition images for the next pipeline calls (None without images): on Flux / Flux-Kontext as Kontext
+    tokens; on PixArt as the loaded InstructMoLE file's typed condition tokens (`types`: one per image; default the
+    file's only type). The returned object's remove() ends it."""
     if not images:
         return None
-    if not is_flux(model):
-        raise ValueError(f"images={images[:2]}: condition images need a Flux / Flux-Kontext base, not "
-                         f"{model.backbone.value}; drop --image or use a Flux-Kontext base")  # fmt: skip
-    from ..instruct import KontextConditions
+    im = getattr(model.pipe, "mole_instruct", None)
+    if is_flux(model):
+        from ..instruct import KontextConditions
 
-    kontext = KontextConditions(model.denoiser)
-    kontext.set([x.to(model.denoiser.dtype) for x in condition_latents(model, images)])
-    return kontext
+        kontext = KontextConditions(model.denoiser)
+        kontext.set([x.to(model.denoiser.dtype) for x in condition_latents(model, images)])
+        return kontext
+    if im is None or im.conditions is None:
+        raise ValueError(f"images={images[:2]}: condition images need a Flux / Flux-Kontext base, or on "
+                         f"{model.backbone.value} an InstructMoLE file trained with condition_types; drop --image")
+    known = im.conditions.types
+    if not types:
+        if len(known) != 1:
+            raise ValueError(f"condition images on {model.backbone.value} need a type each: pass --condition-type "
+                             f"once per --image, one of {known}")  # fmt: skip
+        types = known * len(images)
+    if len(types) != len(images):
+        raise ValueError(f"{len(images)} condition image(s) but {len(types)} condition type(s); give one "
+                         "--condition-type per --image")  # fmt: skip
+    latents = [x.to(model.denoiser.dtype) for x in condition_latents(model, images)]
+    return _TypedConditions(im.conditions, latents, list(types))
 
 
 def is_flux(model) -> bool:
@@ -208,12 +235,7 @@ def generate(opts: GenerateOptions) -> dict:
     jobs = [(pi, p, s) for pi, p in enumerate(opts.prompts) for s in opts.seeds]
     index: dict = {"options": {**asdict(opts), "modes": [m.value for m in opts.modes]}, "prompts": lengths,
                    "images": []}  # fmt: skip
-    kontext = attach_conditions(model, opts.images)
-    try:
-        by_mode = _generate_modes(opts, model, device, jobs, height, width, lengths, index, out)
-    finally:
-        if kontext is not None:
-            kontext.remove()
+    by_mode = _generate_modes(opts, model, device, jobs, height, width, lengths, index, out)
     if len(opts.modes) > 1:  # side by side: one row per (prompt, seed), one column per mode
         cells, labels = [], []
         for k in range(len(jobs)):
@@ -236,6 +258,7 @@ def _generate_modes(opts, model, device, jobs, height, width, lengths, index, ou
         if opts.mole:
             load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
         capture = RoutingCapture(pipe)
+        conditions = attach_conditions(model, opts.images, opts.condition_types)
         folder = out / mode.value
         folder.mkdir(parents=True, exist_ok=True)
         images: list[Image.Image] = []
@@ -269,4 +292,6 @@ def _generate_modes(opts, model, device, jobs, height, width, lengths, index, ou
              labels=[f"{p[:24]} s{s}" for _, p, s in jobs]).save(folder / "grid.png")  # fmt: skip
         by_mode[mode.value] = images
         capture.remove()
+        if conditions is not None:
+            conditions.remove()
     return by_mode

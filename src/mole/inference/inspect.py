@@ -50,7 +50,8 @@ class InspectOptions(SamplingOptions):
     negative_prompt: str | None = None
     overwrite: bool = False  # False: refuse an out_dir holding an earlier inspect's files
 
-    images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext)
+    images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext; PixArt: typed)
+    condition_types: list[str] | None = None  # PixArt: one type per image
 
     OUTPUTS = ("gates.json", "gates_global.png", "images.png", "image_*.png", "local_maps_*.png", "routing.json",
                "routing.png", "routing_*.png")
@@ -182,7 +183,7 @@ def _inspect_instruct(opts: InspectOptions, model, device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lengths = check_prompt_lengths(model, opts.prompts)
     capture = RoutingCapture(pipe)
-    kontext = attach_conditions(model, opts.images)
+    kontext = attach_conditions(model, opts.images, opts.condition_types)
     layers = capture.router.layer_paths
     per_prompt, images, means = [], [], {}
     try:
