@@ -4,12 +4,13 @@
 
 Per optimizer step (grad_accum micro-steps each):
     pixels (b, 3, R, R) -> VAE -> latents x0 (b, c, R/f, R/f)
-    noise e ~ N(0, I), t ~ U{0..T-1}                    (drawn from a generator seeded by (seed, micro-step, rank))
+    noise e ~ N(0, I), t ~ U{0..T-1}                    (per sample: a generator seeded by (seed, epoch, index))
     x_t = sqrt(a_t) x0 + sqrt(1 - a_t) e
     target = e (epsilon) or sqrt(a_t) e - sqrt(1 - a_t) x0 (v-prediction)
     loss = mean_b( min(SNR_t, gamma) / SNR_t [or / (SNR_t + 1)] * |denoiser(x_t, t, text) - target|^2 )
-Everything random is a function of (seed, micro-step, process), so resuming from a checkpoint replays exactly the
-batches, noise and timesteps the uninterrupted run would have used.
+Everything random is a function of the seed and the sample's place in the global sample stream (mole.training.draws),
+never of the process rank or count: 1 process x 4 images and 2 processes x 2 images train the same model, and
+resuming from a checkpoint replays exactly the batches, noise and timesteps the uninterrupted run would have used.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..outputs import check_output_dir
 from ..recording import record_gates
 from .checkpoint import checkpoint_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import MixedPrecision, Stage, TrainConfig, TrainConfigError
+from .draws import NOISE, PROBE, VAE, sample_generators, sample_noise
 from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
@@ -57,19 +59,6 @@ class TrainResult:
     gate_log: list[dict] = field(default_factory=list)  # stage 3: per-expert gate statistics at log steps
     trainable_checksum: float = 0.0  # sum of |trainable weights| on this process (equal on every process)
     batch: dict = field(default_factory=dict)  # per_device, processes, grad_accum, total (images per step)
-
-
-def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + rank)
-
-
-def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator, noise_offset: float):
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=gen)
-    t = torch.randint(0, num_timesteps, (b,), generator=gen)
-    return noise.to(latents.device, latents.dtype), t.to(latents.device)
 
 
 def load_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype | dict[str, torch.dtype]:
@@ -241,10 +230,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     latent_cache: dict[int, torch.Tensor] = {}
     text_cache: dict[str, TextConditioning] = {}
 
-    def latents_for(batch, micro_step: int) -> torch.Tensor:
+    def latents_for(batch) -> torch.Tensor:
         if not cfg.data.cache_latents:
-            gen = _step_generator(cfg.seed + 1, micro_step, accelerator.process_index)
-            return model.encode_images(batch["pixels"].to(accelerator.device), generator=gen)
+            gens = sample_generators(cfg.seed, batch["keys"], VAE)  # one posterior sample per image, keyed by it
+            return model.encode_images(batch["pixels"].to(accelerator.device), generator=gens)
         missing = [i for i in batch["indices"] if i not in latent_cache]
         if missing:
             pos = [batch["indices"].index(i) for i in missing]
@@ -268,9 +257,11 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     sched = model.noise_scheduler
     alphas = sched.alphas_cumprod
 
-    def loss_on(batch, micro_step: int, gen: torch.Generator, timesteps: torch.Tensor | None = None):
-        latents = latents_for(batch, micro_step).to(weight_dtype)
-        noise, t = _noise_batch(latents, sched.config.num_train_timesteps, gen, cfg.noise_offset)
+    def loss_on(batch, timesteps: torch.Tensor | None = None, stream: int = NOISE):
+        latents = latents_for(batch).to(weight_dtype)
+        noise, t = sample_noise(cfg.seed, batch["keys"], latents.shape[1:], sched.config.num_train_timesteps,
+                                cfg.noise_offset, stream)  # fmt: skip
+        noise, t = noise.to(latents.device, latents.dtype), t.to(latents.device)
         if timesteps is not None:
             t = timesteps.to(latents.device)
         if model.prediction_type == "flow":  # rectified flow (Flux): sigma = t / T, target n - x
@@ -296,7 +287,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         n = probe_batch["pixels"].shape[0]
         t = torch.linspace(100, sched.config.num_train_timesteps - 100, n).long()
         with torch.no_grad():
-            return float(loss_on(probe_batch, 10**9, torch.Generator().manual_seed(cfg.seed + 7), t))
+            return float(loss_on(probe_batch, t, PROBE))
 
     probe_first = probe()
 
@@ -337,7 +328,6 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             batch = next(batches)
             skipped += batch["skipped"]
             unreadable.update(batch["bad_indices"])
-            gen = _step_generator(cfg.seed, micro_step, accelerator.process_index)
             micro_step += 1
             if batch["pixels"] is None:  # every image of this micro-batch was unreadable
                 empty_run += 1
@@ -350,10 +340,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             with accelerator.accumulate(*wrapped.values()):
                 if log_gates:
                     with record_gates(stage.modules["denoiser"], keep_local=True) as rec:
-                        loss = loss_on(batch, micro_step, gen)
+                        loss = loss_on(batch)
                     gate_stats = _gate_stats(rec)
                 else:
-                    loss, gate_stats = loss_on(batch, micro_step, gen), None
+                    loss, gate_stats = loss_on(batch), None
                 aux_logs = {}
                 if stage.aux_loss is not None:
                     aux, aux_logs = stage.aux_loss(step)
