@@ -21,11 +21,12 @@ _M64 = (1 << 64) - 1
 NOISE = 1  # noise, noise offset, timestep
 VAE = 2  # the VAE posterior sample of the sample's latent
 PROBE = 3  # the fixed noise of the before / after probe
+ROUTER = 4  # InstructMoLE's router logit noise (training)
 
 
 def mix(*values: int) -> int:
     """splitmix64 over the integers: a 63-bit seed, the same in every process, machine and Python run (unlike
-    hash() of strings)."""
+    hash() of strings). torch's CPU generator (mt19937) keeps its low 32 bits, which are as well mixed."""
     x = 0
     for v in values:
         x = (x + (int(v) & _M64) + 0x9E3779B97F4A7C15) & _M64
