@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                 if log_gates:
                     with record_gates(stage.modules["denoiser"], keep_local=True) as rec:
                         loss = loss_on(batch)
-                    gate_stats = _gate_stats(rec)
+                    gate_stats = _gate_sums(rec)
                 else:
                     loss, gate_stats = loss_on(batch), None
                 aux_logs = {}
@@ -373,7 +373,12 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
+                # what is logged is over all processes' samples: the mean loss (and aux terms) over processes,
+                # the gate statistics of every process's samples; not process 0's own
+                logged_loss, aux_logs = _mean_over_processes(accelerator, mean_loss, aux_logs)
+                if gate_stats:
+                    gate_stats = _gate_stats(gate_stats, accelerator)
+                record = {"step": step, "loss": logged_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
                           "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
                 record.update(aux_logs)
                 if gate_stats:
@@ -468,21 +473,61 @@ def _trim_metrics(path: Path, start_step: int) -> None:
     path.write_text("".join(x + "\n" for x in keep))
 
 
-def _gate_stats(rec) -> dict[str, float]:
-    """Per expert: mean global gate over layers and samples; mean and spread of local scores over tokens."""
-    stats: dict[str, float] = {}
+def _mean_over_processes(accelerator, loss: float, logs: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The loss and the logged aux values averaged over all processes (every process calls this at a log step)."""
+    if accelerator.num_processes == 1:
+        return loss, logs
+    keys = sorted(logs)
+    vals = torch.tensor([loss, *(float(logs[k]) for k in keys)], dtype=torch.float64, device=accelerator.device)
+    vals = accelerator.reduce(vals, reduction="mean").cpu().tolist()
+    return vals[0], dict(zip(keys, vals[1:]))
+
+
+def _gate_sums(rec) -> dict:
+    """This process's sums for the gate statistics: per expert, the global gate (mean over layers) summed over
+    samples; the local scores' sum and sum of squares over layers and tokens; and the counts."""
+    sums: dict = {"names": list(rec.expert_names)}
     try:
-        glob = rec.mean_global()[0]  # (b, e)
-        for i, name in enumerate(rec.expert_names):
-            stats[f"gate/global/{name}"] = float(glob[:, i].mean())
+        glob = rec.mean_global()[0].double()  # (b, e)
+        sums["global"] = (glob.sum(0), glob.shape[0])
     except ValueError:  # gating="local" records no global gates
         pass
     locs = [r.local_gate for r in rec.steps[0].values() if r.local_gate is not None] if rec.steps else []
     if locs:
-        for i, name in enumerate(rec.expert_names):
-            vals = torch.cat([loc[..., i].flatten() for loc in locs])
-            stats[f"gate/local_mean/{name}"] = float(vals.mean())
-            stats[f"gate/local_std/{name}"] = float(vals.std())
+        vals = torch.cat([loc.reshape(-1, loc.shape[-1]).double() for loc in locs])  # (tokens, e)
+        sums["local"] = (vals.sum(0), vals.pow(2).sum(0), vals.shape[0])
+    return sums
+
+
+def _gate_stats(sums: dict, accelerator=None) -> dict[str, float]:
+    """Per expert: mean global gate over layers and samples; mean and spread (unbiased std) of the local scores
+    over layers and tokens; over the samples of every process when the sums are reduced (accelerator given)."""
+    names, e = sums["names"], len(sums["names"])
+    parts = []
+    if "global" in sums:
+        parts += [sums["global"][0].cpu(), torch.tensor([float(sums["global"][1])], dtype=torch.float64)]
+    if "local" in sums:
+        s, sq, n = sums["local"]
+        parts += [s.cpu(), sq.cpu(), torch.tensor([float(n)], dtype=torch.float64)]
+    if not parts:
+        return {}
+    flat = torch.cat(parts)
+    if accelerator is not None and accelerator.num_processes > 1:
+        flat = accelerator.reduce(flat.to(accelerator.device), reduction="sum").cpu()
+    stats: dict[str, float] = {}
+    pos = 0
+    if "global" in sums:
+        g, n = flat[:e], flat[e]
+        pos = e + 1
+        for i, name in enumerate(names):
+            stats[f"gate/global/{name}"] = float(g[i] / n)
+    if "local" in sums:
+        s, sq, n = flat[pos : pos + e], flat[pos + e : pos + 2 * e], flat[pos + 2 * e]
+        mean = s / n
+        var = ((sq - s * mean) / (n - 1).clamp_min(1)).clamp_min(0)
+        for i, name in enumerate(names):
+            stats[f"gate/local_mean/{name}"] = float(mean[i])
+            stats[f"gate/local_std/{name}"] = float(var[i].sqrt())
     return stats
 
 
