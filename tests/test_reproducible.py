@@ -208,7 +208,7 @@ def test_two_identical_one_process_runs_are_bit_identical(stage, single, tmp_pat
 def two_processes(tmp_path_factory, tiny_sd15_dir, faces_dir, experts_toml):
     """One torchrun launch: every stage on 2 processes x 2 images per step (gloo on the CPU)."""
     out = tmp_path_factory.mktemp("two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(SCRIPT), str(out), str(tiny_sd15_dir), str(faces_dir), experts_toml]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # what `accelerate launch --cpu` sets
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
