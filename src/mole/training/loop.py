@@ -31,6 +31,7 @@ from ..outputs import check_output_dir
 from ..recording import record_gates
 from .checkpoint import checkpoint_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import MixedPrecision, Stage, TrainConfig, TrainConfigError
+from .distributed import check_launch, resolve_strategy
 from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
@@ -175,6 +176,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     from tqdm.auto import tqdm
 
     cfg.validate()
+    strategy = resolve_strategy(cfg)
+    logger.info("strategy: %s", strategy.value)
     out = Path(cfg.output_dir)
     resume_from, resume_state = check_run_folder(cfg, overwrite, accept_changes)
     fresh = resume_from is None
@@ -189,6 +192,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         log_with=trackers or None,
         project_dir=str(out),
     )
+    check_launch(accelerator.num_processes)
     plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
     accum = plan.grad_accum
     accelerator.gradient_accumulation_steps = accum
