@@ -85,3 +85,47 @@ def test_launches_that_start_fewer_processes_are_named(monkeypatch, caplog):
         check_launch(1)
     check_launch(2)  # a real two-process run: nothing to say
     assert caplog.text == ""
+
+
+# --------------------------------------------------------------------------------------------- 2 processes (gloo)
+def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_dir):
+    """One torchrun launch of tests/scripts/mp_strategies.py (2 CPU processes): stages 1-3 under DDP and FSDP2,
+    a clipped and an unclipped FSDP2 run, and a sharded stop after 2 steps resumed to 4."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "scripts" / "mp_strategies.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+           str(script), str(tmp_path), str(tiny_sd15_dir), str(faces_dir)]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["world"] == "2"
+    # stage 2, clipping at 1e-4 (it bites: without it the expert ends 3e-3 away): FSDP2 = DDP within 1e-6
+    assert r["s2_fsdp"]["max_diff"] <= 1e-6
+    assert r["s2_fsdp_noclip"]["max_diff"] > 1e-4
+    assert len(r["s2_fsdp"]["files"]) == 2 * 48  # face.safetensors: down and up at each of the 48 layers
+    # sharded checkpoint 2, resume=latest to 4: the uninterrupted run's expert, and its losses from step 3 on
+    assert r["s2_res"]["start_step"] == 2 and r["s2_res"]["max_diff"] <= 1e-6
+    assert r["s2_res"]["losses"] == r["s2_fsdp"]["losses"][2:]
+    assert r["s2_res"]["checkpoints"] == ["checkpoint-0000002", "checkpoint-0000004"]
+    ckpt = tmp_path / "s2_res" / "checkpoints" / "checkpoint-0000004"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["sharded"] is True and state["processes"] == 2 and state["step"] == 4
+    assert (ckpt / "sharded" / ".metadata").is_file()
+    assert {p.name for p in ckpt.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    # stage 1: UNet and text encoder sharded separately; the whole pipeline written, every weight as DDP's but the
+    # two CLIP key biases, whose true gradient is 0 (softmax ignores a shift along the keys): Adam (eps 1e-8) turns
+    # their rounding noise, different in each reduction order, into +-lr steps (2 steps x 2 x 1e-4)
+    s1 = r["s1_fsdp"]
+    te = "text_encoder/model.safetensors:encoder.layers"
+    assert sorted(s1["above_1e-6"]) == [f"{te}.0.self_attn.k_proj.bias", f"{te}.1.self_attn.k_proj.bias"]
+    assert max(s1["above_1e-6"].values()) <= 4e-4 + 1e-7
+    assert any(f.startswith("unet/") for f in s1["files"]) and any(f.startswith("text_encoder/") for f in s1["files"])
+    assert s1["unet_class"] == s1["loaded"] == "UNet2DConditionModel"
+    # stage 3: the MoLE file names the plain UNet (not FSDPUNet2DConditionModel), loads, equals DDP's within 1e-6
+    s3 = r["s3_fsdp"]
+    assert s3["class"] == "UNet2DConditionModel" and s3["loaded_layers"] == 48 and s3["max_diff"] <= 1e-6
