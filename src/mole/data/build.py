@@ -555,19 +555,24 @@ def nothing_kept_message(stats: dict, out_dir: str | Path) -> str | None:
 
 
 def write_shards(out: Path, shard_size: int) -> list[str]:
-    """webdataset tar shards (key.png, key.txt, key.json) from the manifest; rewritten whole each time."""
+    """webdataset tar shards (key.png, key.txt, key.json) from the manifest, and their index.json (webdataset's
+    wids format: each shard's sample count, so training never scans them); rewritten whole each time. Keys have no
+    dot (webdataset splits a member name at the first dot of its base name)."""
+    from .shards import INDEX_NAME, write_index
+
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines() if x.strip()]
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     for old in shard_dir.glob("*.tar"):
         old.unlink()
-    names = []
+    (shard_dir / INDEX_NAME).unlink(missing_ok=True)
+    names, counts = [], []
     for i in range(0, len(rows), shard_size):
         name = shard_dir / f"shard-{i // shard_size:06d}.tar"
         tmp = name.with_suffix(".tar.tmp")
         with tarfile.open(tmp, "w") as tar:
             for row in rows[i : i + shard_size]:
-                key = Path(row["file"]).stem
+                key = Path(row["file"]).stem.replace(".", "_")
                 tar.add(out / row["file"], arcname=f"{key}.png")
                 for ext, payload in (("txt", row["caption"]), ("json", json.dumps(row))):
                     data = payload.encode()
@@ -576,4 +581,6 @@ def write_shards(out: Path, shard_size: int) -> list[str]:
                     tar.addfile(info, io.BytesIO(data))
         os.replace(tmp, name)
         names.append(str(name))
+        counts.append(len(rows[i : i + shard_size]))
+    write_index(shard_dir, names, counts)
     return names
