@@ -42,19 +42,20 @@ COMMANDS = {
         "--benchmark --base --tokenizer --stage1 --mole --experts --gating --metric --out --num-prompts "
         "--repeats --steps --seed --overwrite"
     ),
-    "mole data": "{scenes,closeups,train-filter}",
+    "mole data": "{scenes,closeups,merge,train-filter}",
+    "mole data merge": "parts --out --shard-size --overwrite",
     "mole data scenes": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
         "--max-overlap --clip-filter "
-        "--min-clip --workers --shard-size --overwrite --window --stride --min-pose-presence --min-person "
+        "--min-clip --workers --shard-size --shard --overwrite --window --stride --min-pose-presence --min-person "
         "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks --min-head-face --min-wrist-hand"
     ),
     "mole data closeups": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
         "--max-overlap --clip-filter "
-        "--min-clip --workers --shard-size --overwrite --part --margin"
+        "--min-clip --workers --shard-size --shard --overwrite --part --margin"
     ),
     "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",
     "mole convert": "--mole --expert --base --out --tokenizer --overwrite",

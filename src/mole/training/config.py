@@ -58,7 +58,7 @@ class MixedPrecision(str, enum.Enum):
 
 @dataclass
 class DataConfig:
-    path: str = ""  # image folder
+    path: str = ""  # image folder, or webdataset shards (a folder of them, a .tar, shard-{000000..000009}.tar)
     manifest: str | None = None  # .jsonl / .json manifest (incl. kohya metadata json); None: .txt beside each image
     resolution: int = 512  # square training size in pixels
     center_crop: bool = True  # False: random crop

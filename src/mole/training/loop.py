@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..data import CaptionedImages, StepBatchSampler, collate, scan_samples
+from ..data import CaptionedImages, StepBatchSampler, collate
 from ..data.dataset import DataError
+from ..data.shards import is_shard_spec, open_training_data
 from ..models import DiffusionModel, TextConditioning
 from ..outputs import check_output_dir
 from ..recording import record_gates
@@ -210,7 +211,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
     # ---- model and stage
-    samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
+    # an image folder or webdataset shards; before the model: a wrong folder fails in seconds
+    samples = open_training_data(cfg.data.path, cfg.data.manifest)
     model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
@@ -265,7 +267,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                               cfg.data.caption_dropout, cfg.seed)  # fmt: skip
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
-                               cfg.seed, start=start_step * accum)  # fmt: skip
+                               cfg.seed, start=start_step * accum,
+                               order=getattr(samples, "epoch_order", None))  # shards: an order local to shards
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers)  # fmt: skip
     batches = iter(loader)
@@ -475,8 +478,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
 
 def _check_inputs(cfg: TrainConfig) -> None:
     """Files the config names, checked in milliseconds before minutes of model loading."""
-    if not Path(cfg.data.path).is_dir():
-        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
+    if not Path(cfg.data.path).is_dir() and not is_shard_spec(cfg.data.path):
+        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder (or to "
+                        "webdataset shards: a folder, a .tar, a pattern such as shard-{000000..000009}.tar)")
     from ..formats.ldm import SUFFIXES
     from ..mole_tiny import is_mole_tiny
 
