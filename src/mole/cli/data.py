@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 
-from ._common import finite_float
+from ._common import NothingProduced, finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,8 +116,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
     message = nothing_kept_message(stats, args.out)
     if message:
-        logging.getLogger("mole").error(message)
-        return 1
+        raise NothingProduced(message)
     return 0
 
 
