@@ -481,17 +481,9 @@ def _check_inputs(cfg: TrainConfig) -> None:
     if not Path(cfg.data.path).is_dir() and not is_shard_spec(cfg.data.path):
         raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder (or to "
                         "webdataset shards: a folder, a .tar, a pattern such as shard-{000000..000009}.tar)")
-    from ..formats.ldm import SUFFIXES
-    from ..mole_tiny import is_mole_tiny
+    from ..models import check_base_name
 
-    model = Path(cfg.model).expanduser()
-    if is_mole_tiny(cfg.model) or (model.is_file() and model.suffix.lower() in SUFFIXES):
-        pass  # the shipped model, or a single-file checkpoint: read when the model loads
-    elif model.exists() and not (model / "model_index.json").is_file():
-        raise TrainConfigError(f"model={cfg.model!r} is not a diffusers pipeline folder (no model_index.json); give "
-                               "a save_pretrained folder or a hub id")  # fmt: skip
-    elif not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
-        raise TrainConfigError(f"model={cfg.model!r} does not exist; check the path (or give a hub id)")
+    check_base_name(cfg.model, "model")  # the rule every command shares: mole-tiny, a file, a folder, a hub id
     for name, path in cfg.mixture.experts.items() if cfg.stage == 3 else ():
         if not Path(path).exists():
             raise TrainConfigError(f"mixture.experts.{name}={path!r} does not exist; give the expert's LoRA file")
