@@ -232,7 +232,8 @@ class Studio:
         """Base, fixed-weight mix and MoLE from one prompt and seed (the same starting noise in each), the MoLE
         column's gates recorded. Returns the PNG paths (parameters embedded), the global gate per expert and step
         (mean over layers, the conditional half under CFG), the local-map steps, the plots and the parameters."""
-        c = self.check(prompt, seed, steps or self.opts.steps, guidance_scale, height, width, weights, scheduler)
+        steps = self.opts.steps if steps is None else steps
+        c = self.check(prompt, seed, steps, guidance_scale, height, width, weights, scheduler)
         shown = parse_map_steps(map_steps, c["steps"])
         with self._lock:
             return self._generate(c, shown, (negative_prompt or "").strip(), progress)
