@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'mole-diffusion[ui]'"
 MODES = (MixMode.NONE, MixMode.FIXED, MixMode.MOLE)  # the three columns, left to right
 MAX_STEPS = 500
+# small models draw small images (mole-tiny: 64 px): the three columns show them enlarged, pixels kept sharp
+CSS = """#image-none img, #image-fixed img, #image-mole img {width: 100%; height: 100%; object-fit: contain;
+image-rendering: pixelated}"""
 
 
 class UIUnavailable(ImportError):
@@ -422,11 +425,11 @@ def build_app(studio: Studio, run_folder: str | None = None):
             status = gr.Markdown("", elem_id="status")
             with gr.Row():
                 columns = [gr.Image(type="filepath", label=label, elem_id=f"image-{mode.value}", format="png",
-                                    buttons=["download"], interactive=False)
+                                    buttons=["download", "fullscreen"], interactive=False, height=288)
                            for mode, label in zip(MODES, ("base", "fixed weights", "MoLE"))]  # fmt: skip
             with gr.Row():
                 gate_plot = gr.Image(type="filepath", label="global gate per step (MoLE)", elem_id="gate-plot",
-                                     format="png", interactive=False)  # fmt: skip
+                                     format="png", interactive=False, show_label=False)  # fmt: skip
                 local_maps = gr.Image(type="filepath", label="local maps (rows: experts, columns: steps)",
                                       elem_id="local-maps", format="png", interactive=False)  # fmt: skip
             files = gr.File(label="download (PNG with the parameters embedded; result.json)", file_count="multiple",
@@ -485,5 +488,5 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, run
     app = build_app(studio, run_folder)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, ssr_mode=False,
-               allowed_paths=[str(studio.out_dir)], inbrowser=False, share=False)  # fmt: skip
+               allowed_paths=[str(studio.out_dir)], inbrowser=False, share=False, css=CSS)  # fmt: skip
     return app
