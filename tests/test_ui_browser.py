@@ -7,6 +7,7 @@ folder); its path is printed (pytest -s) and recorded as the test's `screenshot`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -19,13 +20,10 @@ DRIVER = shutil.which("chromedriver")
 
 
 def _skip_reason() -> str | None:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    # find_spec, not import: collecting this file stays cheap (gradio takes seconds to import)
+    if importlib.util.find_spec("gradio") is None:
         return "gradio is not installed: pip install 'mole-diffusion[ui]'"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed: pip install selenium"
     if CHROMIUM is None or DRIVER is None:
         return "no system Chromium / chromedriver on PATH: apt-get install chromium chromium-driver"
