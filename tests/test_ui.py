@@ -162,3 +162,15 @@ def test_the_app_builds_with_every_control(tmp_path):
     ids = {block.elem_id for block in app.blocks.values() if getattr(block, "elem_id", None)}
     assert {"prompt", "seed", "generate", "weight-face", "weight-hand", "image-none", "image-fixed", "image-mole",
             "gate-plot", "local-maps", "status", "run-folder", "run-loss", "run-gates"} <= ids  # fmt: skip
+
+
+def test_the_command_refuses_a_missing_file_and_a_bad_port_in_one_line_before_serving(tmp_path, caplog):
+    missing = tmp_path / "nope.safetensors"
+    assert main(["ui", "--mole", str(missing)]) == 2
+    assert main(["ui", "--port", "70000"]) == 2
+    assert main(["ui", "--base", str(tmp_path / "no-such-folder")]) == 2
+    logging.getLogger("mole").setLevel(logging.NOTSET)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    folder = tmp_path / "no-such-folder"
+    assert errors == [f"--mole {missing} does not exist; check the path", "--port 70000: use 1 to 65535",
+                      f"--base {folder}: no such folder; check the path (or give a hub id)"]  # fmt: skip

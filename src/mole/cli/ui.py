@@ -33,22 +33,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     from ..mole_tiny import is_mole_tiny
-    from ..ui import UIOptions, UIUnavailable, launch, require_gradio
 
-    try:
-        require_gradio()
-    except UIUnavailable as exc:
-        logger.error("%s", exc)
-        return 2
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: use 1 to 65535")
     mole = args.mole or ("mole-tiny" if is_mole_tiny(args.base) else None)
     check_base_arg(args.base)
     check_mole_arg(mole)
-    if args.port is not None and not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port}: use 1 to 65535")
+    from ..ui import Studio, UIOptions, UIUnavailable, launch, require_gradio
+
+    try:
+        require_gradio()  # (seconds to import: after the cheap checks)
+    except UIUnavailable as exc:
+        logger.error("%s", exc)
+        return 2
     if args.host not in LOCAL_HOSTS:
         logger.warning("--host %s: the page is reachable from other machines, with no password", args.host)
-    from ..ui import Studio
-
     studio = Studio(UIOptions(
         base=args.base, mole=mole, expert_files=expert_files(args.expert), strict_base=not args.no_strict_base,
         dtype=args.dtype, device=args.device, steps=args.steps, max_side=args.max_side, out_dir=args.out,
