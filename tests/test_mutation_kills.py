@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from mole import LoraPair
+from mole.config import GateInit, Gating, GlobalSource
+from mole.layers import MoLEGates
 from mole.training.loss import diffusion_loss, snr
 
 # ---------------------------------------------------------------------------------------------------- training/loss
@@ -110,3 +112,27 @@ def test_spatial_up_factor_is_refused_with_its_kernel_and_the_rule():
     )
     with pytest.raises(ValueError, match=re.escape(msg)):
         LoraPair(torch.zeros(2, 4, 3, 3), torch.zeros(4, 2, 3, 3), alpha=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------- layers/gates
+
+
+@pytest.mark.parametrize("source", [GlobalSource.INPUT, GlobalSource.EXPERT_OUTPUT])
+def test_gates_are_created_in_the_requested_dtype(source):
+    # kills: dtype / device not passed to the parameters (fp16 gates of an fp16 model would start as fp32)
+    gates = MoLEGates(3, 6, 5, Gating.BOTH, source, GateInit.DEFAULT, dtype=torch.float16)
+    shapes = {name: (tuple(p.shape), p.dtype) for name, p in gates.named_parameters()}
+    dim = 6 if source is GlobalSource.INPUT else 5
+    assert shapes == {
+        "local_weight": ((3, 6), torch.float16),
+        "local_bias": ((3,), torch.float16),
+        "global_weight": ((3, dim), torch.float16),
+        "global_bias": ((3,), torch.float16),
+    }
+
+
+def test_gates_repr_names_experts_gating_and_source():
+    # kills: num_experts / global_source not kept (print(model) is how a user checks what was built)
+    gates = MoLEGates(3, 6, 5, Gating.GLOBAL, GlobalSource.EXPERT_OUTPUT)
+    assert gates.extra_repr() == "experts=3, gating=global, global_source=expert_output"
+    assert gates.num_experts == 3 and gates.global_source is GlobalSource.EXPERT_OUTPUT
