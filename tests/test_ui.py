@@ -204,3 +204,21 @@ def test_a_real_stage3_run_shows_its_curves_and_its_mole_file_runs_in_the_page(t
     r = studio.generate("a photo of a face", seed=1, steps=2, weights={"hand": 1.0})
     assert set(r["images"]) == {"none", "fixed", "mole"} and len(r["global_gates"]["face"]) == 2
     assert all(0.0 < g < 1.0 for v in r["global_gates"].values() for g in v)
+
+
+def test_the_papers_gate_file_with_its_experts_runs_in_the_page(tmp_path, tiny_sd15_dir):
+    from mole.inference.pipeline import load_pipeline
+    from test_official import write_official
+
+    folder = write_official(load_pipeline(tiny_sd15_dir, device="cpu").denoiser, tmp_path / "official")
+    gate = str(folder / "gate.safetensors")
+    with pytest.raises(ValueError, match="the paper's gate file: give its experts by name"):
+        Studio(UIOptions(base=str(tiny_sd15_dir), mole=gate))
+    files = {n: str(folder / f"{n}.safetensors") for n in ("face", "hand")}
+    studio = Studio(UIOptions(base=str(tiny_sd15_dir), mole=gate, expert_files=files, out_dir=str(tmp_path / "ui")))
+    r = studio.generate("a close-up photo of a face", seed=0, steps=2, weights={"face": 1.0})
+    index = generate(GenerateOptions(base=str(tiny_sd15_dir), mole=gate, expert_files=files, prompts=[r["parameters"][
+        "prompt"]], seeds=[0], steps=2, modes=[MixMode.FIXED], expert_weights={"face": 1.0},
+        out_dir=str(tmp_path / "gen")))  # fmt: skip
+    assert np.array_equal(_pixels(r["images"]["fixed"]), _pixels(index["images"][0]["path"]))
+    assert r["experts"] == ["face", "hand"] and len(r["global_gates"]["hand"]) == 2
