@@ -41,6 +41,15 @@ class LRSchedule(str, enum.Enum):
     COSINE = "cosine"
 
 
+class Distributed(str, enum.Enum):
+    """How the trained weights are spread over processes (docs/distributed.md)."""
+
+    DDP = "ddp"  # a full copy on every process, gradients all-reduced (accelerate)
+    FSDP2 = "fsdp2"  # trained modules sharded with torch.distributed.fsdp.fully_shard (torch directly)
+    ZERO2 = "zero2"  # DeepSpeed ZeRO-2 through accelerate: optimizer state and gradients partitioned
+    ZERO3 = "zero3"  # DeepSpeed ZeRO-3 through accelerate: the trained weights partitioned too
+
+
 class MixedPrecision(str, enum.Enum):
     NO = "no"
     FP16 = "fp16"
@@ -49,7 +58,7 @@ class MixedPrecision(str, enum.Enum):
 
 @dataclass
 class DataConfig:
-    path: str = ""  # image folder
+    path: str = ""  # image folder, or webdataset shards (a folder of them, a .tar, shard-{000000..000009}.tar)
     manifest: str | None = None  # .jsonl / .json manifest (incl. kohya metadata json); None: .txt beside each image
     resolution: int = 512  # square training size in pixels
     center_crop: bool = True  # False: random crop
@@ -120,6 +129,7 @@ class TrainConfig:
     clip_skip: int = 1  # kohya / A1111 numbering: 1 = the last CLIP layer, 2 = the penultimate (diffusers' 1)
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
+    distributed: Distributed = Distributed.DDP  # ddp | fsdp2 | zero2 | zero3 (or set by an accelerate config file)
     min_snr_gamma: float | None = 5.0  # None: plain MSE
     noise_offset: float = 0.0
     seed: int = 0

@@ -25,13 +25,32 @@ from pathlib import Path
 
 import torch
 
-from ..data import CaptionedImages, StepBatchSampler, collate, scan_samples
+from ..data import CaptionedImages, StepBatchSampler, collate
 from ..data.dataset import DataError
+from ..data.shards import is_shard_spec, open_training_data
 from ..models import DiffusionModel, TextConditioning
 from ..outputs import check_output_dir
 from ..recording import record_gates
-from .checkpoint import checkpoint_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import MixedPrecision, Stage, TrainConfig, TrainConfigError
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_state,
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from .config import Distributed, MixedPrecision, Stage, TrainConfig, TrainConfigError
+from .distributed import (
+    check_launch,
+    clip_grad_norm,
+    device_mesh,
+    full_tensor,
+    gather_whole,
+    resolve_strategy,
+    shard_modules,
+)
 from .draws import NOISE, PROBE, VAE, sample_generators, sample_noise
 from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
@@ -164,6 +183,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     from tqdm.auto import tqdm
 
     cfg.validate()
+    strategy = resolve_strategy(cfg)
+    logger.info("strategy: %s", strategy.value)
     out = Path(cfg.output_dir)
     resume_from, resume_state = check_run_folder(cfg, overwrite, accept_changes)
     fresh = resume_from is None
@@ -178,6 +199,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         log_with=trackers or None,
         project_dir=str(out),
     )
+    check_launch(accelerator.num_processes)
     plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
     accum = plan.grad_accum
     accelerator.gradient_accumulation_steps = accum
@@ -189,7 +211,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
     # ---- model and stage
-    samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
+    # an image folder or webdataset shards; before the model: a wrong folder fails in seconds
+    samples = open_training_data(cfg.data.path, cfg.data.manifest)
     model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
@@ -199,15 +222,26 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         model.denoiser.enable_gradient_checkpointing()
         if "text_encoder" in stage.modules:
             stage.modules["text_encoder"].gradient_checkpointing_enable()
-    optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
-    schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
-    prepared = accelerator.prepare(*stage.modules.values(), optimizer)
-    wrapped = dict(zip(stage.modules, prepared[:-1]))
-    optimizer = prepared[-1]
+    side = stage.side_modules or {}
+    # FSDP2 on one process has nothing to shard: it runs as plain data parallel
+    sharded = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
+    params = stage.params
+    if sharded:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
+        params, groups = shard_modules(stage.modules, stage.params, stage.param_groups,
+                                       device_mesh(accelerator.device), others=side)  # fmt: skip
+        optimizer = make_optimizer(groups or params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        optimizer = accelerator.prepare(optimizer)  # accelerate still skips the step between accumulation steps
+        wrapped = dict(stage.modules)
+    else:
+        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        prepared = accelerator.prepare(*stage.modules.values(), optimizer)
+        wrapped = dict(zip(stage.modules, prepared[:-1]))
+        optimizer = prepared[-1]
     denoiser = wrapped["denoiser"]
     text_encoder = wrapped.get("text_encoder")
 
-    side = stage.side_modules or {}
     side_params = [p for m in side.values() for p in m.parameters() if p.requires_grad]
     ckpt_modules = {**stage.modules, **side}
 
@@ -215,7 +249,17 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     ckpt_dir = out / "checkpoints"
     start_step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, ckpt_modules, optimizer, schedule)
+        if bool(resume_state.get("sharded")) != sharded:
+            raise CheckpointError(
+                f"{resume_from} is a {'sharded' if resume_state.get('sharded') else 'whole'} checkpoint "
+                f"(written on {resume_state.get('processes', '?')} processes), but this run is {strategy.value} on "
+                f"{accelerator.num_processes}; resume with the strategy and process count that wrote it"
+            )
+        if sharded:
+            state = load_sharded_checkpoint(resume_from, ckpt_modules, optimizer, schedule,
+                                            accelerator.process_index, accelerator.num_processes)  # fmt: skip
+        else:
+            state = load_checkpoint(resume_from, ckpt_modules, optimizer, schedule)
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
@@ -223,7 +267,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                               cfg.data.caption_dropout, cfg.seed)  # fmt: skip
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
-                               cfg.seed, start=start_step * accum)  # fmt: skip
+                               cfg.seed, start=start_step * accum,
+                               order=getattr(samples, "epoch_order", None))  # shards: an order local to shards
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers)  # fmt: skip
     batches = iter(loader)
@@ -311,14 +356,20 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
 
     def save_now() -> Path | None:
         accelerator.wait_for_everyone()
+        extra = {"micro_step": micro_step, "skipped_images": skipped, "processes": accelerator.num_processes}
+        if sharded:  # every process writes its shards
+            path = save_sharded_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
+                                           cfg.keep_checkpoints, run_id, accelerator.process_index,
+                                           accelerator.num_processes, accelerator.wait_for_everyone)  # fmt: skip
+            checkpoints.append(path)
+            return path
         if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
             return None
         if not accelerator.is_main_process:
             return None
-        path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(),
-                               {"micro_step": micro_step, "skipped_images": skipped}, cfg.keep_checkpoints,
-                               run_id=run_id)  # fmt: skip
+        path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
+                               cfg.keep_checkpoints, run_id=run_id)  # fmt: skip
         checkpoints.append(path)
         return path
 
@@ -354,7 +405,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(stage.params, cfg.optim.max_grad_norm)
+                    if sharded:  # the sharded parameters fully_shard put in place, not the list taken before
+                        clip_grad_norm(params, cfg.optim.max_grad_norm)
+                    else:
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             acc_loss += float(loss.detach())
@@ -403,7 +457,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     probe_last = probe()
 
     final: list[Path] = []
+    checksum = float(sum(full_tensor(p.detach()).double().abs().sum() for p in params))
     accelerator.wait_for_everyone()
+    if sharded:  # every process sends its shards; rank 0 holds the whole models (and their own classes) after
+        gather_whole(stage.modules, accelerator.is_main_process)
     if accelerator.is_main_process:
         final_dir = out / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -414,26 +471,19 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     return TrainResult(
         steps=step, start_step=start_step, losses=losses, skipped_images=skipped, final=final,
         checkpoints=list_checkpoints(ckpt_dir), probe_loss_first=probe_first, probe_loss_last=probe_last,
-        gate_log=gate_log, trainable_checksum=float(sum(p.detach().double().abs().sum() for p in stage.params)),
+        gate_log=gate_log, trainable_checksum=checksum,
         batch=asdict(plan),
     )  # fmt: skip
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
     """Files the config names, checked in milliseconds before minutes of model loading."""
-    if not Path(cfg.data.path).is_dir():
-        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
-    from ..formats.ldm import SUFFIXES
-    from ..mole_tiny import is_mole_tiny
+    if not Path(cfg.data.path).is_dir() and not is_shard_spec(cfg.data.path):
+        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder (or to "
+                        "webdataset shards: a folder, a .tar, a pattern such as shard-{000000..000009}.tar)")
+    from ..models import check_base_name
 
-    model = Path(cfg.model).expanduser()
-    if is_mole_tiny(cfg.model) or (model.is_file() and model.suffix.lower() in SUFFIXES):
-        pass  # the shipped model, or a single-file checkpoint: read when the model loads
-    elif model.exists() and not (model / "model_index.json").is_file():
-        raise TrainConfigError(f"model={cfg.model!r} is not a diffusers pipeline folder (no model_index.json); give "
-                               "a save_pretrained folder or a hub id")  # fmt: skip
-    elif not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
-        raise TrainConfigError(f"model={cfg.model!r} does not exist; check the path (or give a hub id)")
+    check_base_name(cfg.model, "model")  # the rule every command shares: mole-tiny, a file, a folder, a hub id
     for name, path in cfg.mixture.experts.items() if cfg.stage == 3 else ():
         if not Path(path).exists():
             raise TrainConfigError(f"mixture.experts.{name}={path!r} does not exist; give the expert's LoRA file")
