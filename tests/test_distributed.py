@@ -129,3 +129,23 @@ def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_di
     # stage 3: the MoLE file names the plain UNet (not FSDPUNet2DConditionModel), loads, equals DDP's within 1e-6
     s3 = r["s3_fsdp"]
     assert s3["class"] == "UNet2DConditionModel" and s3["loaded_layers"] == 48 and s3["max_diff"] <= 1e-6
+
+
+def test_a_checkpoint_resumes_only_under_the_layout_and_process_count_that_wrote_it(tmp_path):
+    from mole.training.checkpoint import CheckpointError, check_layout
+
+    sharded = {"step": 2, "sharded": True, "layout": "fsdp2", "processes": 2}
+    check_layout(tmp_path, sharded, "fsdp2", 2)
+    with pytest.raises(CheckpointError) as err:  # another process count: one line naming both counts
+        check_layout(tmp_path, sharded, "whole", 1)
+    msg = str(err.value)
+    assert "\n" not in msg and "written by 2 processes, this run has 1" in msg and "--nproc_per_node 2" in msg
+    with pytest.raises(CheckpointError, match="by 2 processes, this run has 4"):
+        check_layout(tmp_path, sharded, "fsdp2", 4)
+    with pytest.raises(CheckpointError, match="fsdp2 checkpoint on 2 process.*zero2 on 2"):
+        check_layout(tmp_path, sharded, "zero2", 2)
+    whole = {"step": 2, "processes": 2}  # DDP: every process holds everything, any count resumes it
+    check_layout(tmp_path, whole, "whole", 1)
+    check_layout(tmp_path, {"step": 2}, "whole", 3)  # written before processes were recorded
+    with pytest.raises(CheckpointError, match="whole checkpoint.*fsdp2 on 2"):
+        check_layout(tmp_path, whole, "fsdp2", 2)

@@ -170,7 +170,8 @@ def save_sharded_checkpoint(folder: Path, step: int, modules: dict[str, nn.Modul
     if rank == 0:
         torch.save(schedule.state_dict(), tmp / "schedule.pt")
         (tmp / "config.toml").write_text(config_toml)
-        info = {"step": step, "run_id": run_id, **extra, "sharded": True, "processes": num_processes}
+        info = {"step": step, "run_id": run_id, **extra, "sharded": True, "layout": "fsdp2",
+                "processes": num_processes}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(info))
         if final.exists():
             shutil.rmtree(final)
@@ -181,6 +182,24 @@ def save_sharded_checkpoint(folder: Path, step: int, modules: dict[str, nn.Modul
         logger.info("sharded checkpoint written: %s", final)
     barrier()
     return final
+
+
+def check_layout(path: Path, state: dict, layout: str, num_processes: int) -> None:
+    """Before any model loads: a checkpoint resumes under the layout that wrote it. layout: "whole" (DDP, or
+    FSDP2 on one process: every process holds all trained weights; resumes on any process count), "fsdp2",
+    "zero2" or "zero3" (sharded: each process holds its part, so the same strategy and the same process count)."""
+    theirs = state.get("layout") or ("fsdp2" if state.get("sharded") else "whole")
+    procs = state.get("processes", "?")
+    if theirs != "whole" and procs != num_processes:
+        raise CheckpointError(
+            f"{path} is a {theirs} checkpoint written by {procs} processes, this run has {num_processes}; resume it "
+            f"on {procs} processes (torchrun --nproc_per_node {procs}), or start afresh"
+        )
+    if theirs != layout:
+        raise CheckpointError(
+            f"{path} was written as a {theirs} checkpoint on {procs} process(es), but this run is {layout} on "
+            f"{num_processes}; resume with the strategy (distributed=...) and process count that wrote it"
+        )
 
 
 def load_sharded_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer, schedule, rank: int,

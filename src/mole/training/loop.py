@@ -30,7 +30,7 @@ from ..models import DiffusionModel, TextConditioning
 from ..outputs import check_output_dir
 from ..recording import record_gates
 from .checkpoint import (
-    CheckpointError,
+    check_layout,
     checkpoint_state,
     list_checkpoints,
     load_checkpoint,
@@ -210,6 +210,11 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         project_dir=str(out),
     )
     check_launch(accelerator.num_processes)
+    # FSDP2 on one process has nothing to shard: it runs as plain data parallel
+    sharded = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
+    layout = "fsdp2" if sharded else "whole"
+    if resume_from is not None:  # in seconds, before the model loads
+        check_layout(resume_from, resume_state, layout, accelerator.num_processes)
     plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
     accum = plan.grad_accum
     accelerator.gradient_accumulation_steps = accum
@@ -232,8 +237,6 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         if "text_encoder" in stage.modules:
             stage.modules["text_encoder"].gradient_checkpointing_enable()
     side = stage.side_modules or {}
-    # FSDP2 on one process has nothing to shard: it runs as plain data parallel
-    sharded = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
     params = stage.params
     if sharded:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
         params, groups = shard_modules(stage.modules, stage.params, stage.param_groups,
@@ -258,12 +261,6 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     ckpt_dir = out / "checkpoints"
     start_step = 0
     if resume_from is not None:
-        if bool(resume_state.get("sharded")) != sharded:
-            raise CheckpointError(
-                f"{resume_from} is a {'sharded' if resume_state.get('sharded') else 'whole'} checkpoint "
-                f"(written on {resume_state.get('processes', '?')} processes), but this run is {strategy.value} on "
-                f"{accelerator.num_processes}; resume with the strategy and process count that wrote it"
-            )
         if sharded:
             state = load_sharded_checkpoint(resume_from, ckpt_modules, optimizer, schedule,
                                             accelerator.process_index, accelerator.num_processes)  # fmt: skip
