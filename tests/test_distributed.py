@@ -88,21 +88,28 @@ def test_launches_that_start_fewer_processes_are_named(monkeypatch, caplog):
 
 
 # --------------------------------------------------------------------------------------------- 2 processes (gloo)
-def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_dir):
-    """One torchrun launch of tests/scripts/mp_strategies.py (2 CPU processes): stages 1-3 under DDP and FSDP2,
-    a clipped and an unclipped FSDP2 run, and a sharded stop after 2 steps resumed to 4."""
+def launch(tmp_path, model, data, parts: str, port: int) -> dict:
+    """tests/scripts/mp_strategies.py under torchrun on 2 CPU processes (gloo); its report.json."""
     import json
     import os
     import subprocess
     import sys
 
     script = Path(__file__).parent / "scripts" / "mp_strategies.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
-           str(script), str(tmp_path), str(tiny_sd15_dir), str(faces_dir)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), str(tmp_path), str(model), str(data), parts]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads((tmp_path / "report.json").read_text())
+    return json.loads((tmp_path / "report.json").read_text())
+
+
+def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_dir):
+    """One launch (2 CPU processes): stages 1-3 under DDP and FSDP2, a clipped and an unclipped FSDP2 run, and a
+    sharded stop after 2 steps resumed to 4."""
+    import json
+
+    r = launch(tmp_path, tiny_sd15_dir, faces_dir, "s2,s1,s3", 29613)
     assert r["world"] == "2"
     # stage 2, clipping at 1e-4 (it bites: without it the expert ends 3e-3 away): FSDP2 = DDP within 1e-6
     assert r["s2_fsdp"]["max_diff"] <= 1e-6
@@ -149,3 +156,34 @@ def test_a_checkpoint_resumes_only_under_the_layout_and_process_count_that_wrote
     check_layout(tmp_path, {"step": 2}, "whole", 3)  # written before processes were recorded
     with pytest.raises(CheckpointError, match="whole checkpoint.*fsdp2 on 2"):
         check_layout(tmp_path, whole, "fsdp2", 2)
+
+
+def test_deepspeed_zero2_and_zero3_train_and_resume_as_ddp(tmp_path, tiny_sd15_dir, faces_dir):
+    """DeepSpeed through accelerate on 2 CPU processes (gloo, DeepSpeed's CPU accelerator): stage 2 with clipping
+    that bites under ZeRO-2 and ZeRO-3 ends where DDP ends; a ZeRO-2 stop after 2 steps resumes to the same expert.
+    Runs where deepspeed is installed (pip install --no-deps deepspeed hjson py-cpuinfo msgpack einops ninja)."""
+    import json
+
+    pytest.importorskip("deepspeed")
+    r = launch(tmp_path, tiny_sd15_dir, faces_dir, "z", 29614)
+    assert r["s2_zero2"]["max_diff"] <= 1e-6 and r["s2_zero3"]["max_diff"] <= 1e-6
+    assert len(r["s2_zero3"]["files"]) == 2 * 48  # the whole expert, gathered out of ZeRO-3's partitions
+    assert r["s2_zres"]["start_step"] == 2 and r["s2_zres"]["max_diff"] <= 1e-6
+    assert r["s2_zres"]["losses"] == r["s2_zero2"]["losses"][2:]
+    state = json.loads((tmp_path / "s2_zres" / "checkpoints" / "checkpoint-0000004" / "state.json").read_text())
+    assert state["layout"] == "zero2" and state["processes"] == 2
+
+
+def test_deepspeed_config_is_built_from_the_training_config():
+    """What the engine is given (checked without DeepSpeed): micro-batch, accumulation from total_batch_size,
+    clipping, ZeRO stage, 16-bit gather for saves under ZeRO-3; precision left to accelerate."""
+    from mole.training.distributed import deepspeed_config
+
+    cfg = load_config(overrides=[*BASE, "batch_size=2", "total_batch_size=16", "optim.max_grad_norm=0.5"])
+    ds = deepspeed_config(cfg, Distributed.ZERO3, cfg.batch_plan(2).grad_accum)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["bf16"] == ds["fp16"] == {"enabled": "auto"}
+    ds2 = deepspeed_config(load_config(overrides=[*BASE, "optim.max_grad_norm='none'"]), Distributed.ZERO2, 1)
+    assert ds2["zero_optimization"] == {"stage": 2} and ds2["gradient_clipping"] == 0.0

@@ -2,7 +2,7 @@
 and a comparison of the files they leave; rank 0 writes report.json (read by tests/test_distributed.py).
 
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/mp_strategies.py OUT MODEL DATA [WHICH]
-WHICH: comma-separated parts (s2, s1, s3; default all).
+WHICH: comma-separated parts (s2, s1, s3; default all; z: stage 2 under DeepSpeed ZeRO-2 / ZeRO-3, needs deepspeed).
 """
 
 import json
@@ -56,6 +56,15 @@ if "s2" in which:  # stage 2, clipping that bites (max_grad_norm far below the g
     run("s2_res", "stage2-face", *s2[:3], "max_steps=2", "checkpoint_every=2", "optim.max_grad_norm=1e-4",
         "distributed=fsdp2")  # fmt: skip
     run("s2_res", "stage2-face", *s2, "optim.max_grad_norm=1e-4", "distributed=fsdp2", "resume=latest")
+if "z" in which:  # DeepSpeed through accelerate: ZeRO-2, ZeRO-3, a ZeRO-2 stop + resume
+    s2 = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=4", "checkpoint_every=2",
+          "optim.max_grad_norm=1e-4"]  # fmt: skip
+    if "s2_ddp" not in report:
+        run("s2_ddp", "stage2-face", *s2)
+    run("s2_zero2", "stage2-face", *s2, "distributed=zero2")
+    run("s2_zero3", "stage2-face", *s2, "distributed=zero3")
+    run("s2_zres", "stage2-face", *s2, "max_steps=2", "distributed=zero2")
+    run("s2_zres", "stage2-face", *s2, "distributed=zero2", "resume=latest")
 if "s1" in which:  # stage 1: UNet and text encoder, each its own FSDP unit
     s1 = ["optim.lr=1e-4", "max_steps=2", "checkpoint_every=100", "train_text_encoder=true"]
     run("s1_ddp", "stage1", *s1)
@@ -77,7 +86,7 @@ if "s3" in which:
 
 if rank == 0:
     pairs = {"s2_fsdp": "s2_ddp", "s2_fsdp_noclip": "s2_ddp", "s2_res": "s2_fsdp", "s1_fsdp": "s1_ddp",
-             "s3_fsdp": "s3_ddp"}  # fmt: skip
+             "s3_fsdp": "s3_ddp", "s2_zero2": "s2_ddp", "s2_zero3": "s2_ddp", "s2_zres": "s2_zero2"}  # fmt: skip
     for a, b in pairs.items():
         if a in report:
             fa, fb = files(out / a / "final"), files(out / b / "final")

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..data import CaptionedImages, StepBatchSampler, collate, scan_samples
 from ..data.dataset import DataError
@@ -32,6 +33,7 @@ from ..recording import record_gates
 from .checkpoint import (
     check_layout,
     checkpoint_state,
+    dcp_writer,
     list_checkpoints,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -41,13 +43,18 @@ from .checkpoint import (
 )
 from .config import Distributed, MixedPrecision, Stage, TrainConfig, TrainConfigError
 from .distributed import (
+    ZERO,
+    accelerate_env,
+    accelerator_options,
     check_launch,
     clip_grad_norm,
     device_mesh,
     full_tensor,
     gather_whole,
+    load_whole,
     resolve_strategy,
     shard_modules,
+    zero3_gathered,
 )
 from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
@@ -189,7 +196,6 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     loop finish the current step, write a checkpoint and raise TrainingInterrupted."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     cfg.validate()
@@ -204,15 +210,19 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     # mixed-precision settings. The process group (PartialState) is left alone.
     if hasattr(AcceleratorState, "_reset_state"):  # private in accelerate 1.x; without it, one setting per process
         AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision.value,
-        log_with=trackers or None,
-        project_dir=str(out),
-    )
+    with accelerate_env(strategy):
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision.value,
+            log_with=trackers or None,
+            project_dir=str(out),
+            **accelerator_options(cfg, strategy),
+        )
     check_launch(accelerator.num_processes)
     # FSDP2 on one process has nothing to shard: it runs as plain data parallel
-    sharded = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
-    layout = "fsdp2" if sharded else "whole"
+    fsdp = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
+    zero = strategy in ZERO
+    sharded = fsdp or zero
+    layout = "fsdp2" if fsdp else strategy.value if zero else "whole"
     if resume_from is not None:  # in seconds, before the model loads
         check_layout(resume_from, resume_state, layout, accelerator.num_processes)
     plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
@@ -227,7 +237,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
 
     # ---- model and stage
     samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
-    model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
+    with load_whole(accelerator):  # ZeRO-3: nothing is partitioned while loading (frozen parts stay whole)
+        model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
     for module in (stage.side_modules or {}).values():
@@ -238,13 +249,18 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             stage.modules["text_encoder"].gradient_checkpointing_enable()
     side = stage.side_modules or {}
     params = stage.params
-    if sharded:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
+    if fsdp:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
         params, groups = shard_modules(stage.modules, stage.params, stage.param_groups,
                                        device_mesh(accelerator.device), others=side)  # fmt: skip
         optimizer = make_optimizer(groups or params, cfg.optim)
         schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
         optimizer = accelerator.prepare(optimizer)  # accelerate still skips the step between accumulation steps
         wrapped = dict(stage.modules)
+    elif zero and len(stage.modules) > 1:  # DeepSpeed takes one model: stage 1's UNet and text encoder as one
+        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        _, optimizer = accelerator.prepare(nn.ModuleDict(stage.modules), optimizer)
+        wrapped = dict(stage.modules)  # called directly; the engine reduces and partitions their gradients
     else:
         optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
         schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
@@ -261,7 +277,11 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     ckpt_dir = out / "checkpoints"
     start_step = 0
     if resume_from is not None:
-        if sharded:
+        if zero:
+            accelerator.load_state(str(resume_from / "accelerate"))
+            schedule.load_state_dict(torch.load(resume_from / "schedule.pt", map_location="cpu", weights_only=True))
+            state = checkpoint_state(resume_from)
+        elif fsdp:
             state = load_sharded_checkpoint(resume_from, ckpt_modules, optimizer, schedule,
                                             accelerator.process_index, accelerator.num_processes)  # fmt: skip
         else:
@@ -361,14 +381,16 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         accelerator.wait_for_everyone()
         extra = {"micro_step": micro_step, "skipped_images": skipped, "processes": accelerator.num_processes}
         if sharded:  # every process writes its shards
-            path = save_sharded_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
+            if zero:  # DeepSpeed's engine writes its partitions (and accelerate the RNG states)
+                write = lambda tmp: accelerator.save_state(str(tmp / "accelerate"))  # noqa: E731
+            else:
+                write = dcp_writer(ckpt_modules, optimizer, accelerator.process_index)
+            path = save_sharded_checkpoint(ckpt_dir, step, write, schedule, cfg.to_toml(), extra,
                                            cfg.keep_checkpoints, run_id, accelerator.process_index,
-                                           accelerator.num_processes, accelerator.wait_for_everyone)  # fmt: skip
+                                           accelerator.num_processes, accelerator.wait_for_everyone,
+                                           layout)  # fmt: skip
             checkpoints.append(path)
             return path
-        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
-            return None
         if not accelerator.is_main_process:
             return None
         path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
@@ -409,9 +431,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    if sharded:  # the sharded parameters fully_shard put in place, not the list taken before
+                    if fsdp:  # the sharded parameters fully_shard put in place, not the list taken before
                         clip_grad_norm(params, cfg.optim.max_grad_norm)
-                    else:
+                    elif not zero:  # DeepSpeed clips inside its step (gradient_clipping in its config)
                         accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -456,15 +478,16 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     probe_last = probe()
 
     final: list[Path] = []
-    checksum = float(sum(full_tensor(p.detach()).double().abs().sum() for p in params))
     accelerator.wait_for_everyone()
-    if sharded:  # every process sends its shards; rank 0 holds the whole models (and their own classes) after
-        gather_whole(stage.modules, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        final_dir = out / "final"
-        final_dir.mkdir(parents=True, exist_ok=True)
-        final = stage.save_final(final_dir)
-        (final_dir / "config.toml").write_text(cfg.to_toml())
+    with zero3_gathered(stage.modules, strategy):  # ZeRO-3: the partitioned weights whole on every process
+        checksum = float(sum(full_tensor(p.detach()).double().abs().sum() for p in params))
+        if fsdp:  # every process sends its shards; rank 0 holds the whole models (and their own classes) after
+            gather_whole(stage.modules, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            final_dir = out / "final"
+            final_dir.mkdir(parents=True, exist_ok=True)
+            final = stage.save_final(final_dir)
+            (final_dir / "config.toml").write_text(cfg.to_toml())
     if trackers:
         accelerator.end_training()
     return TrainResult(
