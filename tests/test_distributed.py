@@ -187,3 +187,14 @@ def test_deepspeed_config_is_built_from_the_training_config():
     assert ds["bf16"] == ds["fp16"] == {"enabled": "auto"}
     ds2 = deepspeed_config(load_config(overrides=[*BASE, "optim.max_grad_norm='none'"]), Distributed.ZERO2, 1)
     assert ds2["zero_optimization"] == {"stage": 2} and ds2["gradient_clipping"] == 0.0
+
+
+def test_zero3_with_a_trained_clip_text_encoder_is_refused_in_one_line():
+    from mole.training.distributed import check_strategy
+
+    s1 = load_config(overrides=[*BASE, "stage=1", "train_text_encoder=true"])
+    with pytest.raises(TrainConfigError) as err:
+        check_strategy(s1, Distributed.ZERO3)
+    assert "\n" not in str(err.value) and "zero2" in str(err.value) and "train_text_encoder=false" in str(err.value)
+    check_strategy(s1, Distributed.ZERO2)  # ZeRO-2 trains it (equal to DDP: tests/scripts/mp_strategies.py z1)
+    check_strategy(load_config(overrides=[*BASE, "stage=1", "train_text_encoder=false"]), Distributed.ZERO3)

@@ -59,6 +59,18 @@ def resolve_strategy(cfg: TrainConfig) -> Distributed:
     return launched
 
 
+def check_strategy(cfg: TrainConfig, strategy: Distributed) -> None:
+    """Combinations that cannot train, refused before anything loads."""
+    from .config import Stage
+
+    if strategy is Distributed.ZERO3 and cfg.stage is Stage.FINETUNE and cfg.train_text_encoder:
+        raise TrainConfigError(
+            "distributed='zero3' with train_text_encoder=true cannot train: ZeRO-3 partitions the CLIP text encoder "
+            "and CLIP's embeddings read the partitioned position table's size outside its forward "
+            "(max_position_embeddings: 0); use distributed='zero2' or 'fsdp2', or train_text_encoder=false"
+        )
+
+
 def check_launch(num_processes: int) -> None:
     """Launches that do not start the processes they were asked for.
 

@@ -47,6 +47,7 @@ from .distributed import (
     accelerate_env,
     accelerator_options,
     check_launch,
+    check_strategy,
     clip_grad_norm,
     device_mesh,
     full_tensor,
@@ -200,6 +201,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
 
     cfg.validate()
     strategy = resolve_strategy(cfg)
+    check_strategy(cfg, strategy)
     logger.info("strategy: %s", strategy.value)
     out = Path(cfg.output_dir)
     resume_from, resume_state = check_run_folder(cfg, overwrite, accept_changes)
