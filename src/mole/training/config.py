@@ -58,7 +58,7 @@ class MixedPrecision(str, enum.Enum):
 
 @dataclass
 class DataConfig:
-    path: str = ""  # image folder
+    path: str = ""  # image folder, or webdataset shards (a folder of them, a .tar, shard-{000000..000009}.tar)
     manifest: str | None = None  # .jsonl / .json manifest (incl. kohya metadata json); None: .txt beside each image
     resolution: int = 512  # square training size in pixels
     center_crop: bool = True  # False: random crop
@@ -171,6 +171,8 @@ class TrainConfig:
         need(self.noise_offset >= 0 and math.isfinite(self.noise_offset), "noise_offset", self.noise_offset,
              "use 0 or a small positive value (e.g. 0.05)")  # fmt: skip
         need(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "use 0 or more")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed", self.seed,
+             "use an integer in [0, 2147483647]")  # fmt: skip
         alpha = self.expert.alpha
         need(alpha is None or (alpha > 0 and math.isfinite(alpha)), "expert.alpha", alpha,
              "use a positive alpha (the scale is alpha / rank) or leave it unset")  # fmt: skip
