@@ -124,6 +124,14 @@ def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_di
     assert state["sharded"] is True and state["processes"] == 2 and state["step"] == 4
     assert (ckpt / "sharded" / ".metadata").is_file()
     assert {p.name for p in ckpt.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    # resumed on 1 process (this one): stopped before the model loads, in one line naming both counts
+    from mole.training import train
+    from mole.training.checkpoint import CheckpointError
+
+    cfg = load_config(tmp_path / "s2_res" / "config.toml", overrides=["max_steps=6", "resume=latest"])
+    with pytest.raises(CheckpointError) as err:
+        train(cfg)
+    assert "\n" not in str(err.value) and "written by 2 processes, this run has 1" in str(err.value)
     # stage 1: UNet and text encoder sharded separately; the whole pipeline written, every weight as DDP's but the
     # two CLIP key biases, whose true gradient is 0 (softmax ignores a shift along the keys): Adam (eps 1e-8) turns
     # their rounding noise, different in each reduction order, into +-lr steps (2 steps x 2 x 1e-4)
