@@ -166,6 +166,43 @@ def test_a_checkpoint_resumes_only_under_the_layout_and_process_count_that_wrote
         check_layout(tmp_path, whole, "fsdp2", 2)
 
 
+def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, tiny_sd15_dir, faces_dir):
+    """kill -9 of every process of a 2-process FSDP2 run once a checkpoint is written, resume=latest, compare with
+    the run that was never stopped (30 steps, checkpoint every 2)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).parent / "scripts" / "mp_strategies.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29615",
+           str(script), str(tmp_path), str(tiny_sd15_dir), str(faces_dir), "k1"]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "k_res" / "checkpoints"
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpts / "checkpoint-0000004" / "state.json").is_file() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+    finally:  # kill -9 both training processes (torchrun starts them in their own sessions) and the launcher
+        import psutil
+
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        for w in workers:
+            w.kill()
+        proc.kill()
+        proc.wait()
+        psutil.wait_procs(workers, timeout=30)
+    assert proc.returncode == -signal.SIGKILL and len(workers) >= 2
+    assert not (tmp_path / "k_res" / "final").exists()  # it did not finish
+    r = launch(tmp_path, tiny_sd15_dir, faces_dir, "k2", 29616)
+    assert 4 <= r["k_res"]["start_step"] < 30
+    assert r["k_res"]["max_diff"] <= 1e-6  # the resumed run ends with the uninterrupted run's expert
+    assert r["k_res"]["losses"] == r["k_full"]["losses"][r["k_res"]["start_step"]:]
+
+
 def test_deepspeed_zero2_and_zero3_train_and_resume_as_ddp(tmp_path, tiny_sd15_dir, faces_dir):
     """DeepSpeed through accelerate on 2 CPU processes (gloo, DeepSpeed's CPU accelerator): stage 2 with clipping
     that bites under ZeRO-2 and ZeRO-3 ends where DDP ends; a ZeRO-2 stop after 2 steps resumes to the same expert.

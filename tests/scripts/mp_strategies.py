@@ -56,6 +56,13 @@ if "s2" in which:  # stage 2, clipping that bites (max_grad_norm far below the g
     run("s2_res", "stage2-face", *s2[:3], "max_steps=2", "checkpoint_every=2", "optim.max_grad_norm=1e-4",
         "distributed=fsdp2")  # fmt: skip
     run("s2_res", "stage2-face", *s2, "optim.max_grad_norm=1e-4", "distributed=fsdp2", "resume=latest")
+KILL = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=30", "checkpoint_every=2",
+        "optim.max_grad_norm=1e-4", "distributed=fsdp2"]  # fmt: skip
+if "k1" in which:  # killed with SIGKILL by the test once a checkpoint is written
+    run("k_res", "stage2-face", *KILL)
+if "k2" in which:  # resume the killed run; and the same run uninterrupted
+    run("k_res", "stage2-face", *KILL, "resume=latest")
+    run("k_full", "stage2-face", *KILL)
 if "z" in which:  # DeepSpeed through accelerate: ZeRO-2, ZeRO-3, a ZeRO-2 stop + resume
     s2 = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=4", "checkpoint_every=2",
           "optim.max_grad_norm=1e-4"]  # fmt: skip
@@ -96,7 +103,7 @@ if "s3" in which:
 if rank == 0:
     pairs = {"s2_fsdp": "s2_ddp", "s2_fsdp_noclip": "s2_ddp", "s2_res": "s2_fsdp", "s1_fsdp": "s1_ddp",
              "s3_fsdp": "s3_ddp", "s2_zero2": "s2_ddp", "s2_zero3": "s2_ddp", "s2_zres": "s2_zero2",
-             "s1_zero2": "s1_ddp"}  # fmt: skip
+             "s1_zero2": "s1_ddp", "k_res": "k_full"}  # fmt: skip
     for a, b in pairs.items():
         if a in report:
             fa, fb = files(out / a / "final"), files(out / b / "final")
