@@ -168,7 +168,7 @@ def test_a_checkpoint_resumes_only_under_the_layout_and_process_count_that_wrote
 
 def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, tiny_sd15_dir, faces_dir):
     """kill -9 of every process of a 2-process FSDP2 run once a checkpoint is written, resume=latest, compare with
-    the run that was never stopped (30 steps, checkpoint every 2)."""
+    the run that was never stopped (16 steps, checkpoint every 2)."""
     import os
     import signal
     import subprocess
@@ -198,7 +198,7 @@ def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_
     assert proc.returncode == -signal.SIGKILL and len(workers) >= 2
     assert not (tmp_path / "k_res" / "final").exists()  # it did not finish
     r = launch(tmp_path, tiny_sd15_dir, faces_dir, "k2", 29616)
-    assert 4 <= r["k_res"]["start_step"] < 30
+    assert 4 <= r["k_res"]["start_step"] < 16
     assert r["k_res"]["max_diff"] <= 1e-6  # the resumed run ends with the uninterrupted run's expert
     assert r["k_res"]["losses"] == r["k_full"]["losses"][r["k_res"]["start_step"]:]
 

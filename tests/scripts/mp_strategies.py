@@ -56,7 +56,7 @@ if "s2" in which:  # stage 2, clipping that bites (max_grad_norm far below the g
     run("s2_res", "stage2-face", *s2[:3], "max_steps=2", "checkpoint_every=2", "optim.max_grad_norm=1e-4",
         "distributed=fsdp2")  # fmt: skip
     run("s2_res", "stage2-face", *s2, "optim.max_grad_norm=1e-4", "distributed=fsdp2", "resume=latest")
-KILL = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=30", "checkpoint_every=2",
+KILL = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=16", "checkpoint_every=2",
         "optim.max_grad_norm=1e-4", "distributed=fsdp2"]  # fmt: skip
 if "k1" in which:  # killed with SIGKILL by the test once a checkpoint is written
     run("k_res", "stage2-face", *KILL)
