@@ -144,6 +144,8 @@ def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_di
     # stage 3: the MoLE file names the plain UNet (not FSDPUNet2DConditionModel), loads, equals DDP's within 1e-6
     s3 = r["s3_fsdp"]
     assert s3["class"] == "UNet2DConditionModel" and s3["loaded_layers"] == 48 and s3["max_diff"] <= 1e-6
+    # and `mole generate` takes both: the FSDP2 stage-1 pipeline as --base, the FSDP2 MoLE file as --mole
+    assert r["generate_rc"] == 0 and "0000_seed0.png" in r["generated"]
 
 
 def test_a_checkpoint_resumes_only_under_the_layout_and_process_count_that_wrote_it(tmp_path):

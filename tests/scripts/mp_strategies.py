@@ -128,5 +128,13 @@ if rank == 0:
         unet = DiffusionModel.from_pretrained(model).denoiser
         load_mole(unet, path)
         report["s3_fsdp"]["loaded_layers"] = len(mole_layers(unet))
+    if "s1" in which and "s3" in which:  # `mole generate` on the fine-tuned pipeline with the MoLE file
+        from mole.cli import main
+
+        gen = ["generate", "--base", str(out / "s1_fsdp" / "final"), "--mole", str(path), "--prompt", "a face",
+               "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out / "gen"),
+               "--no-strict-base", "-q"]  # fmt: skip
+        report["generate_rc"] = main(gen)
+        report["generated"] = sorted(p.name for p in (out / "gen").rglob("*.png"))
     (out / "report.json").write_text(json.dumps(report, indent=1))
 dist.barrier()
