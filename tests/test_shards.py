@@ -141,3 +141,22 @@ def test_mole_train_reads_the_shards_mole_data_writes(tmp_path, tiny_sd15_dir, c
     assert (out / "final" / "hand.safetensors").is_file()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3
+
+
+def test_two_processes_train_on_each_shard_sample_once_per_epoch(tmp_path, tiny_sd15_dir):
+    """torchrun, 2 processes (gloo on the CPU): one epoch of 8 samples in 4 steps of 2 x 1 image."""
+    import os
+    import subprocess
+    import sys
+
+    shard_dir = build(tmp_path / "b", n=8, shard_size=3)
+    script = Path(__file__).parent / "scripts" / "mp_shards.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+           str(script), str(tmp_path / "run"), str(tiny_sd15_dir), f"{shard_dir}/shard-{{000000..000002}}.tar", "4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / "run" / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert [len(s) for s in seen] == [4, 4]  # one batch per step on each process
+    index = [[i for batch in s for i, epoch in batch if epoch == 0] for s in seen]
+    assert sorted(index[0] + index[1]) == list(range(8)) and not set(index[0]) & set(index[1])
