@@ -19,7 +19,7 @@ COMMON = {"help", "verbose", "quiet", "debug"}  # on every parser (-h, -v, -q, -
 # prog -> its arguments in the order the parser adds them (positionals by name, options by their long form,
 # a subcommand group as {a,b,...})
 COMMANDS = {
-    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,estimate,info}",
+    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,ui,estimate,info}",
     "mole demo": "--out --overwrite --base --mole --train --train-steps --rank --steps --seeds --seed --json",
     "mole pretrain": (
         "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
@@ -61,6 +61,10 @@ COMMANDS = {
     "mole convert": "--mole --expert --base --out --tokenizer --overwrite",
     "mole bake": (
         "--mole --weights --from-prompts --base --rank --steps --guidance-scale --seed --out --overwrite --json"
+    ),
+    "mole ui": (
+        "--base --tokenizer --mole --expert --host --port --steps --max-side --run --out --dtype --device "
+        "--no-strict-base"
     ),
     "mole estimate": (
         "config --base --preset --stage --batch-size --resolution --precision --optimizer "

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 
-from ._common import finite_float
+from ._common import NothingProduced, finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -126,8 +125,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
     message = nothing_kept_message(stats, args.out)
     if message:
-        logging.getLogger("mole").error(message)
-        return 1
+        raise NothingProduced(message)
     return 0
 
 
@@ -138,8 +136,7 @@ def _cmd_data_merge(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
     message = nothing_kept_message(stats, args.out)
     if message:
-        logging.getLogger("mole").error(message)
-        return 1
+        raise NothingProduced(message)
     return 0
 
 

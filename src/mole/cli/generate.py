@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import check_sampling_args, expert_files, expert_weights, output_dir, read_prompts, sampling_args
+from ._common import (
+    NothingProduced,
+    check_sampling_args,
+    expert_files,
+    expert_weights,
+    output_dir,
+    read_prompts,
+    sampling_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +53,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         modes = [MixMode.FIXED]
     else:
         modes = [MixMode.MOLE]
-    seeds = args.seeds if args.seeds else list(range(args.seed, args.seed + args.num_images))
+    seeds = args.seeds if args.seeds else list(range(args.seed, args.seed + max(args.num_images, 0)))
+    if not seeds:
+        raise NothingProduced(f"--num-images {args.num_images}: 0 images to draw ({len(read_prompts(args))} prompts x "
+                              "0 seeds); use --num-images 1 or more (or --seeds)")  # fmt: skip
     preset = {}
     if args.preset:
         from ..inference.presets import generate_preset

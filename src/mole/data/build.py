@@ -680,18 +680,34 @@ def _load_stats(out: Path) -> dict:
     return fresh
 
 
+# the option that decides each drop reason (named in the "nothing kept" error)
+DROP_FLAGS = {
+    "upscale_floor": "--min-scale; 0: any upscale", "tiny_source": "--min-scale", "small_crop": "--margin",
+    "no_face": "--min-confidence", "no_hand": "--min-confidence", "no_person": "--min-pose-presence / --min-person",
+    "little_person": "--little-person", "blurry_laplacian": "--min-sharpness; 0: off",
+    "blurry_cnn": "--min-blur-score", "overlap": "--max-overlap; 1: off",
+    "duplicate": "--dedupe-distance; 0: identical pHash only", "low_clip": "--min-clip",
+    "unreadable": "convert or remove the files listed in drops.jsonl",
+}
+
+
 def nothing_kept_message(stats: dict, out_dir: str | Path) -> str | None:
-    """A one-line error when the build in `out_dir` holds no crop at all (the CLI exits 1 with it), naming the main
-    reasons; None when its manifest has rows (a resumed build that added none this time is fine)."""
+    """A one-line error when the build in `out_dir` holds no crop at all (the CLI exits 3 with it: nothing
+    produced), naming the counts by reason and the option that decides each; None when its manifest has rows (a
+    resumed build that added none this time is fine)."""
     manifest = Path(out_dir) / "manifest.jsonl"
     if (stats.get("options") or {}).get("shard"):  # a part may hold no source at all
         return None
     if stats.get("kept", 0) or (manifest.is_file() and manifest.read_text().strip()):
         return None
-    why = sorted({**stats.get("sources_dropped", {}), **stats.get("crops_dropped", {})}.items(), key=lambda kv: -kv[1])
-    reasons = ", ".join(f"{k} {v}" for k, v in why[:4]) or "no source images found"
-    return (f"mole data: no crop kept from {stats.get('sources', 0)} source images ({reasons}); see drops.jsonl and "
-            "docs/data.md for the options that decide (e.g. --min-scale, --min-sharpness)")
+    drops = {**stats.get("sources_dropped", {}), **stats.get("crops_dropped", {})}
+    drops.pop("every_crop_dropped", None)  # its crops are counted by reason in crops_dropped
+    why = sorted(drops.items(), key=lambda kv: -kv[1])
+    reasons = ", ".join(f"{k} {v}" + (f" ({DROP_FLAGS[k]})" if k in DROP_FLAGS else "") for k, v in why[:4])
+    if not stats.get("sources", 0):
+        reasons = "no source images found in SOURCE: give the folder that holds the .jpg / .png files"
+    return (f"mole data: kept 0 crops from {stats.get('sources', 0)} source images: {reasons}; see drops.jsonl and "
+            "docs/data.md")
 
 
 def write_shards(out: Path, shard_size: int) -> list[str]:

@@ -190,7 +190,7 @@ class CaptionedImages(Dataset):
             return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
         caption = "" if rng.random() < self.caption_dropout else sample.caption
-        item = {"pixels": view(img), "caption": caption, "index": index, "bad": False}
+        item = {"pixels": view(img), "caption": caption, "index": index, "epoch": epoch, "bad": False}
         if cond is not None:
             item["condition"], item["condition_type"] = view(cond), sample.condition_type
         return item
@@ -205,6 +205,8 @@ def collate(items: list[dict]) -> dict:
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
         "captions": [it["caption"] for it in good],
         "indices": [it["index"] for it in good],
+        # (epoch, index) of each image: its place in the global sample stream, what its random draws are keyed by
+        "keys": [(it.get("epoch", 0), it["index"]) for it in good],
         "skipped": len(items) - len(good),
         "bad_indices": [it["index"] for it in items if it["bad"]],
     }

@@ -41,6 +41,15 @@ class LRSchedule(str, enum.Enum):
     COSINE = "cosine"
 
 
+class Distributed(str, enum.Enum):
+    """How the trained weights are spread over processes (docs/distributed.md)."""
+
+    DDP = "ddp"  # a full copy on every process, gradients all-reduced (accelerate)
+    FSDP2 = "fsdp2"  # trained modules sharded with torch.distributed.fsdp.fully_shard (torch directly)
+    ZERO2 = "zero2"  # DeepSpeed ZeRO-2 through accelerate: optimizer state and gradients partitioned
+    ZERO3 = "zero3"  # DeepSpeed ZeRO-3 through accelerate: the trained weights partitioned too
+
+
 class MixedPrecision(str, enum.Enum):
     NO = "no"
     FP16 = "fp16"
@@ -120,6 +129,7 @@ class TrainConfig:
     clip_skip: int = 1  # kohya / A1111 numbering: 1 = the last CLIP layer, 2 = the penultimate (diffusers' 1)
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
+    distributed: Distributed = Distributed.DDP  # ddp | fsdp2 | zero2 | zero3 (or set by an accelerate config file)
     min_snr_gamma: float | None = 5.0  # None: plain MSE
     noise_offset: float = 0.0
     seed: int = 0
@@ -161,6 +171,8 @@ class TrainConfig:
         need(self.noise_offset >= 0 and math.isfinite(self.noise_offset), "noise_offset", self.noise_offset,
              "use 0 or a small positive value (e.g. 0.05)")  # fmt: skip
         need(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "use 0 or more")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed", self.seed,
+             "use an integer in [0, 2147483647]")  # fmt: skip
         alpha = self.expert.alpha
         need(alpha is None or (alpha > 0 and math.isfinite(alpha)), "expert.alpha", alpha,
              "use a positive alpha (the scale is alpha / rank) or leave it unset")  # fmt: skip
