@@ -160,3 +160,31 @@ def test_two_processes_train_on_each_shard_sample_once_per_epoch(tmp_path, tiny_
     assert [len(s) for s in seen] == [4, 4]  # one batch per step on each process
     index = [[i for batch in s for i, epoch in batch if epoch == 0] for s in seen]
     assert sorted(index[0] + index[1]) == list(range(8)) and not set(index[0]) & set(index[1])
+
+
+
+_INHERITED = {}
+
+
+def _tar_id_in_child() -> int:
+    shards = _INHERITED["shards"]  # the ShardSet the fork copied, with the parent's open shard
+    keep = list(shards._open.values())  # alive: a new object cannot take its address  # noqa: F841
+    return id(shards._shard(0)[0])
+
+
+def test_a_forked_worker_opens_its_own_shards(tmp_path):
+    """The parent (the loop's probe) has a shard open when DataLoader workers fork: a worker must not read through
+    the parent's file object, whose offset the other workers share."""
+    import multiprocessing
+
+    shards = open_shards(build(tmp_path / "b"))
+    assert shards[0].caption == "caption 0"
+    parent = id(shards._shard(0)[0])
+    assert id(shards._shard(0)[0]) == parent  # one process: the shard stays open
+    _INHERITED["shards"] = shards
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:  # forked now: it inherits the open shard
+            child = pool.apply(_tar_id_in_child)
+    finally:
+        _INHERITED.clear()
+    assert child != parent
