@@ -151,7 +151,7 @@ def test_two_processes_train_on_each_shard_sample_once_per_epoch(tmp_path, tiny_
 
     shard_dir = build(tmp_path / "b", n=8, shard_size=3)
     script = Path(__file__).parent / "scripts" / "mp_shards.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path / "run"), str(tiny_sd15_dir), f"{shard_dir}/shard-{{000000..000002}}.tar", "4"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
