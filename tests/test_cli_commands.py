@@ -68,7 +68,7 @@ COMMANDS = {
     ),
     "mole estimate": (
         "config --base --preset --stage --batch-size --resolution --precision --optimizer "
-        "--gradient-checkpointing --rank --experts --fits --json"
+        "--gradient-checkpointing --rank --experts --gpus --strategy --fits --json"
     ),
     "mole info": "file --json",
 }
