@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,43 @@ def test_facehand_finds_real_64px_face_and_hand_closeups():
     assert rate(on_hands["face_rate"]) <= 0.1 and rate(on_faces["hand_rate"]) <= 0.1  # and tells them apart
     as_is = build_scorer("facehand", view="none").score(faces, [""] * 20)
     assert rate(as_is["face_rate"]) < 0.8  # the view is what finds them
+
+
+# ------------------------------------------------------------------- 5. generate: as it goes, and continued
+@needs_tiny
+def test_interrupted_generate_continues_with_the_same_command(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first image: images.jsonl already holds it; the same command then draws only the rest
+    (was: no images.jsonl, and the folder refused). Repeated --prompt-file adds the files (was: the last only)."""
+    import importlib
+
+    gen = importlib.import_module("mole.inference.generate")  # the module (mole.inference.generate is the function)
+    (tmp_path / "a.txt").write_text("a close-up photo of a face\n")
+    (tmp_path / "b.txt").write_text("a close-up photo of a hand\n")
+    out = tmp_path / "g"
+    args = ["generate", *TINY, "--prompt-file", str(tmp_path / "a.txt"), "--prompt-file", str(tmp_path / "b.txt"),
+            "--steps", "2", "--num-images", "2", "--batch-size", "1", "--out", str(out)]  # fmt: skip
+    written, real_png = [], gen._png
+
+    def png(image, path, meta):
+        if len(written) == 1:
+            raise KeyboardInterrupt
+        real_png(image, path, meta)
+        written.append(path.name)
+
+    monkeypatch.setattr(gen, "_png", png)
+    assert main(args) == 130
+    rows = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["0000_seed0.png"]
+    first = (out / "mole" / "0000_seed0.png").read_bytes()
+    written.clear()
+    monkeypatch.setattr(gen, "_png", lambda *a: (real_png(*a), written.append(a[1].name)))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert written == ["0000_seed1.png", "0001_seed0.png", "0001_seed1.png"]  # the rest only
+    assert (out / "mole" / "0000_seed0.png").read_bytes() == first
+    rows = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [(p, s) for p in ("a close-up photo of a face",
+                                                                         "a close-up photo of a hand") for s in (0, 1)]
+    assert "3 images drawn, 1 already there" in capsys.readouterr().out
+    # another setting into the same folder is still refused, not mixed in
+    assert main([*args, "--guidance-scale", "3"]) == 2
