@@ -33,7 +33,8 @@ COMMANDS = {
     ),
     "mole inspect": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
-        "--height --width --seed --dtype --device --no-strict-base --overwrite --json --out --map-steps"
+        "--height --width --seed --dtype --device --no-strict-base --overwrite --json --out --map-steps "
+        "--prompt-kind"
     ),
     "mole eval": "{prompts,run,ablation}",
     "mole eval prompts": "kind source --out --limit --seed --overwrite",

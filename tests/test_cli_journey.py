@@ -153,3 +153,31 @@ def test_interrupted_generate_continues_with_the_same_command(tmp_path, monkeypa
     assert "3 images drawn, 1 already there" in capsys.readouterr().out
     # another setting into the same folder is still refused, not mixed in
     assert main([*args, "--guidance-scale", "3"]) == 2
+
+
+# ------------------------------------------------------------------------------------- 6. inspect per prompt (kind)
+@needs_tiny
+def test_inspect_reports_gates_per_prompt_and_per_kind(tmp_path, capsys):
+    """Fig. 7 per prompt kind: on mole-tiny the face gate is high on face prompts and low on hand prompts, and the
+    hand gate the other way round; the all-prompt average (the old summary) hides that."""
+    prompts = ["a close-up photo of a face", "a close-up photo of a hand", "a close-up photo of a face, smiling"]
+    args = ["inspect", *TINY, "--steps", "1", "--map-steps", "1", "--out", str(tmp_path / "i")]
+    for p, kind in zip(prompts, ["face", "hand", "face"]):
+        args += ["--prompt", p, "--prompt-kind", kind]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    face_p, hand_p, smile_p = (r for r in out["per_prompt"])
+    assert face_p["face"]["mean"] > hand_p["face"]["mean"] + 0.2 and hand_p["hand"]["mean"] > face_p["hand"]["mean"]
+    kinds = out["per_kind"]
+    assert kinds["face"]["face"]["prompts"] == [0, 2] and kinds["hand"]["face"]["prompts"] == [1]
+    assert kinds["face"]["face"]["mean"] == pytest.approx((face_p["face"]["mean"] + smile_p["face"]["mean"]) / 2)
+    overall = out["global_gate"]["face"]["mean"]
+    assert overall == pytest.approx(sum(r["face"]["mean"] for r in out["per_prompt"]) / 3)
+    assert kinds["hand"]["face"]["mean"] < overall - 0.1  # what the single average hid
+    gates = json.loads((tmp_path / "i" / "gates.json").read_text())
+    assert gates["per_kind"] == kinds
+    # the default output is a short table: a row per prompt and per kind
+    assert main([*args, "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert "| face: a close-up photo of a face |" in text and "| kind hand (1 prompts) |" in text
+    assert main([*args[:-2], "--overwrite"]) == 2  # 3 prompts, 2 kinds: one line, before anything loads

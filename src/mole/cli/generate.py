@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sampling_args(ins)
     ins.add_argument("--out", help="output folder (default: runs/inspect, or runs/inspect-2, ... when used)")
     ins.add_argument("--map-steps", type=int, default=5, help="steps shown in the local score maps")
+    ins.add_argument("--prompt-kind", action="append", metavar="KIND",
+                     help="the kind of each prompt, in order (e.g. face, hand): gates are also reported per kind")
     ins.set_defaults(func=_cmd_inspect)
 
 
@@ -123,11 +125,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         base=args.base, mole=args.mole, prompts=read_prompts(args), out_dir=out, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
-        expert_files=expert_files(args.expert),
+        expert_files=expert_files(args.expert), kinds=args.prompt_kind,
         overwrite=args.overwrite,
     ))  # fmt: skip
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
     }
-    print(json.dumps({"out": out, "global_gate": summary}, indent=2))
+    if args.json:
+        print(json.dumps({"out": out, "global_gate": summary, "per_prompt": data["per_prompt"],
+                          "per_kind": data["per_kind"]}, indent=2))  # fmt: skip
+        return 0
+    experts = data["experts"]
+    rows = [[(r["kind"] + ": " if r["kind"] else "") + _short(r["prompt"]),
+             *(f"{r[n]['mean']:.2f} ({r[n]['first_step']:.2f} -> {r[n]['last_step']:.2f})" for n in experts)]
+            for r in data["per_prompt"]]  # fmt: skip
+    for kind, gates in (data["per_kind"] or {}).items():
+        rows.append([f"kind {kind} ({len(gates[experts[0]]['prompts'])} prompts)",
+                     *(f"{gates[n]['mean']:.2f} ({gates[n]['first_step']:.2f} -> {gates[n]['last_step']:.2f})"
+                       for n in experts)])  # fmt: skip
+    print(f"mole inspect: global gate per prompt, mean over steps (first -> last step) -> {out}")
+    print(table(["prompt", *(f"{n} gate" for n in experts)], rows))
     return 0
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
