@@ -181,3 +181,29 @@ def test_inspect_reports_gates_per_prompt_and_per_kind(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| face: a close-up photo of a face |" in text and "| kind hand (1 prompts) |" in text
     assert main([*args[:-2], "--overwrite"]) == 2  # 3 prompts, 2 kinds: one line, before anything loads
+
+
+# ------------------------------------------------------------------------------- 4. presets adapt to the model
+@needs_tiny
+def test_presets_adapt_to_the_model_and_print_config_marks_it(tmp_path, capsys):
+    """--preset stage2-face on mole-tiny: 64 px (the model's native side), not the preset's 512; the shipped
+    config's bf16 becomes full precision without a GPU; rank 256 above mole-tiny's 32-channel blocks is marked."""
+    import tomllib
+    import torch
+
+    base = ["train", "--preset", "stage2-face", "--set", "model=mole-tiny", "--set", f"data.path={tmp_path}"]
+    assert main([*base, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert tomllib.loads(out)["data"]["resolution"] == 64
+    assert "resolution = 64  # adapted: mole-tiny draws 64 px (was 512)" in out
+    assert "rank = 256  # conflicts: rank 256 is above mole-tiny's narrowest block (32 channels" in out
+    assert 'model = "mole-tiny"  # --set (not the preset)' in out
+    # a value the user gives is kept, and the conflict said
+    assert main([*base, "--set", "data.resolution=128", "--print-config"]) == 0
+    assert "resolution = 128  # conflicts: mole-tiny draws 64 px; kept as given" in capsys.readouterr().out
+    config = Path(__file__).resolve().parents[1] / "configs" / "stage2_face.toml"
+    assert main(["train", "--config", str(config), *base[1:], "--print-config"]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert 'mixed_precision = "no"  # adapted: no GPU here, so full precision (was bf16)' in out
+    assert "resolution = 512  # conflicts: mole-tiny draws 64 px; kept as given" in out  # the file's own value
