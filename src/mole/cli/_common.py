@@ -98,6 +98,13 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def table(header: list[str], rows: list[list]) -> str:
+    """The short human table a command ends with (markdown, so it pastes into notes)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def check_file(path: str | None, what: str, flag: str) -> None:
     """An input file that must exist and be a readable file (not a folder), checked before anything heavy."""
     if path is None:
@@ -181,6 +188,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--no-strict-base", action="store_true", help="accept a base whose weights differ (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (default: a short table)")
 
 
 MAX_SIDE = 4096  # pixels per side; 100000 would ask for tens of GB before the first step
