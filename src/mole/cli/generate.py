@@ -76,7 +76,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
         expert_files=expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
         negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, images=args.image, condition_types=args.condition_type,
     )  # fmt: skip
     opts.out_dir = _generate_dir(args, opts)
     index = generate(opts)
@@ -126,8 +126,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
         expert_files=expert_files(args.expert), kinds=args.prompt_kind,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, images=args.image, condition_types=args.condition_type,
     ))  # fmt: skip
+    if data.get("kind") == "instruct":  # InstructMoLE: the experts each prompt chose (mean over layers)
+        chosen = {r["prompt"]: {data["experts"][i]: round(w, 3) for i, w in enumerate(r["mean_over_layers"]) if w > 0}
+                  for r in data["routing"]}  # fmt: skip
+        print(json.dumps({"out": out, "routing": chosen}, indent=2))
+        return 0
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
     }

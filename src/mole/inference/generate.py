@@ -18,7 +18,15 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..outputs import check_output_dir
 from ..targets import Backbone
-from .pipeline import MixMode, SamplingOptions, default_size, load_mole_weights, open_sampler, pipeline_kwargs
+from .pipeline import (
+    MixMode,
+    SamplingOptions,
+    condition_latents,
+    default_size,
+    load_mole_weights,
+    open_sampler,
+    pipeline_kwargs,
+)
 from .plot import grid
 
 logger = logging.getLogger(__name__)
@@ -41,6 +49,8 @@ class GenerateOptions(SamplingOptions):
     scheduler_config: dict | None = None  # overrides of the scheduler's config (e.g. kohya's DDIM)
     strict_base: bool = True
     overwrite: bool = False  # False: refuse an out_dir holding an earlier run's images and index
+    images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext), any sizes, in order
+    condition_types: list[str] | None = None  # PixArt: one type per image (default: the file's only type)
 
     OUTPUTS = ("images.jsonl", "index.json", "run.json", "compare.png", "mole", "fixed", "none")
 
@@ -153,6 +163,96 @@ def _done_rows(out: Path) -> dict[str, dict]:
     return rows
 
 
+class RoutingCapture:
+    """The expert weights an InstructMoLE router gave on the first denoiser call of each pipeline call (the
+    instruction routing does not depend on the step): per sample, per instruction-routed layer, the chosen experts
+    and their weights. Nothing is captured for a model without an InstructMoLE router."""
+
+    def __init__(self, pipe) -> None:
+        im = getattr(pipe, "mole_instruct", None)
+        self.router = im.router if im is not None else None
+        self.weights: torch.Tensor | None = None  # (layers, b, E) of the first call since reset()
+        self._handle = None
+        if self.router is not None:
+            from ..inject import mole_state
+
+            denoiser = im.transformer[0]
+            self.experts = mole_state(denoiser).expert_names
+            self._handle = denoiser.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self.weights is None and self.router.last_weights is not None:
+            self.weights = self.router.last_weights.detach().float().cpu().clone()
+
+    def reset(self) -> None:
+        self.weights = None
+
+    def per_sample(self, n: int) -> list[dict | None]:
+        """The last n samples of the captured batch (the conditional ones under guidance): {layer: {experts,
+        weights}} with the experts of nonzero weight, largest first."""
+        if self.router is None or self.weights is None:
+            return [None] * n
+        w = self.weights[:, -n:]  # (layers, n, E)
+        out = []
+        for i in range(n):
+            rec = {}
+            for j, path in enumerate(self.router.layer_paths):
+                order = [e for e in torch.argsort(w[j, i], descending=True).tolist() if w[j, i, e] > 0]
+                rec[path] = {"experts": [self.experts[e] for e in order],
+                             "weights": [round(float(w[j, i, e]), 6) for e in order]}  # fmt: skip
+            out.append(rec)
+        return out
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class _TypedConditions:
+    """PixArt: the loaded InstructMoLE's condition tokens, set to the condition images with their types."""
+
+    def __init__(self, tokens, latents: list[torch.Tensor], types: list[str]) -> None:
+        self.tokens = tokens
+        tokens.set(latents, [[t] for t in types])
+
+    def remove(self) -> None:
+        self.tokens.set(None)
+
+
+def attach_conditions(model, images: list[str], types: list[str] | None = None):
+    """Condition images for the next pipeline calls (None without images): on Flux / Flux-Kontext as Kontext
+    tokens; on PixArt as the loaded InstructMoLE file's typed condition tokens (`types`: one per image; default the
+    file's only type). The returned object's remove() ends it."""
+    if not images:
+        return None
+    im = getattr(model.pipe, "mole_instruct", None)
+    if is_flux(model):
+        from ..instruct import KontextConditions
+
+        kontext = KontextConditions(model.denoiser)
+        kontext.set([x.to(model.denoiser.dtype) for x in condition_latents(model, images)])
+        return kontext
+    if im is None or im.conditions is None:
+        raise ValueError(f"images={images[:2]}: condition images need a Flux / Flux-Kontext base, or on "
+                         f"{model.backbone.value} an InstructMoLE file trained with condition_types; drop --image")
+    known = im.conditions.types
+    if not types:
+        if len(known) != 1:
+            raise ValueError(f"condition images on {model.backbone.value} need a type each: pass --condition-type "
+                             f"once per --image, one of {known}")  # fmt: skip
+        types = known * len(images)
+    if len(types) != len(images):
+        raise ValueError(f"{len(images)} condition image(s) but {len(types)} condition type(s); give one "
+                         "--condition-type per --image")  # fmt: skip
+    latents = [x.to(model.denoiser.dtype) for x in condition_latents(model, images)]
+    return _TypedConditions(im.conditions, latents, list(types))
+
+
+def is_flux(model) -> bool:
+    return model.backbone is Backbone.FLUX
+
+
 def generate(opts: GenerateOptions) -> dict:
     """Generate every (prompt, seed) in every mode; return an index of what was written. images.jsonl grows as
     each image is written, so an interrupted run continues where it stopped: an out_dir holding a run with the
@@ -173,10 +273,9 @@ def generate(opts: GenerateOptions) -> dict:
                        out, len(paths) - todo, len(paths), todo)  # fmt: skip
     model, device = open_sampler(opts.base, opts.scheduler, opts.dtype, opts.device,
                                  progress=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
-    pipe = model.pipe
+    pipe, dtype = model.pipe, model.denoiser.dtype
     if opts.scheduler_config:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **opts.scheduler_config)
-    dtype = model.denoiser.dtype
     native = default_size(model)
     height, width = opts.height or native[0], opts.width or native[1]
     lengths = check_prompt_lengths(model, opts.prompts)
@@ -190,6 +289,7 @@ def generate(opts: GenerateOptions) -> dict:
     by_mode: dict[str, list[Image.Image]] = {}
     quiet = not logger.isEnabledFor(logging.WARNING)
     bar = tqdm(total=todo, desc="generate", unit="image", disable=True if quiet else None)  # one bar: images
+    scheduler = type(pipe.scheduler).__name__ if is_flux(model) else opts.scheduler  # Flux keeps its own
     with (out / "images.jsonl").open("w") as log:
         for rec in done.values():  # what the earlier run finished stays in the index
             log.write(json.dumps(rec) + "\n")
@@ -198,6 +298,8 @@ def generate(opts: GenerateOptions) -> dict:
             missing = [j for j in jobs if paths[(mode.value, j[0], j[2])] not in done]
             if opts.mole and missing:
                 load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
+            capture = RoutingCapture(pipe)
+            conditions = attach_conditions(model, opts.images, opts.condition_types) if missing else None
             folder = out / mode.value
             folder.mkdir(parents=True, exist_ok=True)
             negative = (opts.negative_prompt or "") + opts.negative_suffix
@@ -207,18 +309,22 @@ def generate(opts: GenerateOptions) -> dict:
                 kwargs = dict(
                     prompt=[p + opts.prompt_suffix for _, p, _ in chunk], num_inference_steps=opts.steps,
                     guidance_scale=opts.guidance_scale,
-                    height=height, width=width, generator=generators, **pipeline_kwargs(model),
+                    height=height, width=width, generator=generators, **pipeline_kwargs(model, height, width),
                 )  # fmt: skip
                 if negative:
                     kwargs["negative_prompt"] = [negative] * len(chunk)
+                capture.reset()
                 result = pipe(**kwargs).images
-                for (pi, prompt, seed), image in zip(chunk, result):
+                routing = capture.per_sample(len(chunk))
+                for (pi, prompt, seed), image, route in zip(chunk, result, routing):
                     meta = {"prompt": prompt + opts.prompt_suffix, "negative_prompt": negative or None, "seed": seed,
-                            "steps": opts.steps, "guidance_scale": opts.guidance_scale, "scheduler": opts.scheduler,
+                            "steps": opts.steps, "guidance_scale": opts.guidance_scale, "scheduler": scheduler,
                             "height": height, "width": width, "base": opts.base, "mole": opts.mole,
                             "mode": mode.value, "expert_weights": opts.expert_weights,
                             "dtype": str(dtype).replace("torch.", ""),
-                            "truncated": lengths[pi]["truncated"]}  # fmt: skip
+                            "truncated": lengths[pi]["truncated"], "images": list(opts.images) or None}  # fmt: skip
+                    if route is not None:
+                        meta["routing"] = route
                     path = Path(paths[(mode.value, pi, seed)])
                     _png(image, path, meta)
                     done[str(path)] = {"path": str(path), **meta}
@@ -229,6 +335,9 @@ def generate(opts: GenerateOptions) -> dict:
             grid(images, cols=min(len(opts.seeds), 8) if len(opts.seeds) > 1 else min(len(images), 8),
                  labels=[f"{p[:24]} s{s}" for _, p, s in jobs]).save(folder / "grid.png")  # fmt: skip
             by_mode[mode.value] = images
+            capture.remove()
+            if conditions is not None:
+                conditions.remove()
     bar.close()
     index["images"] = [done[paths[(mode.value, pi, s)]] for mode in opts.modes for pi, _, s in jobs]
     index["drawn"] = todo
@@ -244,3 +353,4 @@ def generate(opts: GenerateOptions) -> dict:
     tmp.replace(out / "images.jsonl")
     (out / "index.json").write_text(json.dumps(index, indent=2, default=str))
     return index
+

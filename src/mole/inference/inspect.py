@@ -8,13 +8,19 @@ Outputs in out_dir:
                           layers, overlaid on prompt k's final image (Fig. 7c)
     image_<k>.png         the final images
     gates.json            the raw numbers: global gates per prompt / step / expert, per layer means, local maps
+
+For an InstructMoLE file (experts routed by the instruction) instead:
+    routing_<k>.png       prompt k: the weight of each expert (columns) in each instruction-routed layer (rows),
+                          0 for the experts not chosen
+    routing.png           mean weight per expert (columns) for each prompt (rows), over the layers
+    routing.json          the numbers: per prompt, per layer, the weight of every expert and the chosen ones
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ from ..inject import mole_layers
 from ..outputs import check_output_dir
 from ..recording import record_gates
 from ..targets import Backbone
-from .generate import check_prompt_lengths
+from .generate import RoutingCapture, attach_conditions, check_prompt_lengths
 from .pipeline import MixMode, SamplingOptions, default_size, load_mole_weights, open_sampler, pipeline_kwargs
 from .plot import grid, line_chart, overlay
 
@@ -46,7 +52,11 @@ class InspectOptions(SamplingOptions):
     kinds: list[str] | None = None  # one per prompt ("face", "hand", ...): gates are also reported per kind
     overwrite: bool = False  # False: refuse an out_dir holding an earlier inspect's files
 
-    OUTPUTS = ("gates.json", "gates_global.png", "images.png", "image_*.png", "local_maps_*.png")
+    images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext; PixArt: typed)
+    condition_types: list[str] | None = None  # PixArt: one type per image
+
+    OUTPUTS = ("gates.json", "gates_global.png", "images.png", "image_*.png", "local_maps_*.png", "routing.json",
+               "routing.png", "routing_*.png")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +87,8 @@ def inspect(opts: InspectOptions) -> dict:
                                  progress=logger.isEnabledFor(logging.INFO))  # fmt: skip
     pipe = model.pipe
     load_mole_weights(pipe, opts.mole, MixMode.MOLE, strict_base=opts.strict_base, expert_files=opts.expert_files)
+    if getattr(pipe, "mole_instruct", None) is not None:
+        return _inspect_instruct(opts, model, device)
     denoiser = model.denoiser
     layer_paths = list(mole_layers(denoiser))
     f = model.vae_scale_factor
@@ -176,5 +188,55 @@ def inspect(opts: InspectOptions) -> dict:
         "latent_grid": list(latent_hw),
     }
     (out / "gates.json").write_text(json.dumps(data))
+    grid(images, cols=min(len(images), 8), labels=[p[:30] for p in opts.prompts]).save(out / "images.png")
+    return data
+
+
+def _short(path: str) -> str:
+    return path.replace("single_transformer_blocks.", "s").replace("transformer_blocks.", "d")
+
+
+def _inspect_instruct(opts: InspectOptions, model, device) -> dict:
+    """InstructMoLE: the experts each prompt's instruction chooses, and their weights, per layer."""
+    from ..instruct import routing_heatmap
+
+    pipe = model.pipe
+    native = default_size(model)
+    height, width = opts.height or native[0], opts.width or native[1]
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = check_prompt_lengths(model, opts.prompts)
+    capture = RoutingCapture(pipe)
+    kontext = attach_conditions(model, opts.images, opts.condition_types)
+    layers = capture.router.layer_paths
+    per_prompt, images, means = [], [], {}
+    try:
+        for k, prompt in enumerate(opts.prompts):
+            kwargs = dict(prompt=prompt, num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
+                          height=height, width=width, generator=torch.Generator(device=device).manual_seed(opts.seed),
+                          **pipeline_kwargs(model, height, width))  # fmt: skip
+            if opts.negative_prompt:
+                kwargs["negative_prompt"] = opts.negative_prompt
+            capture.reset()
+            image = pipe(**kwargs).images[0]
+            if capture.weights is None:
+                raise RuntimeError("the InstructMoLE router gave no weights while generating (was it detached?)")
+            w = capture.weights[:, -1]  # (layers, E): the conditional sample
+            chosen = capture.per_sample(1)[0]
+            routing_heatmap({_short(p): w[j] for j, p in enumerate(layers)}, capture.experts, out / f"routing_{k}.png",
+                            title=f"expert weights per layer: {prompt[:40]}")  # fmt: skip
+            means[f"{k}: {prompt}"[:14]] = w.mean(0)
+            per_prompt.append({"prompt": prompt, "weights": {p: w[j].tolist() for j, p in enumerate(layers)},
+                               "chosen": chosen, "mean_over_layers": w.mean(0).tolist()})  # fmt: skip
+            image.save(out / f"image_{k}.png")
+            images.append(image)
+    finally:
+        capture.remove()
+        if kontext is not None:
+            kontext.remove()
+    routing_heatmap(means, capture.experts, out / "routing.png", title="mean expert weight over layers, per prompt")
+    data = {"kind": "instruct", "experts": capture.experts, "layers": layers, "prompts": lengths, "steps": opts.steps,
+            "images": list(opts.images), "routing": per_prompt}  # fmt: skip
+    (out / "routing.json").write_text(json.dumps(data, indent=2))
     grid(images, cols=min(len(images), 8), labels=[p[:30] for p in opts.prompts]).save(out / "images.png")
     return data
