@@ -247,3 +247,53 @@ def test_input_shape_errors_name_the_layer_and_the_shape():
     lin = MoLELayer(nn.Linear(8, 6), ["face"], {"face": _pair()}, MoLEConfig(), path="q")
     with pytest.raises(ValueError, match=re.escape("layer 'q': input must have a batch axis, got shape (8,)")):
         lin(torch.zeros(8))
+
+
+class _Gates:
+    """A recorder that keeps what the layer reports: (local, global) per call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def record(self, layer, local, glob, x):
+        self.calls.append((local, glob))
+
+
+@pytest.mark.parametrize("gating", ["global", "local"])
+def test_both_paths_report_the_same_gates_with_an_expert_missing_here(gating):
+    # kills, in forward_naive: the global gate of an expert without weights here left as None (its gate is
+    # sigmoid(bias) alone: no output to pool), and local gates stacked when the layer has none
+    torch.manual_seed(0)
+    cfg = MoLEConfig(gating=gating, global_source="expert_output")
+    layer = MoLELayer(nn.Linear(8, 6), ["face", "hand"], {"face": _pair()}, cfg, path="q")
+    with torch.no_grad():
+        for p in layer.gates.parameters():
+            p.normal_()
+    x = torch.randn(2, 5, 8)
+    layer.recorder = _Gates()
+    for fused in (True, False):
+        layer.fused = fused
+        layer(x)
+    (fused_local, fused_glob), (naive_local, naive_glob) = layer.recorder.calls
+    if gating == "global":
+        assert fused_local is None and naive_local is None
+        torch.testing.assert_close(naive_glob[:, 1], torch.sigmoid(layer.gates.global_bias[1]).expand(2))
+        torch.testing.assert_close(naive_glob, fused_glob)
+    else:
+        assert fused_glob is None and naive_glob is None
+        torch.testing.assert_close(naive_local, fused_local)
+
+
+def test_naive_path_tracks_the_same_output_cosines_as_the_fused_path():
+    # kills: the ungated outputs stacked on the wrong axis before the (b, e, e) Gram matrix in forward_naive
+    torch.manual_seed(0)
+    pairs = {n: LoraPair(torch.randn(2, 8), torch.randn(6, 2), 2.0) for n in ("a", "b", "c")}
+    layer = MoLELayer(nn.Linear(8, 6), list(pairs), pairs, MoLEConfig(gating="none"), path="q")
+    layer.track_orthogonality = True
+    x = torch.randn(2, 5, 8)
+    outs = [(x @ p.down.T @ p.up.T * p.scale).flatten(1) for p in pairs.values()]  # (b, n*o), literal E_i(X)
+    expected = torch.stack([torch.stack([(outs[i] * outs[j]).sum(1) for j in range(3)], 1) for i in range(3)], 1)
+    for fused in (True, False):
+        layer.fused = fused
+        layer(x)
+        torch.testing.assert_close(layer.last_inner, expected, rtol=1e-4, atol=1e-4)
