@@ -297,3 +297,28 @@ def test_naive_path_tracks_the_same_output_cosines_as_the_fused_path():
         layer.fused = fused
         layer(x)
         torch.testing.assert_close(layer.last_inner, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "gating,d,ranks,tokens,kernel",
+    [
+        ("global", 24, (8, 8), 64, "merged_per_sample"),  # one coefficient per sample, many tokens
+        ("local", 4, (4, 4), 16, "dense_experts"),  # e d o = 32 < R (d + o) = 64: the dense stack is cheaper
+    ],
+)
+def test_inference_runs_the_cheapest_kernel(monkeypatch, gating, d, ranks, tokens, kernel):
+    # kills: the kernel choice dropped (every input on the rank-R path: same values, more multiply-adds)
+    from mole.layers import mole_layer
+
+    calls = []
+    real = getattr(mole_layer, kernel)
+    monkeypatch.setattr(mole_layer, kernel, lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    pairs = {f"e{i}": LoraPair(torch.randn(r, d), torch.randn(d, r), 2.0) for i, r in enumerate(ranks)}
+    layer = MoLELayer(nn.Linear(d, d), list(pairs), pairs, MoLEConfig(gating=gating), path="q")
+    x = torch.randn(2, tokens, d)
+    with torch.no_grad():
+        fast = layer(x)
+        layer.fused = False
+        torch.testing.assert_close(fast, layer(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 1
