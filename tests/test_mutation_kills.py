@@ -322,3 +322,19 @@ def test_inference_runs_the_cheapest_kernel(monkeypatch, gating, d, ranks, token
         layer.fused = False
         torch.testing.assert_close(fast, layer(x), rtol=1e-4, atol=1e-5)
     assert len(calls) == 1
+
+
+def test_routing_is_reported_as_the_global_gate_when_the_layer_has_none():
+    # kills: the router's per-sample weights not reported in place of a missing global gate (mole inspect of an
+    # InstructMoLE model would show no expert weights)
+    torch.manual_seed(0)
+    pairs = {n: LoraPair(torch.randn(2, 8), torch.randn(6, 2), 2.0) for n in ("a", "b")}
+    layer = MoLELayer(nn.Linear(8, 6), list(pairs), pairs, MoLEConfig(gating="none"), path="q")
+    w = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
+    layer.routing = w
+    layer.recorder = _Gates()
+    with torch.no_grad():
+        layer(torch.randn(2, 5, 8))  # the fast path
+        layer.track_orthogonality = True
+        layer(torch.randn(2, 5, 8))  # the stacked path
+    assert [glob.tolist() for _, glob in layer.recorder.calls] == [w.tolist(), w.tolist()]
