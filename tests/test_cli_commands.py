@@ -19,7 +19,7 @@ COMMON = {"help", "verbose", "quiet", "debug"}  # on every parser (-h, -v, -q, -
 # prog -> its arguments in the order the parser adds them (positionals by name, options by their long form,
 # a subcommand group as {a,b,...})
 COMMANDS = {
-    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,estimate,info,tiny}",
+    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,ui,estimate,info,tiny}",
     "mole demo": "--out --overwrite --base --mole --train --train-steps --rank --steps --seeds --seed --json",
     "mole pretrain": (
         "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
@@ -28,12 +28,14 @@ COMMANDS = {
     "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes",
     "mole generate": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --image --condition-type --steps --guidance-scale "
-        "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --out --num-images --seeds "
+        "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --json --out --num-images "
+        "--seeds "
         "--negative-prompt --batch-size --no-mole --experts --compare --preset"
     ),
     "mole inspect": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --image --condition-type --steps --guidance-scale "
-        "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --out --map-steps"
+        "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --json --out --map-steps "
+        "--prompt-kind"
     ),
     "mole eval": "{prompts,run,ablation}",
     "mole eval prompts": "kind source --out --limit --seed --overwrite",
@@ -42,28 +44,33 @@ COMMANDS = {
         "--benchmark --base --tokenizer --stage1 --mole --experts --gating --metric --out --num-prompts "
         "--repeats --steps --seed --overwrite"
     ),
-    "mole data": "{scenes,closeups,train-filter}",
+    "mole data": "{scenes,closeups,merge,train-filter}",
+    "mole data merge": "parts --out --shard-size --overwrite",
     "mole data scenes": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
         "--max-overlap --clip-filter "
-        "--min-clip --workers --shard-size --overwrite --window --stride --min-pose-presence --min-person "
+        "--min-clip --workers --shard-size --shard --overwrite --window --stride --min-pose-presence --min-person "
         "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks --min-head-face --min-wrist-hand"
     ),
     "mole data closeups": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
         "--max-overlap --clip-filter "
-        "--min-clip --workers --shard-size --overwrite --part --margin"
+        "--min-clip --workers --shard-size --shard --overwrite --part --margin"
     ),
     "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",
     "mole convert": "--mole --expert --base --out --tokenizer --overwrite",
     "mole bake": (
         "--mole --weights --from-prompts --base --rank --steps --guidance-scale --seed --out --overwrite --json"
     ),
+    "mole ui": (
+        "--base --tokenizer --mole --expert --host --port --steps --max-side --run --out --dtype --device "
+        "--no-strict-base"
+    ),
     "mole estimate": (
         "config --base --preset --stage --batch-size --resolution --precision --optimizer "
-        "--gradient-checkpointing --rank --experts --fits --json"
+        "--gradient-checkpointing --rank --experts --gpus --strategy --fits --json"
     ),
     "mole info": "file --json",
     "mole tiny": "kind --out --instruct --seed --overwrite --json",

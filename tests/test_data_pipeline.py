@@ -380,7 +380,7 @@ def test_scene_thresholds_from_the_cli(tmp_path, capsys):
             "--min-scale", "0.8", "--min-pose-presence", "0.9", "--min-person", "0.1", "--little-person", "0.2",
             "--min-face-confidence", "0.95", "--no-pose-tiles", "--min-person-agreement", "0.5",
             "--tile-landmarks", "30"]  # fmt: skip
-    assert main(args) == 1  # nothing kept: an error, not a silent success
+    assert main(args) == 3  # nothing kept: exit 3 (nothing produced), not a silent success
     out = json.loads(capsys.readouterr().out)
     options = json.loads((tmp_path / "out" / "stats.json").read_text())["options"]
     assert {k: options[k] for k in ("min_scale", "min_pose_presence", "min_person", "little_person",

@@ -32,9 +32,19 @@ def _plain_param_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return sorted(out)
 
 
+def class_name(model: nn.Module) -> str:
+    """The model's own class name; under FSDP2's generated wrapper class (FSDP<Class>, a subclass of FSDPModule
+    and of the model's class, made by fully_shard) the model's class."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def structure_hash(model: nn.Module) -> str:
     """sha256 of the model class and every parameter's name and shape (identical before and after injection)."""
-    h = hashlib.sha256(type(model).__name__.encode())
+    h = hashlib.sha256(class_name(model).encode())
     for name, shape in _plain_param_shapes(model):
         h.update(f"{name}:{shape};".encode())
     return h.hexdigest()
@@ -115,8 +125,8 @@ def model_name(model: nn.Module) -> str | None:
 def base_identity(model: nn.Module, layer_paths: Sequence[str], backbone: str, base_model: str | None = None) -> dict:
     """The manifest's base_model entry: name, class, backbone, structure hash, weight signature and samples."""
     return {
-        "name": str(base_model) if base_model else (model_name(model) or type(model).__name__),
-        "class": type(model).__name__,
+        "name": str(base_model) if base_model else (model_name(model) or class_name(model)),
+        "class": class_name(model),
         "backbone": backbone,
         "structure_sha256": structure_hash(model),
         "weight_signature": weight_signature(model, layer_paths),
@@ -127,11 +137,11 @@ def base_identity(model: nn.Module, layer_paths: Sequence[str], backbone: str, b
 def check_base(model: nn.Module, manifest: dict, source: str, strict: bool = True) -> None:
     """Refuse a model that is not the base the file was trained on (architecture, then weights)."""
     base = manifest["base_model"]
-    ours = model_name(model) or type(model).__name__
+    ours = model_name(model) or class_name(model)
     if structure_hash(model) != base["structure_sha256"]:
         raise MoLEFileError(
             f"{source} was made for base model {base['name']!r} ({base['class']}, {base['backbone']}), but this "
-            f"model {ours!r} ({type(model).__name__}) has a different architecture (parameter names or shapes differ)"
+            f"model {ours!r} ({class_name(model)}) has a different architecture (parameter names or shapes differ)"
         )
     if not strict:
         return

@@ -111,8 +111,11 @@ def inject_mole(
     experts: Sequence[ExpertWeights] | Mapping[str, ExpertWeights] | ExpertWeights,
     config: MoLEConfig | None = None,
     backbone: Backbone | str | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Wrap every target layer that any expert covers in a MoLELayer, in place; return the model.
+
+    The gates start from a seeded init, a function of `seed` (the training run's seed) and the layer path only.
 
     Afterwards only gate parameters require grad. Every expert key must name a target module of the model,
     else nothing is changed and the error names the key.
@@ -164,7 +167,7 @@ def inject_mole(
     model.requires_grad_(False)
     for path in state.layer_paths:
         parent, attr = _parent(model, path)
-        layer = mole_layer_for(modules[path], names, per_layer[path], config, path=path)
+        layer = mole_layer_for(modules[path], names, per_layer[path], config, path=path, seed=seed)
         setattr(parent, attr, layer)
     model.mole_state = state
     uncovered = [

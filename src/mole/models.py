@@ -22,7 +22,48 @@ from .targets import Backbone, detect_backbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiffusionModel", "ModelLoadError", "TextConditioning"]
+__all__ = ["DiffusionModel", "ModelLoadError", "TextConditioning", "check_base_name", "check_mole_name"]
+
+
+def check_base_name(base: str, field: str = "--base") -> str:
+    """The one rule every command and config uses for a base model (`--base`, `model = ...`, `[[models]] base`):
+    `mole-tiny` (the shipped model), a single-file checkpoint (.safetensors / .ckpt ...), a diffusers pipeline
+    folder, or a hub id (org/name). Checked in milliseconds; raises naming `field`, the value and the fix. Returns
+    what loads: the folder / file / hub id (mole-tiny -> its pipeline folder)."""
+    from .mole_tiny import is_mole_tiny, resolve_base
+
+    if not isinstance(base, str) or not base.strip():
+        raise ModelLoadError(f"{field}={base!r}: give a base model (mole-tiny, a hub id, a pipeline folder or a "
+                             "model.safetensors)")  # fmt: skip
+    if is_mole_tiny(base):
+        return str(resolve_base(base))
+    p = Path(base).expanduser()
+    if p.is_file() and p.suffix.lower() in SUFFIXES:  # a single-file checkpoint: read when the model loads
+        return str(p)
+    if p.exists():
+        if not p.is_dir() or not (p / "model_index.json").is_file():
+            raise ModelLoadError(f"{field} {base} is not a diffusers pipeline folder (no model_index.json); give "
+                                 "the folder written by save_pretrained, a model.safetensors, or a hub id such as "
+                                 "runwayml/stable-diffusion-v1-5")  # fmt: skip
+        return str(p)
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base or p.suffix.lower() in SUFFIXES:
+        raise FileNotFoundError(f"{field} {base}: no such file or folder; check the path (or give a hub id)")
+    return base  # a hub id: resolved by diffusers when the model loads
+
+
+def check_mole_name(mole: str, field: str = "--mole") -> str:
+    """The one rule for a MoLE file (`--mole`, `[[models]] mole`, `mixture` files): `mole-tiny` or an existing
+    file. Returns the file's path (mole-tiny -> its shipped file)."""
+    from .mole_tiny import is_mole_tiny, resolve_mole
+
+    if is_mole_tiny(mole):
+        return str(resolve_mole(mole))
+    p = Path(str(mole)).expanduser()
+    if p.is_dir():
+        raise ModelLoadError(f"{field} {mole} is a folder; give the MoLE .safetensors file inside it (or mole-tiny)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{field} {mole} does not exist; check the path (or give mole-tiny)")
+    return str(p)
 
 
 @dataclass

@@ -10,11 +10,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import bake, convert, data, demo, estimate, eval, generate, info, pretrain, tiny, train
-from ._common import USER_ERRORS, common_args, leaf_parsers, logger, one_line, quiet_dependencies
+from . import _common as common
+from . import bake, convert, data, demo, estimate, eval, generate, info, pretrain, tiny, train, ui
+from ._common import USER_ERRORS, NothingProduced, common_args, leaf_parsers, logger, one_line, quiet_dependencies
 
 # in the order `mole --help` lists them
-COMMANDS = (demo, pretrain, train, generate, eval, data, convert, bake, estimate, info, tiny)
+COMMANDS = (demo, pretrain, train, generate, eval, data, convert, bake, ui, estimate, info, tiny)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         logger.error("interrupted")
-        return 130
+        return common.EXIT_INTERRUPTED
+    except NothingProduced as exc:  # not even --debug makes this a traceback: it is a result, not a fault
+        logger.error("%s", one_line(exc))
+        return common.EXIT_NOTHING
     except Exception as exc:
         if debug:
             raise
@@ -62,13 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(exc, USER_ERRORS + (MetricUnavailable,)):  # ours name the field, value and fix
             logger.error("%s", one_line(exc))
-            return 2
+            return common.EXIT_USAGE
         if isinstance(exc, RuntimeError) and "out of memory" in str(exc):
             logger.error("out of memory: lower --batch-size / the resolution, or use --dtype fp16")
-            return 2
+            return common.EXIT_USAGE
         logger.error("internal error %s: %s (run with --debug for the traceback; please report it)",
                      type(exc).__name__, one_line(exc))  # fmt: skip
-        return 1
+        return common.EXIT_INTERNAL
     finally:
         if getattr(args, "base_tokenizer", None):  # main() called as a function leaves the environment as it was
             os.environ.clear()

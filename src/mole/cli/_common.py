@@ -75,6 +75,16 @@ def leaf_parsers(parser: argparse.ArgumentParser):
                 yield from leaf_parsers(sub)
 
 
+# exit codes (docs/cli.md#exit-codes): 0 done, 1 internal error (a bug: please report), 2 a user error (arguments,
+# files, settings; one line naming the value and the fix), 3 the command ran but produced nothing (0 images kept /
+# generated / scored, or every score 0), with the counts and the option that would change it; 130 interrupted
+EXIT_INTERNAL, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class NothingProduced(Exception):
+    """A command ran (or would run) and produced nothing; the message holds the counts and the option to change."""
+
+
 # errors a user causes (bad arguments, files, settings); anything else is reported as an internal error
 USER_ERRORS = (ValueError, OSError, LookupError, FloatingPointError)
 
@@ -86,6 +96,13 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in text:
         text = f"{exc.filename}: {text}"
     return text if len(text) <= 600 else text[:597] + "..."
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """The short human table a command ends with (markdown, so it pastes into notes)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def check_file(path: str | None, what: str, flag: str) -> None:
@@ -102,11 +119,14 @@ def check_file(path: str | None, what: str, flag: str) -> None:
 
 
 def check_mole_arg(path: str | None) -> None:
-    """--mole: a readable MoLE file with a manifest (header only, cheap)."""
+    """--mole: mole-tiny or a readable MoLE file with a manifest (header only, cheap); mole.models.check_mole_name is
+    the rule every command shares."""
+    from ..models import check_mole_name
     from ..mole_tiny import is_mole_tiny
 
     if path is None or is_mole_tiny(path):
         return
+    check_mole_name(path, "--mole")
     check_file(path, "MoLE .safetensors", "--mole")
     from ..formats.mole_file import read_mole_manifest
     from ..formats.official import is_official_gate_file
@@ -117,23 +137,11 @@ def check_mole_arg(path: str | None) -> None:
 
 
 def check_base_arg(base: str, flag: str = "--base") -> None:
-    """A local base must be a diffusers pipeline folder or a single-file checkpoint; `mole-tiny` names the shipped
-    model; anything else must look like a hub id (org/name)."""
-    from ..formats.ldm import SUFFIXES
-    from ..mole_tiny import is_mole_tiny
+    """A base: mole-tiny, a single-file checkpoint, a diffusers pipeline folder or a hub id (org/name); the rule
+    every command and config shares (mole.models.check_base_name)."""
+    from ..models import check_base_name
 
-    if is_mole_tiny(base):
-        return
-    p = Path(base).expanduser()
-    if p.is_file() and p.suffix.lower() in SUFFIXES:  # a single-file checkpoint: read when the model loads
-        return
-    if p.exists():
-        if not p.is_dir() or not (p / "model_index.json").is_file():
-            raise ValueError(f"{flag} {base} is not a diffusers pipeline folder (no model_index.json); give the "
-                             "folder written by save_pretrained, or a hub id such as runwayml/stable-diffusion-v1-5")
-        return
-    if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base:
-        raise FileNotFoundError(f"{flag} {base}: no such folder; check the path (or give a hub id)")
+    check_base_name(base, flag)
 
 
 def output_dir(args: argparse.Namespace, default: str, names: list[str], what: str) -> str:
@@ -168,7 +176,8 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
                    help="an expert LoRA by name, e.g. --expert face=face.safetensors (needed with the paper's gate "
                         "file; else replaces the file's embedded expert)")  # fmt: skip
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompt-file", help="prompts, one per line (or .json / .jsonl with a 'prompt' key)")
+    p.add_argument("--prompt-file", action="append", metavar="FILE",
+                   help="prompts, one per line (or .json / .jsonl with a 'prompt' key); repeatable: the files add up")
     p.add_argument("--image", action="append", default=[], metavar="COND",
                    help="a condition image (repeatable, any sizes; Flux / Flux-Kontext): e.g. the photo to edit")
     p.add_argument("--condition-type", action="append", metavar="TYPE",
@@ -183,6 +192,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--no-strict-base", action="store_true", help="accept a base whose weights differ (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (default: a short table)")
 
 
 MAX_SIDE = 4096  # pixels per side; 100000 would ask for tens of GB before the first step
@@ -195,8 +205,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     check_base_arg(args.base)
     if not getattr(args, "no_mole", False):
         check_mole_arg(args.mole)
-    if args.prompt_file:
-        check_file(args.prompt_file, "prompt", "--prompt-file")
+    for path in args.prompt_file or ():
+        check_file(path, "prompt", "--prompt-file")
     for image in args.image:
         check_file(image, "condition image", "--image")
     for name in ("height", "width"):
@@ -208,16 +218,19 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: use at least 1")
     check_device(args.device)
-    if not read_prompts(args):
+    if not args.prompt and not args.prompt_file:
         raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    if not read_prompts(args):
+        raise NothingProduced(f"--prompt-file {' '.join(args.prompt_file)}: 0 prompts (every line is blank or a # "
+                              "comment); nothing to draw: give a file with one prompt per line, or --prompt TEXT")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     from ..inference import read_prompt_file
 
     prompts = list(args.prompt or [])
-    if args.prompt_file:
-        prompts += read_prompt_file(args.prompt_file)
+    for path in args.prompt_file or ():
+        prompts += read_prompt_file(path)
     return prompts
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 
-from ._common import finite_float
+from ._common import NothingProduced, finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _data_args(close)
     close.add_argument("--part", choices=["face", "hand"], default="face")
     close.add_argument("--margin", type=finite_float, default=0.4)
+    merge = data_sub.add_parser("merge", help="join the parts of a build made with --shard i/n into one build")
+    merge.add_argument("parts", nargs="+", metavar="PART", help="the part folders (every i of i/n once)")
+    merge.add_argument("--out", required=True, help="the merged build folder")
+    merge.add_argument("--shard-size", type=int, help="also write webdataset tar shards of N samples (default: "
+                       "the parts' --shard-size)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out")
+    merge.set_defaults(func=_cmd_data_merge)
     flt = data_sub.add_parser("train-filter", help="train the blur / low-quality CNN from labelled folders")
     flt.add_argument("--good", required=True, help="sharp, good images")
     flt.add_argument("--bad", help="blurry / low-quality images (optional with synthetic blur)")
@@ -90,6 +96,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-clip", type=finite_float, default=20.0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--shard-size", type=int, default=0, help="also write webdataset tar shards of N samples")
+    p.add_argument("--shard", metavar="I/N", help="build part I of N (0 <= I < N; the sources split by a stable "
+                   "hash of their path), e.g. one per machine; join the parts with mole data merge")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build in OUT made with other options")
     p.set_defaults(func=_cmd_data_build)
 
@@ -110,15 +118,25 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         clip_filter=args.clip_filter, min_clip=args.min_clip, workers=args.workers, shard_size=args.shard_size,
         caption_prompt=_caption_prompt(args.caption_prompt), min_confidence=args.min_confidence,
         min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite,
-        max_overlap=args.max_overlap, dedupe_distance=args.dedupe_distance, **mode_only,
+        max_overlap=args.max_overlap, dedupe_distance=args.dedupe_distance, shard=args.shard, **mode_only,
     ))  # fmt: skip
     print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
     from ..data.build import nothing_kept_message
 
     message = nothing_kept_message(stats, args.out)
     if message:
-        logging.getLogger("mole").error(message)
-        return 1
+        raise NothingProduced(message)
+    return 0
+
+
+def _cmd_data_merge(args: argparse.Namespace) -> int:
+    from ..data.build import merge_builds, nothing_kept_message
+
+    stats = merge_builds(args.parts, args.out, args.shard_size, args.overwrite)
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
+    message = nothing_kept_message(stats, args.out)
+    if message:
+        raise NothingProduced(message)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import check_base_arg, check_file, check_mole_arg, expert_weights, tokenizer_arg
+from ._common import NothingProduced, check_base_arg, check_file, check_mole_arg, expert_weights, tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +65,13 @@ def _cmd_eval_prompts(args: argparse.Namespace) -> int:
     path = build_benchmark(args.kind, args.source, args.out, limit=args.limit, seed=args.seed)
     meta = json.loads(Path(str(path) + ".meta.json").read_text())
     print(json.dumps({"benchmark": str(path), "count": meta["count"], "stats": meta["stats"]}, indent=2))
+    if not meta["count"]:
+        dropped = ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in meta["stats"].items()
+                            if k.startswith("dropped_") and v)  # fmt: skip
+        why = "--limit 0" if args.limit == 0 else (dropped or "the source holds no records")
+        raise NothingProduced(f"mole eval prompts: kept 0 of {meta['stats'].get('source_records', 0)} prompts "
+                              f"({why}); give a source whose captions / prompts are about people (see --help), "
+                              "or a --limit of 1 or more")  # fmt: skip
     return 0
 
 
@@ -83,7 +90,24 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
     opts.overwrite = args.overwrite
     report = run_eval(opts)
     print(json.dumps({"summary": report["summary"], "run": report["run"]}, indent=2, default=float))
+    _check_scores(report, opts.out_dir)
     return 0
+
+
+def _check_scores(report: dict, out: str) -> None:
+    """Exit 3 (nothing produced) when no image was scored, or when every metric is 0 for every model: a detector
+    that sees nothing or a metric that failed silently, not a result."""
+    summary = report["summary"]
+    n = max((m["n_images"] for s in summary.values() for m in s.values()), default=0)
+    if not n:
+        raise NothingProduced(f"mole eval: 0 images scored for {len(summary)} model(s); check --num-prompts / "
+                              f"--repeats and the [[metrics]] of the config (report: {out}/report.md)")  # fmt: skip
+    values = [m["mean"] for s in summary.values() for m in s.values()]
+    if all(v == 0 for v in values):
+        metrics = sorted({k for s in summary.values() for k in s})
+        raise NothingProduced(f"mole eval: every score is 0 ({', '.join(metrics)}) on {n} images per model for "
+                              f"{len(summary)} model(s): the metric found nothing; look at the images in {out}/images "
+                              "and the metric's settings ([[metrics]]) before trusting the report")  # fmt: skip
 
 
 def _cmd_eval_ablation(args: argparse.Namespace) -> int:
@@ -105,4 +129,5 @@ def _cmd_eval_ablation(args: argparse.Namespace) -> int:
     ))  # fmt: skip
     print(json.dumps({"models": [m.name for m in models], "summary": report["summary"], "run": report["run"]},
                      indent=2, default=float))  # fmt: skip
+    _check_scores(report, args.out)
     return 0

@@ -26,6 +26,8 @@ import json
 import logging
 import multiprocessing
 import os
+import re
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -113,6 +115,9 @@ class BuildOptions:
     dedupe_distance: int = 3
     workers: int = 1
     shard_size: int = 0  # > 0: also write webdataset tar shards of this many samples
+    # "i/n": build part i of n (the sources whose stable hash of their path under `source` is i mod n), to be
+    # joined by merge_builds; a part keeps near-duplicates and low-CLIP crops for the merge to decide
+    shard: str | None = None
     overwrite: bool = False  # replace an earlier build in out_dir made with other options (else refused)
 
     def __post_init__(self) -> None:
@@ -141,6 +146,12 @@ class BuildOptions:
             raise ValueError(f"tile_landmarks={self.tile_landmarks}: the pose model has 33 landmarks; use 0 to 33")
         if not Path(self.source).is_dir():
             raise FileNotFoundError(f"source {self.source} is not a folder of images")
+        if self.shard is not None:
+            self.part_of()
+
+    def part_of(self) -> tuple[int, int] | None:
+        """(i, n) of shard "i/n", None for a whole build; raises naming a bad value."""
+        return None if self.shard is None else parse_part(self.shard)
 
     @property
     def default_template(self) -> str:
@@ -153,6 +164,15 @@ class BuildOptions:
     def upscale_floor_px(self) -> int:
         """The smallest window / crop side kept, in whole pixels: round(min_scale x size) (358 for 0.7 x 512)."""
         return round(self.min_scale * self.size)
+
+
+def parse_part(value: str) -> tuple[int, int]:
+    """ "i/n" -> (i, n) with 0 <= i < n; raises ValueError naming the value."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"shard={value!r} is not a part i/n with 0 <= i < n; e.g. --shard 0/4 ... --shard 3/4 for "
+                         "four machines")  # fmt: skip
+    return int(m.group(1)), int(m.group(2))
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -309,7 +329,7 @@ def _process(args: tuple[str, BuildOptions]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- main
 # options that never change what a source yields (how fast, where, how packed)
-_NOT_IN_KEY = ("source", "out_dir", "workers", "shard_size", "overwrite")
+_NOT_IN_KEY = ("source", "out_dir", "workers", "shard_size", "overwrite", "shard")
 
 
 def _key_options(opts: BuildOptions | dict) -> dict:
@@ -411,6 +431,10 @@ def build_dataset(opts: BuildOptions) -> dict:
     if out_abs.is_relative_to(Path(opts.source).resolve()):
         logger.info("the output folder %s is inside the source folder: its files are not read as sources", out)
 
+    part = opts.part_of()
+    if part is not None:
+        sources = [s for s in sources if source_part(Path(s).relative_to(opts.source).as_posix(), part[1]) == part[0]]
+        logger.info("part %d/%d: %d sources", part[0], part[1], len(sources))
     todo = [s for s in sources if s not in done]
     captioners = build_captioners(opts.captioner, opts.default_template,
                                   part=opts.part if opts.mode == "closeups" else "person",
@@ -457,7 +481,7 @@ def build_dataset(opts: BuildOptions) -> dict:
             kept_here = 0
             for name, rec in res["crops"]:
                 img_path = out / "images" / name
-                if not dedupe.add_if_new(int(rec["phash"], 16)):
+                if part is None and not dedupe.add_if_new(int(rec["phash"], 16)):  # a part: merge_builds decides
                     img_path.unlink(missing_ok=True)
                     _count(stats["crops_dropped"], {"duplicate": 1})
                     continue
@@ -469,7 +493,7 @@ def build_dataset(opts: BuildOptions) -> dict:
                     no_caption.append(name)
                 if clip is not None:
                     rec["scores"]["clip"] = round(clip.score([crop], [caption])["clip_score"][0], 3)
-                if clip is not None and rec["scores"]["clip"] < opts.min_clip:
+                if clip is not None and part is None and rec["scores"]["clip"] < opts.min_clip:
                     img_path.unlink(missing_ok=True)
                     _count(stats["crops_dropped"], {"low_clip": 1})
                     continue
@@ -504,8 +528,118 @@ def build_dataset(opts: BuildOptions) -> dict:
                        "even the template", len(no_caption), ", ".join(no_caption[:3]))  # fmt: skip
     stats["options"] = asdict(opts)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    if opts.shard_size > 0:
+    if opts.shard_size > 0 and part is None:
         stats["shards"] = write_shards(out, opts.shard_size)
+    elif opts.shard_size > 0:
+        logger.info("part %s: no shards written; mole data merge --shard-size writes them", opts.shard)
+    return stats
+
+
+def source_part(source_id: str, parts: int) -> int:
+    """The part (0..parts-1) a source belongs to: a stable hash of its path under the source folder, the same on
+    every machine and in every process."""
+    return int.from_bytes(hashlib.sha256(source_id.encode()).digest()[:8], "big") % parts
+
+
+def merge_builds(parts: list[str | Path], out_dir: str | Path, shard_size: int | None = None,
+                 overwrite: bool = False) -> dict:  # fmt: skip
+    """Join the parts of a build (`mole data ... --shard i/n` for i = 0..n-1) into one build folder, equal to the
+    one-process build: rows in the one-process order (sorted sources), near-duplicates across parts and low CLIP
+    scores dropped here as that build drops them, stats summed and the kept-crop counts recounted."""
+    from ..outputs import check_output_dir
+
+    parts = [Path(p) for p in parts]
+    infos = []
+    for p in parts:
+        try:
+            stats = json.loads((p / "stats.json").read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"mole data merge: {str(p)!r} is not a finished part (no readable stats.json); run "
+                             "mole data ... --shard i/n into it to the end") from None  # fmt: skip
+        shard = (stats.get("options") or {}).get("shard")
+        if not shard:
+            raise ValueError(f"mole data merge: {str(p)!r} is a whole build, not a part (built without --shard)")
+        i, n = parse_part(shard)
+        infos.append((i, n, p, stats))
+    counts = {n for _, n, _, _ in infos}
+    if len(counts) > 1:
+        raise ValueError(f"mole data merge: the parts split the sources {sorted(counts)} ways; merge the parts of one "
+                         "split (the same n in --shard i/n)")  # fmt: skip
+    n = counts.pop()
+    have = sorted(i for i, *_ in infos)
+    if have != list(range(n)):
+        missing = sorted(set(range(n)) - set(have))
+        twice = sorted({i for i in have if have.count(i) > 1})
+        raise ValueError(f"mole data merge: parts {', '.join(f'{i}/{n}' for i in missing) or 'none'} missing"
+                         + (f", {', '.join(f'{i}/{n}' for i in twice)} given twice" if twice else "")
+                         + f" (given {', '.join(f'{i}/{n}' for i in have)}); give every part once")  # fmt: skip
+    first = infos[0][3]["options"]
+    for _, _, p, st in infos[1:]:
+        diff = sorted(k for k, v in _key_options(st["options"]).items() if _key_options(first).get(k) != v)
+        if diff:
+            raise ValueError(f"mole data merge: {str(p)!r} was built with other options ({', '.join(diff[:4])}) "
+                             "than the first part; rebuild it with the same options")  # fmt: skip
+    out = Path(out_dir)
+    if any(out.resolve() == p.resolve() for p in parts):
+        raise ValueError(f"mole data merge: --out {str(out)!r} is one of the parts; choose another folder")
+    check_output_dir(out, BUILD_OUTPUTS, overwrite, "mole data merge")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    def lines(path: Path) -> list[dict]:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    rows = sorted(((r, p) for _, _, p, _ in infos for r in lines(p / "manifest.jsonl")),
+                  key=lambda rp: rp[0]["source"])  # fmt: skip  (stable: the crops of a source stay in order)
+    opts = {**first, "shard": None, "out_dir": str(out)}
+    if shard_size is not None:
+        opts["shard_size"] = shard_size
+    dedupe = DuplicateIndex(opts["dedupe_distance"])
+    stats = _fresh_stats()
+    for _, _, _, st in infos:
+        for k in ("sources", "crops_considered"):
+            stats[k] += st.get(k, 0)
+        _count(stats["sources_dropped"], st.get("sources_dropped", {}))
+        _count(stats["crops_dropped"], st.get("crops_dropped", {}))
+        stats["seconds"] = round(stats["seconds"] + st.get("seconds", 0.0), 2)
+        stats["caption_truncation"] = st.get("caption_truncation")
+    kept_by_source: Counter = Counter()
+    with_candidates = {r["source"] for r, _ in rows}
+    no_caption = 0
+    with (out / "manifest.jsonl").open("w") as mf:
+        for row, p in rows:
+            if not dedupe.add_if_new(int(row["phash"], 16)):
+                _count(stats["crops_dropped"], {"duplicate": 1})
+                continue
+            no_caption += not row["caption"]
+            if opts.get("clip_filter") and row["scores"].get("clip", 0.0) < opts["min_clip"]:
+                _count(stats["crops_dropped"], {"low_clip": 1})
+                continue
+            shutil.copyfile(p / row["file"], out / row["file"])
+            (out / row["file"]).with_suffix(".txt").write_text(row["caption"])
+            mf.write(json.dumps(row) + "\n")
+            kept_by_source[row["source"]] += 1
+            by, level = row.get("caption_source"), row.get("caption_level")
+            _count(stats["captions"], {f"{by}_{level}" if by else "none": 1})
+            side = row["box"][2] - row["box"][0]
+            bucket = f"{2 ** (max(side, 1).bit_length() - 1)}-{2 ** max(side, 1).bit_length() - 1}"
+            stats["crop_side_histogram"][bucket] = stats["crop_side_histogram"].get(bucket, 0) + 1
+    stats["kept"] = sum(kept_by_source.values())
+    stats["sources_with_crops"] = len(kept_by_source)
+    emptied = len(with_candidates) - len(kept_by_source)  # had crops, every one dropped here
+    if emptied:
+        _count(stats["sources_dropped"], {"every_crop_dropped": emptied})
+    stats["without_caption"] = no_caption
+    srcs = sorted((r for _, _, p, _ in infos for r in lines(p / "sources.jsonl")), key=lambda r: r["source"])
+    drops = sorted((r for _, _, p, _ in infos for r in lines(p / "drops.jsonl")), key=lambda r: r["source"])
+    with (out / "sources.jsonl").open("w") as sf:
+        for r in srcs:
+            sf.write(json.dumps({**r, "crops": kept_by_source.get(r["source"], 0)}) + "\n")
+    (out / "drops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in drops))
+    stats["options"] = opts
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    if opts.get("shard_size", 0) > 0:
+        stats["shards"] = write_shards(out, opts["shard_size"])
+    logger.info("merged %d parts: %d crops kept of %d sources", n, stats["kept"], stats["sources"])
     return stats
 
 
@@ -529,10 +663,14 @@ def _count(into: dict, counts: dict) -> None:
         into[k] = into.get(k, 0) + v
 
 
+def _fresh_stats() -> dict:
+    return {"units": STATS_DOC, "sources": 0, "sources_with_crops": 0, "sources_dropped": {}, "crops_considered": 0,
+            "kept": 0, "crops_dropped": {}, "captions": {}, "crop_side_histogram": {}, "seconds": 0.0}  # fmt: skip
+
+
 def _load_stats(out: Path) -> dict:
     path = out / "stats.json"
-    fresh = {"units": STATS_DOC, "sources": 0, "sources_with_crops": 0, "sources_dropped": {}, "crops_considered": 0,
-             "kept": 0, "crops_dropped": {}, "captions": {}, "crop_side_histogram": {}, "seconds": 0.0}  # fmt: skip
+    fresh = _fresh_stats()
     if path.is_file():
         s = json.loads(path.read_text())
         s.pop("options", None)
@@ -542,32 +680,55 @@ def _load_stats(out: Path) -> dict:
     return fresh
 
 
+# the option that decides each drop reason (named in the "nothing kept" error)
+DROP_FLAGS = {
+    "upscale_floor": "--min-scale; 0: any upscale", "tiny_source": "--min-scale", "small_crop": "--margin",
+    "no_face": "--min-confidence", "no_hand": "--min-confidence", "no_person": "--min-pose-presence / --min-person",
+    "little_person": "--little-person", "blurry_laplacian": "--min-sharpness; 0: off",
+    "blurry_cnn": "--min-blur-score", "overlap": "--max-overlap; 1: off",
+    "duplicate": "--dedupe-distance; 0: identical pHash only", "low_clip": "--min-clip",
+    "unreadable": "convert or remove the files listed in drops.jsonl",
+}
+
+
 def nothing_kept_message(stats: dict, out_dir: str | Path) -> str | None:
-    """A one-line error when the build in `out_dir` holds no crop at all (the CLI exits 1 with it), naming the main
-    reasons; None when its manifest has rows (a resumed build that added none this time is fine)."""
+    """A one-line error when the build in `out_dir` holds no crop at all (the CLI exits 3 with it: nothing
+    produced), naming the counts by reason and the option that decides each; None when its manifest has rows (a
+    resumed build that added none this time is fine)."""
     manifest = Path(out_dir) / "manifest.jsonl"
+    if (stats.get("options") or {}).get("shard"):  # a part may hold no source at all
+        return None
     if stats.get("kept", 0) or (manifest.is_file() and manifest.read_text().strip()):
         return None
-    why = sorted({**stats.get("sources_dropped", {}), **stats.get("crops_dropped", {})}.items(), key=lambda kv: -kv[1])
-    reasons = ", ".join(f"{k} {v}" for k, v in why[:4]) or "no source images found"
-    return (f"mole data: no crop kept from {stats.get('sources', 0)} source images ({reasons}); see drops.jsonl and "
-            "docs/data.md for the options that decide (e.g. --min-scale, --min-sharpness)")
+    drops = {**stats.get("sources_dropped", {}), **stats.get("crops_dropped", {})}
+    drops.pop("every_crop_dropped", None)  # its crops are counted by reason in crops_dropped
+    why = sorted(drops.items(), key=lambda kv: -kv[1])
+    reasons = ", ".join(f"{k} {v}" + (f" ({DROP_FLAGS[k]})" if k in DROP_FLAGS else "") for k, v in why[:4])
+    if not stats.get("sources", 0):
+        reasons = "no source images found in SOURCE: give the folder that holds the .jpg / .png files"
+    return (f"mole data: kept 0 crops from {stats.get('sources', 0)} source images: {reasons}; see drops.jsonl and "
+            "docs/data.md")
 
 
 def write_shards(out: Path, shard_size: int) -> list[str]:
-    """webdataset tar shards (key.png, key.txt, key.json) from the manifest; rewritten whole each time."""
+    """webdataset tar shards (key.png, key.txt, key.json) from the manifest, and their index.json (webdataset's
+    wids format: each shard's sample count, so training never scans them); rewritten whole each time. Keys have no
+    dot (webdataset splits a member name at the first dot of its base name)."""
+    from .shards import INDEX_NAME, write_index
+
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines() if x.strip()]
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     for old in shard_dir.glob("*.tar"):
         old.unlink()
-    names = []
+    (shard_dir / INDEX_NAME).unlink(missing_ok=True)
+    names, counts = [], []
     for i in range(0, len(rows), shard_size):
         name = shard_dir / f"shard-{i // shard_size:06d}.tar"
         tmp = name.with_suffix(".tar.tmp")
         with tarfile.open(tmp, "w") as tar:
             for row in rows[i : i + shard_size]:
-                key = Path(row["file"]).stem
+                key = Path(row["file"]).stem.replace(".", "_")
                 tar.add(out / row["file"], arcname=f"{key}.png")
                 for ext, payload in (("txt", row["caption"]), ("json", json.dumps(row))):
                     data = payload.encode()
@@ -576,4 +737,6 @@ def write_shards(out: Path, shard_size: int) -> list[str]:
                     tar.addfile(info, io.BytesIO(data))
         os.replace(tmp, name)
         names.append(str(name))
+        counts.append(len(rows[i : i + shard_size]))
+    write_index(shard_dir, names, counts)
     return names

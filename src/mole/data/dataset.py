@@ -219,7 +219,7 @@ class CaptionedImages(Dataset):
             return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
         caption = "" if rng.random() < self.caption_dropout else sample.caption
-        item = {"pixels": view(img), "caption": caption, "index": index, "bad": False}
+        item = {"pixels": view(img), "caption": caption, "index": index, "epoch": epoch, "bad": False}
         if conds:  # aligned conditions (the image's size) share its crop and flip; others get their own crop
             item["conditions"] = [view(c) if c.size == img.size else own_view(c) for c in conds]
             item["condition_types"] = list(sample.condition_types)
@@ -240,6 +240,8 @@ def collate(items: list[dict]) -> dict:
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
         "captions": [it["caption"] for it in good],
         "indices": [it["index"] for it in good],
+        # (epoch, index) of each image: its place in the global sample stream, what its random draws are keyed by
+        "keys": [(it.get("epoch", 0), it["index"]) for it in good],
         "skipped": len(items) - len(good),
         "bad_indices": [it["index"] for it in items if it["bad"]],
     }
@@ -250,23 +252,32 @@ class StepBatchSampler(Sampler):
 
     The sample stream is the concatenation of per-epoch permutations (seeded by seed + epoch); micro-step m takes
     positions [m*B*P, (m+1)*B*P), process p the p-th block of B. So the batches depend only on m, never on history.
+    order: (seed, epoch) -> a permutation of range(num_samples) (shards: ShardSet.epoch_order, local to shards);
+    None: a uniform permutation.
     """
 
     def __init__(self, num_samples: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 seed: int = 0, start: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, start: int = 0, order=None) -> None:  # fmt: skip
         if num_samples < 1:
             raise DataError("the dataset is empty")
         self.n, self.b, self.p, self.rank, self.seed, self.start = (
             num_samples, batch_size, num_processes, process_index, seed, start
         )  # fmt: skip
+        self.order = order
+
+    def position(self, micro_step: int) -> int:
+        """Where micro-step `micro_step` starts in the sample stream (all processes): a resumed run's start."""
+        return micro_step * self.b * self.p
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs per sampler
     def _perm(self, epoch: int) -> list[int]:
+        if self.order is not None:
+            return self.order(self.seed, epoch)
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
     def batch(self, micro_step: int) -> list[tuple[int, int]]:
-        first = micro_step * self.b * self.p + self.rank * self.b
+        first = self.position(micro_step) + self.rank * self.b
         keys = []
         for pos in range(first, first + self.b):
             epoch, i = divmod(pos, self.n)

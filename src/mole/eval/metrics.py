@@ -148,14 +148,34 @@ class ImageRewardScorer:
 
 
 # ---------------------------------------------------------------------------------------------------- face / hand
+def detector_view(image: Image.Image, size: int = 128, pad: float = 0.5) -> Image.Image:
+    """How small close-ups are shown to mediapipe: enlarged to `size` and framed by a grey border of pad x size on
+    each side. Calibrated on mole-tiny's real held-out 64 px crops: without the border the full-range face detector
+    finds 22 % of ORL faces (a face filling the frame is outside its training range), with it 92 %, while finding a
+    face on 2 % of hand photos; the hand detector goes from 68 % to 96 % of hands, 0 % of faces."""
+    from PIL import ImageOps
+
+    return ImageOps.expand(image.convert("RGB").resize((size, size), Image.BICUBIC), border=int(size * pad),
+                           fill=(128, 128, 128))  # fmt: skip
+
+
+CLOSEUP_SIDE = 256  # images smaller than this on both sides are close-ups (mole-tiny: 64 px): seen through the view
+
+
 class FaceHandDetector:
     """Face and hand detection with mediapipe's bundled models (offline). Per image: whether a face / hand was
-    found (rate) and the best confidence (0 when none): face detection score, hand presence (handedness) score."""
+    found (rate) and the best confidence (0 when none): face detection score, hand presence (handedness) score.
+    view: "auto" shows images below CLOSEUP_SIDE px through detector_view (the claims bench's calibrated view;
+    without it a 64 px face filling the frame is missed) and larger ones as they are; "closeup" always; "none"
+    never."""
 
     name = "facehand"
     metrics = ("face_rate", "face_conf", "hand_rate", "hand_conf")
 
-    def __init__(self, min_confidence: float = 0.5) -> None:
+    def __init__(self, min_confidence: float = 0.5, view: str = "auto") -> None:
+        if view not in ("auto", "closeup", "none"):
+            raise ValueError(f"facehand view={view!r}: use auto, closeup or none")
+        self.view = view
         try:
             import mediapipe as mp
         except ImportError:
@@ -187,8 +207,12 @@ class FaceHandDetector:
         return {"face_rate": float(bool(faces)), "face_conf": float(face_conf),
                 "hand_rate": float(bool(hands)), "hand_conf": float(hand_conf)}  # fmt: skip
 
+    def seen(self, image: Image.Image) -> Image.Image:
+        small = max(image.size) < CLOSEUP_SIDE
+        return detector_view(image) if self.view == "closeup" or (self.view == "auto" and small) else image
+
     def score(self, images, prompts):
-        rows = [self.detect(im) for im in images]
+        rows = [self.detect(self.seen(im)) for im in images]
         return {m: [r[m] for r in rows] for m in self.metrics}
 
 

@@ -206,9 +206,12 @@ def run_eval(opts: EvalOptions, scorers: dict[str, Scorer] | None = None) -> dic
     from tqdm.auto import tqdm
 
     out = Path(opts.out_dir)
-    for spec in opts.models:  # cheap checks first: a missing MoLE file fails before any model loads
-        if spec.mole and not Path(spec.mole).is_file():
-            raise FileNotFoundError(f"models[{spec.name}].mole={spec.mole!r} does not exist")
+    from ..models import check_base_name, check_mole_name
+
+    for spec in opts.models:  # cheap checks first: a missing MoLE file fails before any model loads; the names
+        check_base_name(spec.base, f"models[{spec.name}].base")  # resolve as in every other command (mole-tiny)
+        if spec.mole:
+            check_mole_name(spec.mole, f"models[{spec.name}].mole")
     bench = read_benchmark(opts.benchmark)
     if not bench:
         raise ValueError(f"benchmark {opts.benchmark} holds no prompts")

@@ -1,8 +1,9 @@
 """`mole inspect`: what the gates do while an image is generated (the paper's Fig. 7).
 
 Outputs in out_dir:
-    gates_global.png      per expert, the global gate averaged over layers vs inference step, band = +-1 std over
-                          prompts (Fig. 7a/b)
+    gates_global.png      per prompt kind (or per prompt when no kinds are given) and expert, the global gate
+                          averaged over layers vs inference step, band = +-1 std over that kind's prompts (Fig. 7a/b:
+                          the paper shows face and hand prompts apart; one average over all would hide it)
     local_maps_<k>.png    per expert (rows) and chosen steps (columns), the local score averaged over image-token
                           layers, overlaid on prompt k's final image (Fig. 7c)
     image_<k>.png         the final images
@@ -48,6 +49,7 @@ class InspectOptions(SamplingOptions):
     strict_base: bool = True
     expert_files: dict[str, str] | None = None  # {name: LoRA file}: the experts of the paper's gate files, by name
     negative_prompt: str | None = None
+    kinds: list[str] | None = None  # one per prompt ("face", "hand", ...): gates are also reported per kind
     overwrite: bool = False  # False: refuse an out_dir holding an earlier inspect's files
 
     images: list[str] = field(default_factory=list)  # condition images (Flux / Flux-Kontext; PixArt: typed)
@@ -62,6 +64,9 @@ class InspectOptions(SamplingOptions):
             raise ValueError("prompts is empty: pass at least one prompt")
         if self.map_steps < 1:
             raise ValueError(f"map_steps={self.map_steps}: use at least 1")
+        if self.kinds is not None and len(self.kinds) != len(self.prompts):
+            raise ValueError(f"kinds: {len(self.kinds)} given for {len(self.prompts)} prompts; give one kind per "
+                             "prompt (--prompt-kind, in the order of the prompts)")  # fmt: skip
 
 
 def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert: int) -> np.ndarray | None:
@@ -140,12 +145,29 @@ def inspect(opts: InspectOptions) -> dict:
 
     stacked = torch.stack(per_prompt_global)  # (prompts, steps, e)
     mean, std = stacked.mean(0), stacked.std(0) if len(opts.prompts) > 1 else torch.zeros_like(stacked[0])
+    # Fig. 7 per group: the prompt kinds when given, else each prompt on its own
+    groups: dict[str, list[int]] = {}
+    for k in range(len(opts.prompts)):
+        groups.setdefault(opts.kinds[k] if opts.kinds else f"prompt {k}", []).append(k)
+    series, bands, per_kind = {}, {}, {}
+    for label, idx in groups.items():
+        part = stacked[idx]
+        g_mean = part.mean(0)
+        g_std = part.std(0) if len(idx) > 1 else torch.zeros_like(g_mean)
+        per_kind[label] = {n: {"first_step": g_mean[0, i].item(), "last_step": g_mean[-1, i].item(),
+                               "mean": g_mean[:, i].mean().item(), "prompts": idx} for i, n in enumerate(experts)}
+        for i, n in enumerate(experts):
+            series[f"{n} gate | {label}"] = g_mean[:, i].tolist()
+            bands[f"{n} gate | {label}"] = g_std[:, i].tolist()
     line_chart(
-        {n: mean[:, i].tolist() for i, n in enumerate(experts)}, out / "gates_global.png",
-        bands={n: std[:, i].tolist() for i, n in enumerate(experts)},
-        title=f"global gate (mean over {len(layer_paths)} layers, {len(opts.prompts)} prompts)",
+        series, out / "gates_global.png", bands=bands,
+        title=f"global gate per {'prompt kind' if opts.kinds else 'prompt'} (mean over {len(layer_paths)} layers)",
         xlabel="inference step", ylabel="gate",
     )  # fmt: skip
+    per_prompt = [{"prompt": p, "kind": opts.kinds[k] if opts.kinds else None,
+                   **{n: {"first_step": stacked[k, 0, i].item(), "last_step": stacked[k, -1, i].item(),
+                          "mean": stacked[k, :, i].mean().item()} for i, n in enumerate(experts)}}
+                  for k, p in enumerate(opts.prompts)]  # fmt: skip
     layer_means = torch.stack(per_layer).mean(0)  # (steps, layers, e)
     data = {
         "experts": experts,
@@ -153,7 +175,9 @@ def inspect(opts: InspectOptions) -> dict:
         "steps": opts.steps,
         "layers": layer_paths,
         "global_per_prompt": {n: stacked[:, :, i].tolist() for i, n in enumerate(experts)},  # [prompt][step]
-        "global_mean": {n: mean[:, i].tolist() for i, n in enumerate(experts)},
+        "global_mean": {n: mean[:, i].tolist() for i, n in enumerate(experts)},  # over all prompts: see per_prompt
+        "per_prompt": per_prompt,  # per prompt and expert: the global gate at the first / last step and its mean
+        "per_kind": per_kind if opts.kinds else None,  # the same per prompt kind (mean over its prompts)
         "global_std_over_prompts": {n: std[:, i].tolist() for i, n in enumerate(experts)},
         "global_per_layer": {  # [step] per layer, mean over prompts
             path: {n: layer_means[:, j, i].tolist() for i, n in enumerate(experts)}

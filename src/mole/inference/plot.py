@@ -27,8 +27,10 @@ def line_chart(
     ylabel: str = "",
     ylim: tuple[float, float] | None = None,
     size: tuple[int, int] = (640, 400),
+    xs: Sequence[float] | None = None,
 ) -> Path:
-    """One line per series (x = 0..n-1), with an optional +-band per series; legend top right."""
+    """One line per series (x = 0..n-1, or the values `xs` on the tick labels: e.g. logged training steps), with
+    an optional +-band per series; legend top right."""
     w, h = size
     left, right, top, bottom = 60, 20, 36, 44
     img = Image.new("RGB", size, "white")
@@ -50,7 +52,8 @@ def line_chart(
         d.text((4, py(v) - 6), f"{v:.3f}", fill=(0, 0, 0), font=font)
     for k in range(min(n, 6)):  # x ticks
         i = round(k * (n - 1) / max(1, min(n, 6) - 1))
-        d.text((px(i) - 4, h - bottom + 4), str(i), fill=(0, 0, 0), font=font)
+        tick = str(i) if xs is None or i >= len(xs) else f"{xs[i]:g}"
+        d.text((px(i) - 3 * len(tick), h - bottom + 4), tick, fill=(0, 0, 0), font=font)
     for c, (name, s) in enumerate(series.items()):
         color = PALETTE[c % len(PALETTE)]
         if bands and name in bands:

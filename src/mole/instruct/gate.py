@@ -35,6 +35,9 @@ class TopKGate(nn.Module):
         self.noise = noise  # training-time logit noise randn / E
         self.weight = nn.Parameter(torch.empty(num_experts, embed_dim))
         self.last_scores: torch.Tensor | None = None  # (N, E) dense softmax scores of the last call
+        # one seed per sample of the next calls (the training loop sets them): the logit noise of sample i's rows
+        # comes from its own generator, so it does not depend on the batch split or global RNG; None: global RNG
+        self.noise_seeds: list[int] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -49,7 +52,7 @@ class TopKGate(nn.Module):
             raise ValueError(f"TopKGate: input has {hidden_states.shape[-1]} features, expected {self.embed_dim}")
         logits = F.linear(hidden_states.reshape(-1, self.embed_dim), self.weight.to(hidden_states.dtype))
         if self.training and self.noise:
-            logits = logits + torch.randn_like(logits) * (1.0 / self.num_experts)
+            logits = logits + self._noise(logits) * (1.0 / self.num_experts)
         scores = logits.softmax(dim=-1)
         weights, indices = torch.topk(scores, k=self.top_k, dim=-1)
         if self.renormalize:
@@ -59,6 +62,19 @@ class TopKGate(nn.Module):
         if self.training and self.alpha > 0.0:
             aux = self.alpha * balance_from_counts(indices, scores)
         return indices, weights, aux
+
+
+    def _noise(self, logits: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) like logits (N, E): from the global RNG, or per sample from noise_seeds (N = b * rows each)."""
+        seeds = self.noise_seeds
+        if seeds is None:
+            return torch.randn_like(logits)
+        if not seeds or logits.shape[0] % len(seeds):
+            raise ValueError(f"TopKGate: {logits.shape[0]} rows of logits do not split over {len(seeds)} noise seeds "
+                             "(one per sample); set noise_seeds for this batch or None")  # fmt: skip
+        rows = logits.shape[0] // len(seeds)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return torch.cat([torch.randn(rows, logits.shape[1], generator=g) for g in gens]).to(logits)
 
 
 def balance_from_counts(indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ the official and package settings.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class InstructMoLE(nn.Module):
             experts = fresh_experts(transformer, cfg, paths, seed)
             gating = "local" if cfg.token_routing else "none"
             inject_mole(transformer, experts, MoLEConfig(gating=gating, gate_init=GateInit.ZERO,
-                                                         targets=list(patterns)))  # fmt: skip
+                                                         targets=list(patterns)), seed=seed)  # fmt: skip
         layers = mole_layers(transformer)
         self.layer_paths = list(layers)
         self.router = None
@@ -84,19 +85,21 @@ class InstructMoLE(nn.Module):
             resampler = dict(dim=cfg.resampler_dim, depth=cfg.resampler_depth, heads=cfg.resampler_heads,
                              dim_head=cfg.resampler_dim // cfg.resampler_heads, num_queries=cfg.num_queries,
                              dropout=cfg.resampler_dropout)  # fmt: skip
-            self.router = InstructRouter(
-                text_dim, self.layer_paths, cfg.num_experts, cfg.pooling, cfg.routing, cfg.top_k, cfg.num_queries,
-                pooled_dim=self.pooled_dim, renormalize=cfg.renormalize, noise=cfg.router_noise,
-                aux_loss_alpha=cfg.lb_weight, balance=cfg.balance, resampler=resampler, token_layers=token_layers,
-                token_aux_loss_alpha=cfg.token_lb_weight,
-            )
+            with _seeded(seed + 2000):  # resampler, gates: torch's default inits, drawn from the run seed
+                self.router = InstructRouter(
+                    text_dim, self.layer_paths, cfg.num_experts, cfg.pooling, cfg.routing, cfg.top_k,
+                    cfg.num_queries, pooled_dim=self.pooled_dim, renormalize=cfg.renormalize, noise=cfg.router_noise,
+                    aux_loss_alpha=cfg.lb_weight, balance=cfg.balance, resampler=resampler,
+                    token_layers=token_layers, token_aux_loss_alpha=cfg.token_lb_weight,
+                )
             self.router.attach(transformer)
         self.shared = None
         if cfg.shared_rank:
             shared = target_modules(transformer, shared_targets(transformer, cfg))
             self.shared = SharedLoRA(transformer, shared, cfg.shared_rank, cfg.shared_alpha, seed=seed + 1000)
-        self.conditions = ConditionTokens(transformer, cfg.condition_types) if _needs_type_embedding(
-            transformer, cfg) else None  # fmt: skip
+        with _seeded(seed + 3000):
+            self.conditions = ConditionTokens(transformer, cfg.condition_types) if _needs_type_embedding(
+                transformer, cfg) else None  # fmt: skip
         for layer in layers.values():
             layer.track_orthogonality = True
 
@@ -204,6 +207,15 @@ class InstructMoLE(nn.Module):
         if per_sample.shape[0] != len(types):  # CFG doubled the batch: keep the conditional half
             per_sample = per_sample[-len(types) :]
         return {t: per_sample[[i for i, x in enumerate(types) if x == t]].mean(0) for t in dict.fromkeys(types)}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Build modules whose inits (nn.Linear defaults, randn queries, normal_ embeddings) draw from the CPU generator
+    seeded with `seed`; the global RNG state is restored afterwards (so the init depends on the seed alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _pooled_dim(transformer: nn.Module) -> int | None:

@@ -131,6 +131,12 @@ class InstructRouter(nn.Module):
         self.last_probs, self.last_weights = torch.stack(probs), torch.stack(weights)
         return self.last_weights
 
+    def set_noise_seeds(self, seeds: list[int] | None) -> None:
+        """One seed per sample of the next calls: each gate draws its training logit noise for sample i from a
+        generator of (seeds[i], gate); None: the global RNG."""
+        for i, gate in enumerate([*self.gates, *self.token_gates]):
+            gate.noise_seeds = None if seeds is None else [(s * 1_000_003 + i) % 2**63 for s in seeds]
+
     def route_tokens(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """Token-routed layer `path`: (b, n, d) input tokens -> (b, n, E) weights; its balance loss in last_aux."""
         gate = self.token_gates[self.token_paths.index(path)]

@@ -73,6 +73,15 @@ def check_wrappable(module: nn.Module, path: str) -> None:
         )
 
 
+def gate_seed(path: str, seed: int = 0) -> int:
+    """The seed of a layer's gate init: the run seed and the layer path, so every process and every run with the
+    same seed starts from the same gates, whatever the global RNG holds. 32 bits: torch's CPU generator (mt19937)
+    keeps only the low 32 bits of a seed. Seed 0 gives crc32(path), the init of files trained before the seed."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed}: use an integer in [0, 2**32)")
+    return zlib.crc32(path.encode(), seed)
+
+
 class MoLELayer(nn.Module):
     """Wraps one nn.Linear or 1x1 nn.Conv2d (kept as `.base`, untouched) with named low-rank experts and gates.
 
@@ -86,6 +95,7 @@ class MoLELayer(nn.Module):
         experts: Mapping[str, LoraPair],
         config: MoLEConfig,
         path: str = "",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         check_wrappable(base, path)
@@ -168,8 +178,8 @@ class MoLELayer(nn.Module):
             config.gate_init,
             dtype=ref.dtype,
             device=ref.device,
-            # a function of the layer name, never of global RNG state (MoLEConfig has no run seed yet)
-            generator=torch.Generator().manual_seed(zlib.crc32(path.encode())),
+            # a function of the run seed and the layer name, never of global RNG state (seed 0: crc32 of the path)
+            generator=torch.Generator().manual_seed(gate_seed(path, seed)),
         )
         self._aug_cache: tuple[tuple, torch.Tensor] | None = None
         self._dense_cache: tuple[tuple, torch.Tensor] | None = None

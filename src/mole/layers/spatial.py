@@ -27,10 +27,10 @@ from .mole_layer import MoLELayer, is_pointwise
 class SpatialMoLELayer(MoLELayer):
     """A MoLELayer around a spatial nn.Conv2d (any kernel, stride, padding, dilation; groups 1)."""
 
-    def __init__(self, base, expert_names, experts, config, path: str = "") -> None:
+    def __init__(self, base, expert_names, experts, config, path: str = "", seed: int = 0) -> None:
         if is_pointwise(base):
             raise ValueError(f"layer {path!r}: {base} is pointwise; wrap it with MoLELayer")
-        super().__init__(base, expert_names, experts, config, path)
+        super().__init__(base, expert_names, experts, config, path, seed)
 
     def _down(self, x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """The base conv's geometry with `weight` (no bias): the down factor of every expert."""
@@ -159,7 +159,7 @@ class SpatialMoLELayer(MoLELayer):
         return F.conv2d(self._down(x, down.to(x.dtype)), up.to(x.dtype)) * pair.scale
 
 
-def mole_layer_for(base, expert_names, experts, config, path: str = "") -> MoLELayer:
-    """A MoLELayer for a Linear or pointwise conv, a SpatialMoLELayer for any other Conv2d."""
+def mole_layer_for(base, expert_names, experts, config, path: str = "", seed: int = 0) -> MoLELayer:
+    """A MoLELayer for a Linear or pointwise conv, a SpatialMoLELayer for any other Conv2d; `seed` seeds the gates."""
     cls = MoLELayer if is_pointwise(base) else SpatialMoLELayer
-    return cls(base, expert_names, experts, config, path)
+    return cls(base, expert_names, experts, config, path, seed)

@@ -5,6 +5,7 @@ from .config import (
     PRESETS,
     BatchPlan,
     DataConfig,
+    Distributed,
     ExpertTrainConfig,
     LRSchedule,
     MixedPrecision,
@@ -20,8 +21,8 @@ from .config import (
 from .loop import TrainResult, train
 
 __all__ = [
-    "PRESETS", "PRESET_SOURCES", "BatchPlan", "DataConfig", "ExpertTrainConfig", "LRSchedule", "MixedPrecision",
-    "MixtureTrainConfig",
+    "PRESETS", "PRESET_SOURCES", "BatchPlan", "DataConfig", "Distributed", "ExpertTrainConfig", "LRSchedule",
+    "MixedPrecision", "MixtureTrainConfig",
     "OptimConfig", "OptimizerName", "Stage", "TrainConfig", "TrainConfigError", "TrainResult", "annotated_toml",
     "load_config", "train",
 ]  # fmt: skip

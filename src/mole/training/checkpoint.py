@@ -127,3 +127,115 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer, schedu
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     schedule.load_state_dict(torch.load(path / "schedule.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- sharded
+# checkpoint-0000500/{sharded/ (torch.distributed.checkpoint: every process writes its shards), schedule.pt,
+#                     rng-<rank>.pt, config.toml, state.json (sharded: true, processes: N)}
+SHARDED = "sharded"
+
+
+def _sharded_state(modules: dict[str, nn.Module], optimizer) -> tuple[nn.Module, dict, object]:
+    """The trained weights and the optimizer state as DCP state dicts (DTensors stay sharded; frozen weights are
+    left out: the base model is reloaded from its own files)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    container = nn.ModuleDict(modules)
+    opts = StateDictOptions(ignore_frozen_params=True)
+    optim = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds the torch one
+    state = {"model": get_model_state_dict(container, options=opts),
+             "optim": get_optimizer_state_dict(container, optim, options=opts)}  # fmt: skip
+    return container, state, opts
+
+
+def save_sharded_checkpoint(folder: Path, step: int, write_parts, schedule, config_toml: str, extra: dict, keep: int,
+                            run_id: str | None, rank: int, num_processes: int, barrier,
+                            layout: str = "fsdp2") -> Path:  # fmt: skip
+    """Every process calls this: `write_parts(tmp)` writes each process's part (its shards, its RNG state) into a
+    temporary folder; rank 0 adds the schedule, config and state.json and renames the folder into place, so a crash
+    leaves no half checkpoint that resume would pick up. `barrier()` waits for every process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:07d}"
+    tmp = folder / f".tmp-{PREFIX}{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    write_parts(tmp)
+    barrier()
+    if rank == 0:
+        torch.save(schedule.state_dict(), tmp / "schedule.pt")
+        (tmp / "config.toml").write_text(config_toml)
+        info = {"step": step, "run_id": run_id, **extra, "sharded": True, "layout": layout,
+                "processes": num_processes}  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(info))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        own = [c for c in list_checkpoints(folder) if checkpoint_state(c).get("run_id") == run_id]
+        for old in own[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("sharded checkpoint written: %s", final)
+    barrier()
+    return final
+
+
+def dcp_writer(modules: dict[str, nn.Module], optimizer, rank: int):
+    """write_parts for FSDP2: the trained weights and optimizer state through torch.distributed.checkpoint (every
+    process writes its shards) and this process's RNG state."""
+
+    def write(tmp: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        _, state, _ = _sharded_state(modules, optimizer)
+        dcp.save(state, checkpoint_id=str(tmp / SHARDED))
+        torch.save(torch.get_rng_state(), tmp / f"rng-{rank}.pt")
+
+    return write
+
+
+def check_layout(path: Path, state: dict, layout: str, num_processes: int) -> None:
+    """Before any model loads: a checkpoint resumes under the layout that wrote it. layout: "whole" (DDP, or
+    FSDP2 on one process: every process holds all trained weights; resumes on any process count), "fsdp2",
+    "zero2" or "zero3" (sharded: each process holds its part, so the same strategy and the same process count)."""
+    theirs = state.get("layout") or ("fsdp2" if state.get("sharded") else "whole")
+    procs = state.get("processes", "?")
+    if theirs != "whole" and procs != num_processes:
+        raise CheckpointError(
+            f"{path} is a {theirs} checkpoint written by {procs} processes, this run has {num_processes}; resume it "
+            f"on {procs} processes (torchrun --nproc_per_node {procs}), or start afresh"
+        )
+    if theirs != layout:
+        raise CheckpointError(
+            f"{path} was written as a {theirs} checkpoint on {procs} process(es), but this run is {layout} on "
+            f"{num_processes}; resume with the strategy (distributed=...) and process count that wrote it"
+        )
+
+
+def load_sharded_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer, schedule, rank: int,
+                            num_processes: int) -> dict:  # fmt: skip
+    """Restore a sharded checkpoint in place (every process calls this); return state.json. A checkpoint written
+    by another number of processes is refused, naming both counts: its data position is per process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    info = checkpoint_state(path)
+    if int(info.get("processes", num_processes)) != num_processes:
+        raise CheckpointError(
+            f"{path} was written by {info['processes']} processes, this run has {num_processes}; resume it on "
+            f"{info['processes']} processes (torchrun --nproc_per_node {info['processes']}), or start afresh"
+        )
+    if not (path / SHARDED).is_dir():
+        raise CheckpointError(f"{path} has no {SHARDED}/ folder: it is not a sharded checkpoint")
+    container, state, opts = _sharded_state(modules, optimizer)
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # only the trained weights are in the checkpoint: the frozen ones stay as loaded (strict would ask for them)
+    set_model_state_dict(container, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    set_optimizer_state_dict(container, getattr(optimizer, "optimizer", optimizer), state["optim"], options=opts)
+    schedule.load_state_dict(torch.load(path / "schedule.pt", map_location="cpu", weights_only=True))
+    rng = path / f"rng-{rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    return info

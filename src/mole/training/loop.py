@@ -4,12 +4,13 @@
 
 Per optimizer step (grad_accum micro-steps each):
     pixels (b, 3, R, R) -> VAE -> latents x0 (b, c, R/f, R/f)
-    noise e ~ N(0, I), t ~ U{0..T-1}                    (drawn from a generator seeded by (seed, micro-step, rank))
+    noise e ~ N(0, I), t ~ U{0..T-1}                    (per sample: a generator seeded by (seed, epoch, index))
     x_t = sqrt(a_t) x0 + sqrt(1 - a_t) e
     target = e (epsilon) or sqrt(a_t) e - sqrt(1 - a_t) x0 (v-prediction)
     loss = mean_b( min(SNR_t, gamma) / SNR_t [or / (SNR_t + 1)] * |denoiser(x_t, t, text) - target|^2 )
-Everything random is a function of (seed, micro-step, process), so resuming from a checkpoint replays exactly the
-batches, noise and timesteps the uninterrupted run would have used.
+Everything random is a function of the seed and the sample's place in the global sample stream (mole.training.draws),
+never of the process rank or count: 1 process x 4 images and 2 processes x 2 images train the same model, and
+resuming from a checkpoint replays exactly the batches, noise and timesteps the uninterrupted run would have used.
 """
 
 from __future__ import annotations
@@ -23,14 +24,42 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..data import CaptionedImages, StepBatchSampler, collate, scan_samples
+from ..data import CaptionedImages, StepBatchSampler, collate
 from ..data.dataset import DataError
+from ..data.shards import is_shard_spec, open_training_data
 from ..models import DiffusionModel, TextConditioning
 from ..outputs import check_output_dir
 from ..recording import record_gates
-from .checkpoint import checkpoint_state, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import MixedPrecision, Stage, TrainConfig, TrainConfigError
+from .checkpoint import (
+    check_layout,
+    checkpoint_state,
+    dcp_writer,
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from .config import Distributed, MixedPrecision, Stage, TrainConfig, TrainConfigError
+from .distributed import (
+    ZERO,
+    accelerate_env,
+    accelerator_options,
+    check_launch,
+    check_strategy,
+    clip_grad_norm,
+    device_mesh,
+    full_tensor,
+    gather_whole,
+    load_whole,
+    resolve_strategy,
+    shard_modules,
+    zero3_gathered,
+)
+from .draws import NOISE, PROBE, VAE, sample_generators, sample_noise
 from .interrupt import StopRequest, TrainingInterrupted
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
@@ -57,19 +86,6 @@ class TrainResult:
     gate_log: list[dict] = field(default_factory=list)  # stage 3: per-expert gate statistics at log steps
     trainable_checksum: float = 0.0  # sum of |trainable weights| on this process (equal on every process)
     batch: dict = field(default_factory=dict)  # per_device, processes, grad_accum, total (images per step)
-
-
-def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + rank)
-
-
-def _noise_batch(latents: torch.Tensor, num_timesteps: int, gen: torch.Generator, noise_offset: float):
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=gen)
-    t = torch.randint(0, num_timesteps, (b,), generator=gen)
-    return noise.to(latents.device, latents.dtype), t.to(latents.device)
 
 
 def load_dtype(cfg: TrainConfig, weight_dtype: torch.dtype) -> torch.dtype | dict[str, torch.dtype]:
@@ -171,10 +187,12 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     loop finish the current step, write a checkpoint and raise TrainingInterrupted."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     cfg.validate()
+    strategy = resolve_strategy(cfg)
+    check_strategy(cfg, strategy)
+    logger.info("strategy: %s", strategy.value)
     out = Path(cfg.output_dir)
     resume_from, resume_state = check_run_folder(cfg, overwrite, accept_changes)
     fresh = resume_from is None
@@ -184,11 +202,21 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     # mixed-precision settings. The process group (PartialState) is left alone.
     if hasattr(AcceleratorState, "_reset_state"):  # private in accelerate 1.x; without it, one setting per process
         AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision.value,
-        log_with=trackers or None,
-        project_dir=str(out),
-    )
+    with accelerate_env(strategy):
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision.value,
+            log_with=trackers or None,
+            project_dir=str(out),
+            **accelerator_options(cfg, strategy),
+        )
+    check_launch(accelerator.num_processes)
+    # FSDP2 on one process has nothing to shard: it runs as plain data parallel
+    fsdp = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
+    zero = strategy in ZERO
+    sharded = fsdp or zero
+    layout = "fsdp2" if fsdp else strategy.value if zero else "whole"
+    if resume_from is not None:  # in seconds, before the model loads
+        check_layout(resume_from, resume_state, layout, accelerator.num_processes)
     plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
     accum = plan.grad_accum
     accelerator.gradient_accumulation_steps = accum
@@ -200,8 +228,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                     MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]  # fmt: skip
 
     # ---- model and stage
-    samples = scan_samples(cfg.data.path, cfg.data.manifest)  # before the model: a wrong folder fails in seconds
-    model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
+    # an image folder or webdataset shards; before the model: a wrong folder fails in seconds
+    samples = open_training_data(cfg.data.path, cfg.data.manifest)
+    with load_whole(accelerator):  # ZeRO-3: nothing is partitioned while loading (frozen parts stay whole)
+        model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
     for module in (stage.side_modules or {}).values():
@@ -210,15 +240,29 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         model.denoiser.enable_gradient_checkpointing()
         if "text_encoder" in stage.modules:
             stage.modules["text_encoder"].gradient_checkpointing_enable()
-    optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
-    schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
-    prepared = accelerator.prepare(*stage.modules.values(), optimizer)
-    wrapped = dict(zip(stage.modules, prepared[:-1]))
-    optimizer = prepared[-1]
+    side = stage.side_modules or {}
+    params = stage.params
+    if fsdp:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
+        params, groups = shard_modules(stage.modules, stage.params, stage.param_groups,
+                                       device_mesh(accelerator.device), others=side)  # fmt: skip
+        optimizer = make_optimizer(groups or params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        optimizer = accelerator.prepare(optimizer)  # accelerate still skips the step between accumulation steps
+        wrapped = dict(stage.modules)
+    elif zero and len(stage.modules) > 1:  # DeepSpeed takes one model: stage 1's UNet and text encoder as one
+        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        _, optimizer = accelerator.prepare(nn.ModuleDict(stage.modules), optimizer)
+        wrapped = dict(stage.modules)  # called directly; the engine reduces and partitions their gradients
+    else:
+        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        prepared = accelerator.prepare(*stage.modules.values(), optimizer)
+        wrapped = dict(zip(stage.modules, prepared[:-1]))
+        optimizer = prepared[-1]
     denoiser = wrapped["denoiser"]
     text_encoder = wrapped.get("text_encoder")
 
-    side = stage.side_modules or {}
     side_params = [p for m in side.values() for p in m.parameters() if p.requires_grad]
     ckpt_modules = {**stage.modules, **side}
 
@@ -226,7 +270,15 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     ckpt_dir = out / "checkpoints"
     start_step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, ckpt_modules, optimizer, schedule)
+        if zero:
+            accelerator.load_state(str(resume_from / "accelerate"))
+            schedule.load_state_dict(torch.load(resume_from / "schedule.pt", map_location="cpu", weights_only=True))
+            state = checkpoint_state(resume_from)
+        elif fsdp:
+            state = load_sharded_checkpoint(resume_from, ckpt_modules, optimizer, schedule,
+                                            accelerator.process_index, accelerator.num_processes)  # fmt: skip
+        else:
+            state = load_checkpoint(resume_from, ckpt_modules, optimizer, schedule)
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d", resume_from, start_step)
 
@@ -234,17 +286,18 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     dataset = CaptionedImages(samples, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                               cfg.data.caption_dropout, cfg.seed)  # fmt: skip
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
-                               cfg.seed, start=start_step * accum)  # fmt: skip
+                               cfg.seed, start=start_step * accum,
+                               order=getattr(samples, "epoch_order", None))  # shards: an order local to shards
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers)  # fmt: skip
     batches = iter(loader)
     latent_cache: dict[int, torch.Tensor] = {}
     text_cache: dict[str, TextConditioning] = {}
 
-    def latents_for(batch, micro_step: int) -> torch.Tensor:
+    def latents_for(batch) -> torch.Tensor:
         if not cfg.data.cache_latents:
-            gen = _step_generator(cfg.seed + 1, micro_step, accelerator.process_index)
-            return model.encode_images(batch["pixels"].to(accelerator.device), generator=gen)
+            gens = sample_generators(cfg.seed, batch["keys"], VAE)  # one posterior sample per image, keyed by it
+            return model.encode_images(batch["pixels"].to(accelerator.device), generator=gens)
         missing = [i for i in batch["indices"] if i not in latent_cache]
         if missing:
             pos = [batch["indices"].index(i) for i in missing]
@@ -268,9 +321,11 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     sched = model.noise_scheduler
     alphas = sched.alphas_cumprod
 
-    def loss_on(batch, micro_step: int, gen: torch.Generator, timesteps: torch.Tensor | None = None):
-        latents = latents_for(batch, micro_step).to(weight_dtype)
-        noise, t = _noise_batch(latents, sched.config.num_train_timesteps, gen, cfg.noise_offset)
+    def loss_on(batch, timesteps: torch.Tensor | None = None, stream: int = NOISE):
+        latents = latents_for(batch).to(weight_dtype)
+        noise, t = sample_noise(cfg.seed, batch["keys"], latents.shape[1:], sched.config.num_train_timesteps,
+                                cfg.noise_offset, stream)  # fmt: skip
+        noise, t = noise.to(latents.device, latents.dtype), t.to(latents.device)
         if timesteps is not None:
             t = timesteps.to(latents.device)
         if model.prediction_type == "flow":  # rectified flow (Flux): sigma = t / T, target n - x
@@ -296,7 +351,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         n = probe_batch["pixels"].shape[0]
         t = torch.linspace(100, sched.config.num_train_timesteps - 100, n).long()
         with torch.no_grad():
-            return float(loss_on(probe_batch, 10**9, torch.Generator().manual_seed(cfg.seed + 7), t))
+            return float(loss_on(probe_batch, t, PROBE))
 
     probe_first = probe()
 
@@ -320,14 +375,22 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
 
     def save_now() -> Path | None:
         accelerator.wait_for_everyone()
-        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
-            return None
+        extra = {"micro_step": micro_step, "skipped_images": skipped, "processes": accelerator.num_processes}
+        if sharded:  # every process writes its shards
+            if zero:  # DeepSpeed's engine writes its partitions (and accelerate the RNG states)
+                write = lambda tmp: accelerator.save_state(str(tmp / "accelerate"))  # noqa: E731
+            else:
+                write = dcp_writer(ckpt_modules, optimizer, accelerator.process_index)
+            path = save_sharded_checkpoint(ckpt_dir, step, write, schedule, cfg.to_toml(), extra,
+                                           cfg.keep_checkpoints, run_id, accelerator.process_index,
+                                           accelerator.num_processes, accelerator.wait_for_everyone,
+                                           layout)  # fmt: skip
+            checkpoints.append(path)
+            return path
         if not accelerator.is_main_process:
             return None
-        path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(),
-                               {"micro_step": micro_step, "skipped_images": skipped}, cfg.keep_checkpoints,
-                               run_id=run_id)  # fmt: skip
+        path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
+                               cfg.keep_checkpoints, run_id=run_id)  # fmt: skip
         checkpoints.append(path)
         return path
 
@@ -337,7 +400,6 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             batch = next(batches)
             skipped += batch["skipped"]
             unreadable.update(batch["bad_indices"])
-            gen = _step_generator(cfg.seed, micro_step, accelerator.process_index)
             micro_step += 1
             if batch["pixels"] is None:  # every image of this micro-batch was unreadable
                 empty_run += 1
@@ -350,10 +412,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             with accelerator.accumulate(*wrapped.values()):
                 if log_gates:
                     with record_gates(stage.modules["denoiser"], keep_local=True) as rec:
-                        loss = loss_on(batch, micro_step, gen)
-                    gate_stats = _gate_stats(rec)
+                        loss = loss_on(batch)
+                    gate_stats = _gate_sums(rec)
                 else:
-                    loss, gate_stats = loss_on(batch, micro_step, gen), None
+                    loss, gate_stats = loss_on(batch), None
                 aux_logs = {}
                 if stage.aux_loss is not None:
                     aux, aux_logs = stage.aux_loss(step)
@@ -364,7 +426,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(stage.params, cfg.optim.max_grad_norm)
+                    if fsdp:  # the sharded parameters fully_shard put in place, not the list taken before
+                        clip_grad_norm(params, cfg.optim.max_grad_norm)
+                    elif not zero:  # DeepSpeed clips inside its step (gradient_clipping in its config)
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             acc_loss += float(loss.detach())
@@ -383,7 +448,12 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
+                # what is logged is over all processes' samples: the mean loss (and aux terms) over processes,
+                # the gate statistics of every process's samples; not process 0's own
+                logged_loss, aux_logs = _mean_over_processes(accelerator, mean_loss, aux_logs)
+                if gate_stats:
+                    gate_stats = _gate_stats(gate_stats, accelerator)
+                record = {"step": step, "loss": logged_loss, "lr": schedule.get_last_lr()[0], "skipped_images": skipped,
                           "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
                 record.update(aux_logs)
                 if gate_stats:
@@ -409,36 +479,33 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
 
     final: list[Path] = []
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final_dir = out / "final"
-        final_dir.mkdir(parents=True, exist_ok=True)
-        final = stage.save_final(final_dir)
-        (final_dir / "config.toml").write_text(cfg.to_toml())
+    with zero3_gathered(stage.modules, strategy):  # ZeRO-3: the partitioned weights whole on every process
+        checksum = float(sum(full_tensor(p.detach()).double().abs().sum() for p in params))
+        if fsdp:  # every process sends its shards; rank 0 holds the whole models (and their own classes) after
+            gather_whole(stage.modules, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            final_dir = out / "final"
+            final_dir.mkdir(parents=True, exist_ok=True)
+            final = stage.save_final(final_dir)
+            (final_dir / "config.toml").write_text(cfg.to_toml())
     if trackers:
         accelerator.end_training()
     return TrainResult(
         steps=step, start_step=start_step, losses=losses, skipped_images=skipped, final=final,
         checkpoints=list_checkpoints(ckpt_dir), probe_loss_first=probe_first, probe_loss_last=probe_last,
-        gate_log=gate_log, trainable_checksum=float(sum(p.detach().double().abs().sum() for p in stage.params)),
+        gate_log=gate_log, trainable_checksum=checksum,
         batch=asdict(plan),
     )  # fmt: skip
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
     """Files the config names, checked in milliseconds before minutes of model loading."""
-    if not Path(cfg.data.path).is_dir():
-        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder")
-    from ..formats.ldm import SUFFIXES
-    from ..mole_tiny import is_mole_tiny
+    if not Path(cfg.data.path).is_dir() and not is_shard_spec(cfg.data.path):
+        raise DataError(f"data.path={cfg.data.path!r} is not a folder; set it to the training image folder (or to "
+                        "webdataset shards: a folder, a .tar, a pattern such as shard-{000000..000009}.tar)")
+    from ..models import check_base_name
 
-    model = Path(cfg.model).expanduser()
-    if is_mole_tiny(cfg.model) or (model.is_file() and model.suffix.lower() in SUFFIXES):
-        pass  # the shipped model, or a single-file checkpoint: read when the model loads
-    elif model.exists() and not (model / "model_index.json").is_file():
-        raise TrainConfigError(f"model={cfg.model!r} is not a diffusers pipeline folder (no model_index.json); give "
-                               "a save_pretrained folder or a hub id")  # fmt: skip
-    elif not model.exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
-        raise TrainConfigError(f"model={cfg.model!r} does not exist; check the path (or give a hub id)")
+    check_base_name(cfg.model, "model")  # the rule every command shares: mole-tiny, a file, a folder, a hub id
     for name, path in cfg.mixture.experts.items() if cfg.stage == 3 else ():
         if not Path(path).exists():
             raise TrainConfigError(f"mixture.experts.{name}={path!r} does not exist; give the expert's LoRA file")
@@ -478,21 +545,61 @@ def _trim_metrics(path: Path, start_step: int) -> None:
     path.write_text("".join(x + "\n" for x in keep))
 
 
-def _gate_stats(rec) -> dict[str, float]:
-    """Per expert: mean global gate over layers and samples; mean and spread of local scores over tokens."""
-    stats: dict[str, float] = {}
+def _mean_over_processes(accelerator, loss: float, logs: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The loss and the logged aux values averaged over all processes (every process calls this at a log step)."""
+    if accelerator.num_processes == 1:
+        return loss, logs
+    keys = sorted(logs)
+    vals = torch.tensor([loss, *(float(logs[k]) for k in keys)], dtype=torch.float64, device=accelerator.device)
+    vals = accelerator.reduce(vals, reduction="mean").cpu().tolist()
+    return vals[0], dict(zip(keys, vals[1:]))
+
+
+def _gate_sums(rec) -> dict:
+    """This process's sums for the gate statistics: per expert, the global gate (mean over layers) summed over
+    samples; the local scores' sum and sum of squares over layers and tokens; and the counts."""
+    sums: dict = {"names": list(rec.expert_names)}
     try:
-        glob = rec.mean_global()[0]  # (b, e)
-        for i, name in enumerate(rec.expert_names):
-            stats[f"gate/global/{name}"] = float(glob[:, i].mean())
+        glob = rec.mean_global()[0].double()  # (b, e)
+        sums["global"] = (glob.sum(0), glob.shape[0])
     except ValueError:  # gating="local" records no global gates
         pass
     locs = [r.local_gate for r in rec.steps[0].values() if r.local_gate is not None] if rec.steps else []
     if locs:
-        for i, name in enumerate(rec.expert_names):
-            vals = torch.cat([loc[..., i].flatten() for loc in locs])
-            stats[f"gate/local_mean/{name}"] = float(vals.mean())
-            stats[f"gate/local_std/{name}"] = float(vals.std())
+        vals = torch.cat([loc.reshape(-1, loc.shape[-1]).double() for loc in locs])  # (tokens, e)
+        sums["local"] = (vals.sum(0), vals.pow(2).sum(0), vals.shape[0])
+    return sums
+
+
+def _gate_stats(sums: dict, accelerator=None) -> dict[str, float]:
+    """Per expert: mean global gate over layers and samples; mean and spread (unbiased std) of the local scores
+    over layers and tokens; over the samples of every process when the sums are reduced (accelerator given)."""
+    names, e = sums["names"], len(sums["names"])
+    parts = []
+    if "global" in sums:
+        parts += [sums["global"][0].cpu(), torch.tensor([float(sums["global"][1])], dtype=torch.float64)]
+    if "local" in sums:
+        s, sq, n = sums["local"]
+        parts += [s.cpu(), sq.cpu(), torch.tensor([float(n)], dtype=torch.float64)]
+    if not parts:
+        return {}
+    flat = torch.cat(parts)
+    if accelerator is not None and accelerator.num_processes > 1:
+        flat = accelerator.reduce(flat.to(accelerator.device), reduction="sum").cpu()
+    stats: dict[str, float] = {}
+    pos = 0
+    if "global" in sums:
+        g, n = flat[:e], flat[e]
+        pos = e + 1
+        for i, name in enumerate(names):
+            stats[f"gate/global/{name}"] = float(g[i] / n)
+    if "local" in sums:
+        s, sq, n = flat[pos : pos + e], flat[pos + e : pos + 2 * e], flat[pos + 2 * e]
+        mean = s / n
+        var = ((sq - s * mean) / (n - 1).clamp_min(1)).clamp_min(0)
+        for i, name in enumerate(names):
+            stats[f"gate/local_mean/{name}"] = float(mean[i])
+            stats[f"gate/local_std/{name}"] = float(var[i].sqrt())
     return stats
 
 

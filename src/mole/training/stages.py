@@ -23,6 +23,8 @@ from ..io import save_mole
 from ..models import DiffusionModel
 from ..targets import Backbone
 from .config import Stage, TrainConfig, TrainConfigError
+from .draws import ROUTER
+from .draws import mix as draw_seed
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +115,16 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
         for p in params:
             p.data = p.data.float()
 
-        prepare = None
         kontext = None
         if cfg.instruct.condition_types and model.backbone is Backbone.FLUX:
             from ..instruct import KontextConditions
 
             kontext = KontextConditions(denoiser)
-        if im.conditions is not None or kontext is not None:
 
-            def prepare(batch: dict) -> None:
+        def prepare(batch: dict) -> None:
+            if im.router is not None:  # the router's logit noise per sample, like every other draw
+                im.router.set_noise_seeds([draw_seed(cfg.seed, ROUTER, e, i) for e, i in batch["keys"]])
+            if im.conditions is not None or kontext is not None:
                 if batch.get("conditions") is None:
                     raise TrainConfigError(
                         f"instruct.condition_types={cfg.instruct.condition_types} but the data has no conditions: "
@@ -151,7 +154,7 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
         mix = cfg.mixture
         experts = [load_expert(path, name, component=component) for name, path in mix.experts.items()]
         mole_cfg = MoLEConfig(gating=mix.gating, global_source=mix.global_source, gate_init=mix.gate_init)
-        inject_mole(denoiser, experts, mole_cfg)
+        inject_mole(denoiser, experts, mole_cfg, seed=cfg.seed)  # seeded gate init: the same on every process
         params = gate_parameters(denoiser)
 
         def save_final(out: Path) -> list[Path]:
