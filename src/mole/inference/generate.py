@@ -279,6 +279,11 @@ def generate(opts: GenerateOptions) -> dict:
     native = default_size(model)
     height, width = opts.height or native[0], opts.width or native[1]
     lengths = check_prompt_lengths(model, opts.prompts)
+    loaded = None  # the mode whose MoLE weights are in the pipeline
+    first = next((m for m in opts.modes if any(paths[(m.value, pi, s)] not in done for pi, _, s in jobs)), None)
+    if opts.mole and first is not None:  # a MoLE file that does not fit the base stops here, before any folder
+        load_mole_weights(pipe, opts.mole, first, opts.expert_weights, opts.strict_base, opts.expert_files)
+        loaded = first
     out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves no folder
     (out / "run.json").write_text(json.dumps(settings, indent=1))
 
@@ -296,8 +301,9 @@ def generate(opts: GenerateOptions) -> dict:
         log.flush()
         for mode in opts.modes:
             missing = [j for j in jobs if paths[(mode.value, j[0], j[2])] not in done]
-            if opts.mole and missing:
+            if opts.mole and missing and mode is not loaded:
                 load_mole_weights(pipe, opts.mole, mode, opts.expert_weights, opts.strict_base, opts.expert_files)
+                loaded = mode
             capture = RoutingCapture(pipe)
             conditions = attach_conditions(model, opts.images, opts.condition_types) if missing else None
             folder = out / mode.value
