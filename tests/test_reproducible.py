@@ -288,3 +288,30 @@ def test_accumulation_gives_the_gradients_of_the_whole_batch(monkeypatch, tmp_pa
         # equal up to summation order: within 1e-4 of the largest gradient entry (halved: off by 50% of it)
         assert float((b - a).abs().max()) <= 1e-4 * float(a.abs().max())
         assert float(b.norm() / a.norm()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_router_dropout_is_per_sample_when_seeded():
+    from mole.instruct import InstructRouter
+
+    resampler = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "dropout": 0.5}
+    router = InstructRouter(16, ["a", "b"], num_experts=4, pooling="perceiver", top_k=2, resampler=resampler).train()
+    text = torch.randn(4, 5, 16)
+    seeds = [21, 22, 23, 24]
+    router.set_noise_seeds(seeds)
+    torch.manual_seed(0)
+    whole = router.signal(text)
+    torch.manual_seed(1)
+    parts = []
+    for i in (0, 2):
+        router.set_noise_seeds(seeds[i : i + 2])
+        parts.append(router.signal(text[i : i + 2]))
+    split = torch.cat(parts)
+    assert torch.equal(whole == 0, split == 0)  # the same dropout mask per sample
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)  # (attention over 2 vs 4 rows: rounding)
+    assert 0.3 < float((whole == 0).float().mean()) < 0.7  # dropout at p 0.5 did drop
+    router.set_noise_seeds(None)
+    torch.manual_seed(0)
+    assert not torch.equal(router.signal(text), whole)  # nn.Dropout's global-RNG mask
+    router.eval()
+    router.set_noise_seeds(seeds)
+    assert (router.signal(text) != 0).all()  # no dropout at inference

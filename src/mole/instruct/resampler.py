@@ -63,6 +63,9 @@ class PerceiverResampler(nn.Module):
             nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)
         )
         self.dropout = nn.Dropout(p=dropout)
+        # one seed per sample of the next calls (the training loop sets them): sample i's dropout mask comes from
+        # its own generator, so it does not depend on the batch split or global RNG; None: nn.Dropout (global RNG)
+        self.dropout_seeds: list[int] | None = None
 
     def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, L, embedding_dim) text states, pooled (b, output_dim) CLIP pooled vector or None -> (b, q, out)."""
@@ -71,8 +74,20 @@ class PerceiverResampler(nn.Module):
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
-        out = self.dropout(self.norm_out(self.proj_out(latents)))
+        out = self._dropout(self.norm_out(self.proj_out(latents)))
         return out if pooled is None else out + pooled.unsqueeze(1)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """nn.Dropout's rule (zero with probability p, scale the rest by 1 / (1 - p)), per sample from dropout_seeds."""
+        seeds, p = self.dropout_seeds, self.dropout.p
+        if seeds is None or not self.training or p == 0:
+            return self.dropout(x)
+        if len(seeds) != x.shape[0]:
+            raise ValueError(f"PerceiverResampler: {x.shape[0]} samples but {len(seeds)} dropout seeds; set one per "
+                             "sample or None")  # fmt: skip
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        keep = torch.stack([torch.rand(x.shape[1:], generator=g) >= p for g in gens]).to(x.device)
+        return x * keep.to(x.dtype) / (1 - p)
 
 
 class MaskedResampler(nn.Module):

@@ -133,9 +133,11 @@ class InstructRouter(nn.Module):
 
     def set_noise_seeds(self, seeds: list[int] | None) -> None:
         """One seed per sample of the next calls: each gate draws its training logit noise for sample i from a
-        generator of (seeds[i], gate); None: the global RNG."""
+        generator of (seeds[i], gate), the Perceiver resampler its dropout mask; None: the global RNG."""
         for i, gate in enumerate([*self.gates, *self.token_gates]):
             gate.noise_seeds = None if seeds is None else [(s * 1_000_003 + i) % 2**63 for s in seeds]
+        if hasattr(self.resampler, "dropout_seeds"):  # the Perceiver's dropout mask, per sample too
+            self.resampler.dropout_seeds = None if seeds is None else [(s * 1_000_003 - 1) % 2**63 for s in seeds]
 
     def route_tokens(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """Token-routed layer `path`: (b, n, d) input tokens -> (b, n, E) weights; its balance loss in last_aux."""
