@@ -28,12 +28,13 @@ COMMANDS = {
     "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes",
     "mole generate": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
-        "--height --width --seed --dtype --device --no-strict-base --overwrite --out --num-images --seeds "
+        "--height --width --seed --dtype --device --no-strict-base --overwrite --json --out --num-images --seeds "
         "--negative-prompt --batch-size --no-mole --experts --compare --preset"
     ),
     "mole inspect": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
-        "--height --width --seed --dtype --device --no-strict-base --overwrite --out --map-steps"
+        "--height --width --seed --dtype --device --no-strict-base --overwrite --json --out --map-steps "
+        "--prompt-kind"
     ),
     "mole eval": "{prompts,run,ablation}",
     "mole eval prompts": "kind source --out --limit --seed --overwrite",

@@ -2,7 +2,7 @@
 and a comparison of the files they leave; rank 0 writes report.json (read by tests/test_distributed.py).
 
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/mp_strategies.py OUT MODEL DATA [WHICH]
-WHICH: comma-separated parts (s2, s1, s3; default all).
+WHICH: comma-separated parts (s2, s1, s3; default all; z: stage 2 under DeepSpeed ZeRO-2 / ZeRO-3, needs deepspeed).
 """
 
 import json
@@ -56,6 +56,31 @@ if "s2" in which:  # stage 2, clipping that bites (max_grad_norm far below the g
     run("s2_res", "stage2-face", *s2[:3], "max_steps=2", "checkpoint_every=2", "optim.max_grad_norm=1e-4",
         "distributed=fsdp2")  # fmt: skip
     run("s2_res", "stage2-face", *s2, "optim.max_grad_norm=1e-4", "distributed=fsdp2", "resume=latest")
+KILL = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=16", "checkpoint_every=2",
+        "optim.max_grad_norm=1e-4", "distributed=fsdp2"]  # fmt: skip
+if "k1" in which:  # killed with SIGKILL by the test once a checkpoint is written
+    run("k_res", "stage2-face", *KILL)
+if "k2" in which:  # resume the killed run; and the same run uninterrupted
+    run("k_res", "stage2-face", *KILL, "resume=latest")
+    run("k_full", "stage2-face", *KILL)
+if "z" in which:  # DeepSpeed through accelerate: ZeRO-2, ZeRO-3, a ZeRO-2 stop + resume
+    s2 = ["expert.rank=4", "expert.alpha=4", "optim.lr=1e-3", "max_steps=4", "checkpoint_every=2",
+          "optim.max_grad_norm=1e-4"]  # fmt: skip
+    if "s2_ddp" not in report:
+        run("s2_ddp", "stage2-face", *s2)
+    run("s2_zero2", "stage2-face", *s2, "distributed=zero2")
+    run("s2_zero3", "stage2-face", *s2, "distributed=zero3")
+    run("s2_zres", "stage2-face", *s2, "max_steps=2", "distributed=zero2")
+    run("s2_zres", "stage2-face", *s2, "distributed=zero2", "resume=latest")
+if "z1" in which:  # stage 1 (UNet + text encoder as one DeepSpeed model), not run by the tests (slow)
+    s1 = ["optim.lr=1e-4", "max_steps=2", "checkpoint_every=100", "train_text_encoder=true"]
+    if "s1_ddp" not in report:
+        run("s1_ddp", "stage1", *s1)
+    run("s1_zero2", "stage1", *s1, "distributed=zero2")
+    try:
+        run("s1_zero3", "stage1", *s1, "distributed=zero3")
+    except ValueError as exc:  # refused before loading: CLIP under ZeRO-3 cannot train
+        report["s1_zero3_refused"] = str(exc)
 if "s1" in which:  # stage 1: UNet and text encoder, each its own FSDP unit
     s1 = ["optim.lr=1e-4", "max_steps=2", "checkpoint_every=100", "train_text_encoder=true"]
     run("s1_ddp", "stage1", *s1)
@@ -77,7 +102,8 @@ if "s3" in which:
 
 if rank == 0:
     pairs = {"s2_fsdp": "s2_ddp", "s2_fsdp_noclip": "s2_ddp", "s2_res": "s2_fsdp", "s1_fsdp": "s1_ddp",
-             "s3_fsdp": "s3_ddp"}  # fmt: skip
+             "s3_fsdp": "s3_ddp", "s2_zero2": "s2_ddp", "s2_zero3": "s2_ddp", "s2_zres": "s2_zero2",
+             "s1_zero2": "s1_ddp", "k_res": "k_full"}  # fmt: skip
     for a, b in pairs.items():
         if a in report:
             fa, fb = files(out / a / "final"), files(out / b / "final")
@@ -102,5 +128,13 @@ if rank == 0:
         unet = DiffusionModel.from_pretrained(model).denoiser
         load_mole(unet, path)
         report["s3_fsdp"]["loaded_layers"] = len(mole_layers(unet))
+    if "s1" in which and "s3" in which:  # `mole generate` on the fine-tuned pipeline with the MoLE file
+        from mole.cli import main
+
+        gen = ["generate", "--base", str(out / "s1_fsdp" / "final"), "--mole", str(path), "--prompt", "a face",
+               "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out / "gen"),
+               "--no-strict-base", "-q"]  # fmt: skip
+        report["generate_rc"] = main(gen)
+        report["generated"] = sorted(p.name for p in (out / "gen").rglob("*.png"))
     (out / "report.json").write_text(json.dumps(report, indent=1))
 dist.barrier()

@@ -148,14 +148,12 @@ def _sharded_state(modules: dict[str, nn.Module], optimizer) -> tuple[nn.Module,
     return container, state, opts
 
 
-def save_sharded_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module], optimizer, schedule,
-                            config_toml: str, extra: dict, keep: int, run_id: str | None, rank: int,
-                            num_processes: int, barrier) -> Path:  # fmt: skip
-    """Every process calls this: each writes its shards (torch.distributed.checkpoint) and its RNG state into a
-    temporary folder; rank 0 adds the schedule, config and state.json and renames the folder into place, so a
-    crash leaves no half checkpoint that resume would pick up. `barrier()` waits for every process."""
-    import torch.distributed.checkpoint as dcp
-
+def save_sharded_checkpoint(folder: Path, step: int, write_parts, schedule, config_toml: str, extra: dict, keep: int,
+                            run_id: str | None, rank: int, num_processes: int, barrier,
+                            layout: str = "fsdp2") -> Path:  # fmt: skip
+    """Every process calls this: `write_parts(tmp)` writes each process's part (its shards, its RNG state) into a
+    temporary folder; rank 0 adds the schedule, config and state.json and renames the folder into place, so a crash
+    leaves no half checkpoint that resume would pick up. `barrier()` waits for every process."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:07d}"
     tmp = folder / f".tmp-{PREFIX}{step:07d}"
@@ -163,14 +161,13 @@ def save_sharded_checkpoint(folder: Path, step: int, modules: dict[str, nn.Modul
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    _, state, _ = _sharded_state(modules, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp / SHARDED))
-    torch.save(torch.get_rng_state(), tmp / f"rng-{rank}.pt")
+    write_parts(tmp)
     barrier()
     if rank == 0:
         torch.save(schedule.state_dict(), tmp / "schedule.pt")
         (tmp / "config.toml").write_text(config_toml)
-        info = {"step": step, "run_id": run_id, **extra, "sharded": True, "processes": num_processes}
+        info = {"step": step, "run_id": run_id, **extra, "sharded": True, "layout": layout,
+                "processes": num_processes}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(info))
         if final.exists():
             shutil.rmtree(final)
@@ -181,6 +178,38 @@ def save_sharded_checkpoint(folder: Path, step: int, modules: dict[str, nn.Modul
         logger.info("sharded checkpoint written: %s", final)
     barrier()
     return final
+
+
+def dcp_writer(modules: dict[str, nn.Module], optimizer, rank: int):
+    """write_parts for FSDP2: the trained weights and optimizer state through torch.distributed.checkpoint (every
+    process writes its shards) and this process's RNG state."""
+
+    def write(tmp: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        _, state, _ = _sharded_state(modules, optimizer)
+        dcp.save(state, checkpoint_id=str(tmp / SHARDED))
+        torch.save(torch.get_rng_state(), tmp / f"rng-{rank}.pt")
+
+    return write
+
+
+def check_layout(path: Path, state: dict, layout: str, num_processes: int) -> None:
+    """Before any model loads: a checkpoint resumes under the layout that wrote it. layout: "whole" (DDP, or
+    FSDP2 on one process: every process holds all trained weights; resumes on any process count), "fsdp2",
+    "zero2" or "zero3" (sharded: each process holds its part, so the same strategy and the same process count)."""
+    theirs = state.get("layout") or ("fsdp2" if state.get("sharded") else "whole")
+    procs = state.get("processes", "?")
+    if theirs != "whole" and procs != num_processes:
+        raise CheckpointError(
+            f"{path} is a {theirs} checkpoint written by {procs} processes, this run has {num_processes}; resume it "
+            f"on {procs} processes (torchrun --nproc_per_node {procs}), or start afresh"
+        )
+    if theirs != layout:
+        raise CheckpointError(
+            f"{path} was written as a {theirs} checkpoint on {procs} process(es), but this run is {layout} on "
+            f"{num_processes}; resume with the strategy (distributed=...) and process count that wrote it"
+        )
 
 
 def load_sharded_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer, schedule, rank: int,

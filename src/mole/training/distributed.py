@@ -59,6 +59,18 @@ def resolve_strategy(cfg: TrainConfig) -> Distributed:
     return launched
 
 
+def check_strategy(cfg: TrainConfig, strategy: Distributed) -> None:
+    """Combinations that cannot train, refused before anything loads."""
+    from .config import Stage
+
+    if strategy is Distributed.ZERO3 and cfg.stage is Stage.FINETUNE and cfg.train_text_encoder:
+        raise TrainConfigError(
+            "distributed='zero3' with train_text_encoder=true cannot train: ZeRO-3 partitions the CLIP text encoder "
+            "and CLIP's embeddings read the partitioned position table's size outside its forward "
+            "(max_position_embeddings: 0); use distributed='zero2' or 'fsdp2', or train_text_encoder=false"
+        )
+
+
 def check_launch(num_processes: int) -> None:
     """Launches that do not start the processes they were asked for.
 
@@ -206,3 +218,112 @@ def gather_whole(modules: dict[str, nn.Module], is_main: bool) -> None:
         for sub in module.modules():
             if is_sharded(sub):
                 sub.__class__ = unwrapped_class(sub)
+
+
+# ---------------------------------------------------------------------------------------------------- DeepSpeed
+ZERO = (Distributed.ZERO2, Distributed.ZERO3)
+
+
+def deepspeed_config(cfg: TrainConfig, strategy: Distributed, grad_accum: int) -> dict:
+    """The DeepSpeed config mole trains with, made from the training config: the micro-batch (DeepSpeed's
+    prepare() needs it, or a dataloader, which mole does not hand to accelerate), the accumulation computed from
+    total_batch_size, clipping (DeepSpeed clips inside its step), the ZeRO stage; precision is filled in by
+    accelerate from mixed_precision. Under ZeRO-3 the whole 16-bit weights are gathered for a save."""
+    zero: dict = {"stage": 2 if strategy is Distributed.ZERO2 else 3}
+    if strategy is Distributed.ZERO3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(cfg.optim.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def accelerator_options(cfg: TrainConfig, strategy: Distributed) -> dict:
+    """Extra Accelerator(...) arguments for the strategy: for ZeRO a DeepSpeedPlugin with deepspeed_config() (the
+    process count from WORLD_SIZE, as every launcher sets it) and zero3_init_flag off, so that nothing loaded
+    (VAE, frozen text encoders) is partitioned by zero.Init: only the prepared trained model is; without GPUs the
+    gloo backend (accelerate knows no CPU backend for DeepSpeed)."""
+    if strategy not in ZERO:
+        return {}
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    ds = deepspeed_config(cfg, strategy, cfg.batch_plan(world).grad_accum)
+    opts: dict = {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)}
+    if not torch.cuda.is_available():
+        opts["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return opts
+
+
+class accelerate_env:
+    """The environment accelerate reads while an Accelerator is made, put back afterwards: ACCELERATE_USE_FSDP
+    hidden (mole shards with torch itself), and for ZeRO without GPUs ACCELERATE_USE_CPU hidden (with it accelerate
+    ignores DeepSpeed) and DeepSpeed's CPU accelerator chosen; ACCELERATE_USE_DEEPSPEED, which accelerate sets for
+    a plugin, is restored so that a later run in the same process is not taken for a DeepSpeed launch."""
+
+    KEYS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "DS_ACCELERATOR")
+
+    def __init__(self, strategy: Distributed):
+        self.strategy = strategy
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.KEYS}
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
+        if self.strategy in ZERO and not torch.cuda.is_available():
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if k == "DS_ACCELERATOR":
+                continue  # DeepSpeed reads it once per process
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
+
+
+def zero3_gathered(modules: dict[str, nn.Module], strategy: Distributed):
+    """A context in which ZeRO-3's partitioned weights of `modules` are whole on every process (a collective:
+    every process enters it); any other strategy: nothing to do."""
+    import contextlib
+
+    if strategy is not Distributed.ZERO3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for m in modules.values() for p in m.parameters()]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class load_whole:
+    """Load models whole under ZeRO-3, as diffusers' training examples keep the VAE and frozen text encoders out of
+    the partitioning: accelerate registers its DeepSpeed config with transformers for any ZeRO-3 plugin (also
+    with zero3_init_flag off), and transformers' from_pretrained then partitions every model it loads under
+    zero.Init, the frozen CLIP text encoder included, which nothing prepares afterwards ("max_position_embeddings:
+    0"). Inside this context that registration is lifted; the trained model is partitioned by DeepSpeed when it is
+    prepared."""
+
+    def __init__(self, accelerator):
+        self.plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+
+    def __enter__(self):
+        if self.plugin is not None:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self.plugin.dschf = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.plugin is not None:
+            self.plugin.set_deepspeed_weakref()
+        return False

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..data import CaptionedImages, StepBatchSampler, collate
 from ..data.dataset import DataError
@@ -32,8 +33,9 @@ from ..models import DiffusionModel, TextConditioning
 from ..outputs import check_output_dir
 from ..recording import record_gates
 from .checkpoint import (
-    CheckpointError,
+    check_layout,
     checkpoint_state,
+    dcp_writer,
     list_checkpoints,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -43,13 +45,19 @@ from .checkpoint import (
 )
 from .config import Distributed, MixedPrecision, Stage, TrainConfig, TrainConfigError
 from .distributed import (
+    ZERO,
+    accelerate_env,
+    accelerator_options,
     check_launch,
+    check_strategy,
     clip_grad_norm,
     device_mesh,
     full_tensor,
     gather_whole,
+    load_whole,
     resolve_strategy,
     shard_modules,
+    zero3_gathered,
 )
 from .draws import NOISE, PROBE, VAE, sample_generators, sample_noise
 from .interrupt import StopRequest, TrainingInterrupted
@@ -179,11 +187,11 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     loop finish the current step, write a checkpoint and raise TrainingInterrupted."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     cfg.validate()
     strategy = resolve_strategy(cfg)
+    check_strategy(cfg, strategy)
     logger.info("strategy: %s", strategy.value)
     out = Path(cfg.output_dir)
     resume_from, resume_state = check_run_folder(cfg, overwrite, accept_changes)
@@ -194,12 +202,21 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     # mixed-precision settings. The process group (PartialState) is left alone.
     if hasattr(AcceleratorState, "_reset_state"):  # private in accelerate 1.x; without it, one setting per process
         AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision.value,
-        log_with=trackers or None,
-        project_dir=str(out),
-    )
+    with accelerate_env(strategy):
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision.value,
+            log_with=trackers or None,
+            project_dir=str(out),
+            **accelerator_options(cfg, strategy),
+        )
     check_launch(accelerator.num_processes)
+    # FSDP2 on one process has nothing to shard: it runs as plain data parallel
+    fsdp = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
+    zero = strategy in ZERO
+    sharded = fsdp or zero
+    layout = "fsdp2" if fsdp else strategy.value if zero else "whole"
+    if resume_from is not None:  # in seconds, before the model loads
+        check_layout(resume_from, resume_state, layout, accelerator.num_processes)
     plan = cfg.batch_plan(accelerator.num_processes)  # raises rather than round a total it cannot reach
     accum = plan.grad_accum
     accelerator.gradient_accumulation_steps = accum
@@ -213,7 +230,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     # ---- model and stage
     # an image folder or webdataset shards; before the model: a wrong folder fails in seconds
     samples = open_training_data(cfg.data.path, cfg.data.manifest)
-    model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
+    with load_whole(accelerator):  # ZeRO-3: nothing is partitioned while loading (frozen parts stay whole)
+        model = DiffusionModel.from_pretrained(cfg.model, dtype=load_dtype(cfg, weight_dtype))
     stage = setup_stage(cfg, model, weight_dtype)
     model.to(accelerator.device)
     for module in (stage.side_modules or {}).values():
@@ -223,16 +241,19 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         if "text_encoder" in stage.modules:
             stage.modules["text_encoder"].gradient_checkpointing_enable()
     side = stage.side_modules or {}
-    # FSDP2 on one process has nothing to shard: it runs as plain data parallel
-    sharded = strategy is Distributed.FSDP2 and accelerator.num_processes > 1
     params = stage.params
-    if sharded:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
+    if fsdp:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
         params, groups = shard_modules(stage.modules, stage.params, stage.param_groups,
                                        device_mesh(accelerator.device), others=side)  # fmt: skip
         optimizer = make_optimizer(groups or params, cfg.optim)
         schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
         optimizer = accelerator.prepare(optimizer)  # accelerate still skips the step between accumulation steps
         wrapped = dict(stage.modules)
+    elif zero and len(stage.modules) > 1:  # DeepSpeed takes one model: stage 1's UNet and text encoder as one
+        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
+        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+        _, optimizer = accelerator.prepare(nn.ModuleDict(stage.modules), optimizer)
+        wrapped = dict(stage.modules)  # called directly; the engine reduces and partitions their gradients
     else:
         optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
         schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
@@ -249,13 +270,11 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     ckpt_dir = out / "checkpoints"
     start_step = 0
     if resume_from is not None:
-        if bool(resume_state.get("sharded")) != sharded:
-            raise CheckpointError(
-                f"{resume_from} is a {'sharded' if resume_state.get('sharded') else 'whole'} checkpoint "
-                f"(written on {resume_state.get('processes', '?')} processes), but this run is {strategy.value} on "
-                f"{accelerator.num_processes}; resume with the strategy and process count that wrote it"
-            )
-        if sharded:
+        if zero:
+            accelerator.load_state(str(resume_from / "accelerate"))
+            schedule.load_state_dict(torch.load(resume_from / "schedule.pt", map_location="cpu", weights_only=True))
+            state = checkpoint_state(resume_from)
+        elif fsdp:
             state = load_sharded_checkpoint(resume_from, ckpt_modules, optimizer, schedule,
                                             accelerator.process_index, accelerator.num_processes)  # fmt: skip
         else:
@@ -358,14 +377,16 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         accelerator.wait_for_everyone()
         extra = {"micro_step": micro_step, "skipped_images": skipped, "processes": accelerator.num_processes}
         if sharded:  # every process writes its shards
-            path = save_sharded_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
+            if zero:  # DeepSpeed's engine writes its partitions (and accelerate the RNG states)
+                write = lambda tmp: accelerator.save_state(str(tmp / "accelerate"))  # noqa: E731
+            else:
+                write = dcp_writer(ckpt_modules, optimizer, accelerator.process_index)
+            path = save_sharded_checkpoint(ckpt_dir, step, write, schedule, cfg.to_toml(), extra,
                                            cfg.keep_checkpoints, run_id, accelerator.process_index,
-                                           accelerator.num_processes, accelerator.wait_for_everyone)  # fmt: skip
+                                           accelerator.num_processes, accelerator.wait_for_everyone,
+                                           layout)  # fmt: skip
             checkpoints.append(path)
             return path
-        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            accelerator.save_state(str(ckpt_dir / f"accelerate-{step:07d}"))  # sharded states need accelerate
-            return None
         if not accelerator.is_main_process:
             return None
         path = save_checkpoint(ckpt_dir, step, ckpt_modules, optimizer, schedule, cfg.to_toml(), extra,
@@ -405,9 +426,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    if sharded:  # the sharded parameters fully_shard put in place, not the list taken before
+                    if fsdp:  # the sharded parameters fully_shard put in place, not the list taken before
                         clip_grad_norm(params, cfg.optim.max_grad_norm)
-                    else:
+                    elif not zero:  # DeepSpeed clips inside its step (gradient_clipping in its config)
                         accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -457,15 +478,16 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
     probe_last = probe()
 
     final: list[Path] = []
-    checksum = float(sum(full_tensor(p.detach()).double().abs().sum() for p in params))
     accelerator.wait_for_everyone()
-    if sharded:  # every process sends its shards; rank 0 holds the whole models (and their own classes) after
-        gather_whole(stage.modules, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        final_dir = out / "final"
-        final_dir.mkdir(parents=True, exist_ok=True)
-        final = stage.save_final(final_dir)
-        (final_dir / "config.toml").write_text(cfg.to_toml())
+    with zero3_gathered(stage.modules, strategy):  # ZeRO-3: the partitioned weights whole on every process
+        checksum = float(sum(full_tensor(p.detach()).double().abs().sum() for p in params))
+        if fsdp:  # every process sends its shards; rank 0 holds the whole models (and their own classes) after
+            gather_whole(stage.modules, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            final_dir = out / "final"
+            final_dir.mkdir(parents=True, exist_ok=True)
+            final = stage.save_final(final_dir)
+            (final_dir / "config.toml").write_text(cfg.to_toml())
     if trackers:
         accelerator.end_training()
     return TrainResult(
