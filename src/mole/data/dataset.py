@@ -157,6 +157,7 @@ class CaptionedImages(Dataset):
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
         self.seed = seed
+        self._warned: set[int] = set()  # unreadable images already named: each is warned once, not every epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -169,7 +170,9 @@ class CaptionedImages(Dataset):
             img = load_rgb(sample.path)
             cond = load_rgb(sample.condition) if sample.condition is not None else None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            logger.warning("skipping unreadable image %s (%s)", sample.path, exc)
+            if index not in self._warned:
+                self._warned.add(index)
+                logger.warning("skipping unreadable image %s (%s); it is skipped in every epoch", sample.path, exc)
             return {"index": index, "bad": True}
         r = self.resolution
         w, h = img.size
