@@ -74,7 +74,7 @@ class _ZeroScorer:
 
 
 @needs_tiny
-def test_eval_run_takes_mole_tiny_by_name_and_all_zero_scores_exit_3(tmp_path, caplog, monkeypatch):
+def test_eval_run_takes_mole_tiny_by_name_and_all_zero_scores_exit_3(tmp_path, caplog, monkeypatch, capsys):
     """`mole = "mole-tiny"` in an eval TOML resolves as --mole mole-tiny does (was: 'does not exist'); a run whose
     every score is 0 is not reported as a success."""
     bench = tmp_path / "bench.jsonl"
@@ -90,6 +90,9 @@ def test_eval_run_takes_mole_tiny_by_name_and_all_zero_scores_exit_3(tmp_path, c
     (line,) = _errors(caplog)
     assert "every score is 0 (face_rate, hand_rate) on 1 images per model" in line
     assert len(list((tmp_path / "ev" / "images" / "tiny").rglob("*.png"))) == 1  # it ran: mole-tiny resolved
+    out = capsys.readouterr().out  # the report's table, not a JSON block (--json gives that)
+    assert "| model | face_rate | hand_rate |" in out and "| tiny | 0.0000 ± nan | 0.0000 ± nan |" in out
+    assert len(out.splitlines()) <= 6 and "{" not in out
 
 
 # ------------------------------------------------------------------------- 3. facehand sees what a person sees
