@@ -39,10 +39,10 @@ COMMANDS = {
     ),
     "mole eval": "{prompts,run,ablation}",
     "mole eval prompts": "kind source --out --limit --seed --overwrite",
-    "mole eval run": "--config --num-prompts --repeats --out --tokenizer --overwrite",
+    "mole eval run": "--config --num-prompts --repeats --out --tokenizer --overwrite --json",
     "mole eval ablation": (
         "--benchmark --base --tokenizer --stage1 --mole --experts --gating --metric --out --num-prompts "
-        "--repeats --steps --seed --overwrite"
+        "--repeats --steps --seed --overwrite --json"
     ),
     "mole data": "{scenes,closeups,merge,train-filter}",
     "mole data merge": "parts --out --shard-size --overwrite",

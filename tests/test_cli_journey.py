@@ -74,7 +74,7 @@ class _ZeroScorer:
 
 
 @needs_tiny
-def test_eval_run_takes_mole_tiny_by_name_and_all_zero_scores_exit_3(tmp_path, caplog, monkeypatch):
+def test_eval_run_takes_mole_tiny_by_name_and_all_zero_scores_exit_3(tmp_path, caplog, monkeypatch, capsys):
     """`mole = "mole-tiny"` in an eval TOML resolves as --mole mole-tiny does (was: 'does not exist'); a run whose
     every score is 0 is not reported as a success."""
     bench = tmp_path / "bench.jsonl"
@@ -90,6 +90,9 @@ def test_eval_run_takes_mole_tiny_by_name_and_all_zero_scores_exit_3(tmp_path, c
     (line,) = _errors(caplog)
     assert "every score is 0 (face_rate, hand_rate) on 1 images per model" in line
     assert len(list((tmp_path / "ev" / "images" / "tiny").rglob("*.png"))) == 1  # it ran: mole-tiny resolved
+    out = capsys.readouterr().out  # the report's table, not a JSON block (--json gives that)
+    assert "| model | face_rate | hand_rate |" in out and "| tiny | 0.0000 ± nan | 0.0000 ± nan |" in out
+    assert len(out.splitlines()) <= 6 and "{" not in out
 
 
 # ------------------------------------------------------------------------- 3. facehand sees what a person sees
@@ -207,3 +210,40 @@ def test_presets_adapt_to_the_model_and_print_config_marks_it(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert 'mixed_precision = "no"  # adapted: no GPU here, so full precision (was bf16)' in out
     assert "resolution = 512  # conflicts: mole-tiny draws 64 px; kept as given" in out  # the file's own value
+
+
+# --------------------------------------------------------------------------- 7 / 8. config shapes, messages, warnings
+def test_config_shape_mistakes_are_one_line_naming_the_fix(tmp_path, caplog):
+    """A table where a list is meant ([models] for [[models]]), a list where a table is meant ([[optim]]), and
+    `data = "DIR"` for the folder each stop with one line that says what to write (was: data.path='' reported)."""
+    cases = {
+        'benchmark = "b"\n[models]\nname = "m"\nbase = "b"\n': (["eval", "run"], "write [[models]] (two pairs"),
+        'model = "m"\n[[optim]]\nlr = 1e-4\n': (["train"], "write [optim] (one pair of brackets), not [[optim]]"),
+        'model = "m"\ndata = "data/faces"\n': (["train"], "for the folder write data.path = 'data/faces'"),
+    }
+    for n, (text, (cmd, fix)) in enumerate(cases.items()):
+        config = tmp_path / f"c{n}.toml"
+        config.write_text(text)
+        caplog.clear()
+        assert main([*cmd, "--config", str(config), *(["--print-config"] if cmd == ["train"] else [])]) == 2, text
+        (line,) = _errors(caplog)
+        assert fix in line and "internal error" not in line
+    caplog.clear()
+    assert main(["train", "--set", "model=m", "--print-config"]) == 2
+    assert "data.path is not set: give the training image folder, e.g. --set data.path=DIR" in _errors(caplog)[0]
+
+
+def test_each_corrupt_image_is_warned_once(tmp_path, tiny_sd15_dir, caplog):
+    """One unreadable file in a training folder, met in every epoch: one warning naming it (was: one per epoch)."""
+    from conftest import image_folder
+
+    data = image_folder(tmp_path / "faces", FACES[:2], "a close-up photo of a face")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("a close-up photo of a face")
+    sets = [f"model='{tiny_sd15_dir}'", f"data.path='{data}'", f"output_dir='{tmp_path / 'run'}'", "max_steps=6",
+            "data.resolution=32", "batch_size=1", "total_batch_size=1", "tensorboard=false", "expert.rank=2",
+            "expert.alpha=2", "checkpoint_every=100"]  # fmt: skip
+    assert main(["train", "--preset", "stage2-face", *[a for s in sets for a in ("--set", s)]]) == 0
+    named = [r for r in caplog.records if r.levelname == "WARNING" and "broken.png" in r.getMessage()]
+    assert len(named) == 1  # 6 steps over 3 images: the broken one is met twice
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "micro-step" in r.getMessage()][1:]

@@ -342,7 +342,7 @@ def test_eval_cli_with_a_toml(tmp_path, eval_setup, capsys):
     )
     # a random tiny pipeline draws noise: facehand finds nothing on any image, so the run exits 3 (nothing
     # produced, docs/cli.md#exit-codes) after writing its report and printing the summary
-    assert main(["eval", "run", "--config", str(cfg)]) == 3
+    assert main(["eval", "run", "--config", str(cfg), "--json"]) == 3
     out = json.loads(capsys.readouterr().out)
     assert set(out["summary"]["base"]) == {"face_rate", "face_conf", "hand_rate", "hand_conf"}
     assert out["run"] == {"generated": 4, "scored": 4}
@@ -375,7 +375,7 @@ def test_ablation_cli_runs_the_stage_ladder(tmp_path, eval_setup, capsys):
     pytest.importorskip("mediapipe")
     args = ["eval", "ablation", "--benchmark", str(eval_setup / "bench.jsonl"), "--base", str(eval_setup / "base"),
             "--mole", str(eval_setup / "mole.safetensors"), "--gating", f"both={eval_setup / 'mole.safetensors'}",
-            "--num-prompts", "1", "--repeats", "2", "--steps", "2", "--out", str(tmp_path)]  # fmt: skip
+            "--num-prompts", "1", "--repeats", "2", "--steps", "2", "--json", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 3  # every score 0 on noise from a random tiny pipeline: nothing produced (still reported)
     out = json.loads(capsys.readouterr().out)
     assert out["models"] == ["base", "stage2-fixed", "stage3-mole", "gating-both"]

@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tokenizer_arg(evr)
     evr.add_argument("--overwrite", action="store_true",
                      help="replace the results in the output folder when they were made with other settings")
+    evr.add_argument("--json", action="store_true", help="print the summary as JSON (default: the report's table)")
     evr.set_defaults(func=_cmd_eval_run)
     eva = ev_sub.add_parser("ablation", help="the paper's ablations: stage ladder and local/global/both gating")
     eva.add_argument("--benchmark", required=True, help="a benchmark .jsonl from `mole eval prompts`")
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     eva.add_argument("--seed", type=int, default=0)
     eva.add_argument("--overwrite", action="store_true",
                      help="replace the results in --out when they were made with other settings")
+    eva.add_argument("--json", action="store_true", help="print the summary as JSON (default: the report's table)")
     eva.set_defaults(func=_cmd_eval_ablation)
 
 
@@ -89,9 +91,21 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
     opts = load_eval_config(args.config, overrides)
     opts.overwrite = args.overwrite
     report = run_eval(opts)
-    print(json.dumps({"summary": report["summary"], "run": report["run"]}, indent=2, default=float))
+    _print_report(args, report, opts.out_dir, {"summary": report["summary"], "run": report["run"]})
     _check_scores(report, opts.out_dir)
     return 0
+
+
+def _print_report(args: argparse.Namespace, report: dict, out: str, summary: dict) -> None:
+    """The table report.md holds (mean +- s.e. per model and metric), or with --json the summary as JSON."""
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return
+    text = (Path(out) / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    run = report["run"]
+    print(f"mole eval: {run['generated']} images generated, {run['scored']} scores added -> {out}/report.md")
+    print("\n".join(rows))
 
 
 def _check_scores(report: dict, out: str) -> None:
@@ -127,7 +141,7 @@ def _cmd_eval_ablation(args: argparse.Namespace) -> int:
         benchmark=args.benchmark, models=models, metrics=metrics, out_dir=args.out, num_prompts=args.num_prompts,
         repeats=args.repeats, steps=args.steps, seed=args.seed, overwrite=args.overwrite,
     ))  # fmt: skip
-    print(json.dumps({"models": [m.name for m in models], "summary": report["summary"], "run": report["run"]},
-                     indent=2, default=float))  # fmt: skip
+    _print_report(args, report, args.out, {"models": [m.name for m in models], "summary": report["summary"],
+                                           "run": report["run"]})  # fmt: skip
     _check_scores(report, args.out)
     return 0

@@ -179,6 +179,7 @@ class CaptionedImages(Dataset):
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
         self.seed = seed
+        self._warned: set[int] = set()  # unreadable images already named: each is warned once, not every epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -191,7 +192,9 @@ class CaptionedImages(Dataset):
             img = load_rgb(sample.path)
             conds = [load_rgb(c) for c in sample.conditions]
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            logger.warning("skipping unreadable image %s (%s)", sample.path, exc)
+            if index not in self._warned:
+                self._warned.add(index)
+                logger.warning("skipping unreadable image %s (%s); it is skipped in every epoch", sample.path, exc)
             return {"index": index, "bad": True}
         r = self.resolution
         w, h = img.size

@@ -144,8 +144,12 @@ class TrainConfig:
             if not ok:
                 raise TrainConfigError(f"{name}={value!r} is not valid: {fix}")
 
-        need(bool(self.model), "model", self.model, "set the base model (hub id or local pipeline folder)")
-        need(bool(self.data.path), "data.path", self.data.path, "set the training image folder")
+        if not self.model:
+            raise TrainConfigError("model is not set (model=''): give the base model, e.g. --set model=mole-tiny, a "
+                                   "hub id, a pipeline folder or a model.safetensors")  # fmt: skip
+        if not self.data.path:
+            raise TrainConfigError("data.path is not set: give the training image folder, e.g. --set data.path=DIR, "
+                                   "or in the config file a [data] table with path = \"DIR\"")  # fmt: skip
         need(self.max_steps >= 1, "max_steps", self.max_steps, "use at least 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, "use at least 1")
         need(self.grad_accum is None or self.grad_accum >= 1, "grad_accum", self.grad_accum, "use at least 1")
@@ -395,7 +399,13 @@ def adapt_to_model(cfg: TrainConfig, explicit: set[str] = frozenset(), cuda: boo
 # ---------------------------------------------------------------------------------------------------- helpers
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+        name = prefix.rstrip(".") or "config"
+        hint = ""
+        if isinstance(data, str) and any(f.name == "path" for f in fields(cls)):  # data = "data/faces"
+            hint = f"; for the folder write {name}.path = {data!r} (--set {name}.path={data}, or [{name}] path = ...)"
+        elif isinstance(data, list) and all(isinstance(d, dict) for d in data):  # [[data]] where [data] is meant
+            hint = f"; write [{name}] (one pair of brackets), not [[{name}]] (a list of tables)"
+        raise TrainConfigError(f"{name} must be a table, got {data!r}{hint}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -444,7 +454,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is list:
         if not isinstance(value, list):
-            raise TrainConfigError(f"{name}={value!r} must be a list")
+            hint = ""
+            if isinstance(value, dict) and is_dataclass(args[0]):  # [models] where [[models]] is meant
+                hint = f": write [[{name}]] (two pairs of brackets) for each entry, not [{name}]"
+            raise TrainConfigError(f"{name}={value!r} must be a list{hint}")
         return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

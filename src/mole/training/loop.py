@@ -399,12 +399,14 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
         while step < cfg.max_steps:
             batch = next(batches)
             skipped += batch["skipped"]
+            met_before = unreadable.issuperset(batch["bad_indices"])  # each unreadable image is warned once
             unreadable.update(batch["bad_indices"])
             micro_step += 1
             if batch["pixels"] is None:  # every image of this micro-batch was unreadable
                 empty_run += 1
                 _check_readable(cfg, len(dataset), unreadable, empty_run)
-                logger.warning("micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
+                (logger.debug if met_before else logger.warning)(
+                    "micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
                 continue
             empty_run = 0
             completes_step = micro_step % accum == 0
