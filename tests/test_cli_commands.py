@@ -19,7 +19,7 @@ COMMON = {"help", "verbose", "quiet", "debug"}  # on every parser (-h, -v, -q, -
 # prog -> its arguments in the order the parser adds them (positionals by name, options by their long form,
 # a subcommand group as {a,b,...})
 COMMANDS = {
-    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,ui,estimate,info}",
+    "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,ui,estimate,info,tiny}",
     "mole demo": "--out --overwrite --base --mole --train --train-steps --rank --steps --seeds --seed --json",
     "mole pretrain": (
         "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
@@ -27,13 +27,15 @@ COMMANDS = {
     ),
     "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes",
     "mole generate": (
-        "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
-        "--height --width --seed --dtype --device --no-strict-base --overwrite --out --num-images --seeds "
+        "--base --tokenizer --mole --expert --prompt --prompt-file --image --condition-type --steps --guidance-scale "
+        "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --json --out --num-images "
+        "--seeds "
         "--negative-prompt --batch-size --no-mole --experts --compare --preset"
     ),
     "mole inspect": (
-        "--base --tokenizer --mole --expert --prompt --prompt-file --steps --guidance-scale --scheduler "
-        "--height --width --seed --dtype --device --no-strict-base --overwrite --out --map-steps"
+        "--base --tokenizer --mole --expert --prompt --prompt-file --image --condition-type --steps --guidance-scale "
+        "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --json --out --map-steps "
+        "--prompt-kind"
     ),
     "mole eval": "{prompts,run,ablation}",
     "mole eval prompts": "kind source --out --limit --seed --overwrite",
@@ -68,9 +70,10 @@ COMMANDS = {
     ),
     "mole estimate": (
         "config --base --preset --stage --batch-size --resolution --precision --optimizer "
-        "--gradient-checkpointing --rank --experts --fits --json"
+        "--gradient-checkpointing --rank --experts --gpus --strategy --fits --json"
     ),
     "mole info": "file --json",
+    "mole tiny": "kind --out --instruct --seed --overwrite --json",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,97 @@ def test_facehand_finds_real_64px_face_and_hand_closeups():
     assert rate(on_hands["face_rate"]) <= 0.1 and rate(on_faces["hand_rate"]) <= 0.1  # and tells them apart
     as_is = build_scorer("facehand", view="none").score(faces, [""] * 20)
     assert rate(as_is["face_rate"]) < 0.8  # the view is what finds them
+
+
+# ------------------------------------------------------------------- 5. generate: as it goes, and continued
+@needs_tiny
+def test_interrupted_generate_continues_with_the_same_command(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first image: images.jsonl already holds it; the same command then draws only the rest
+    (was: no images.jsonl, and the folder refused). Repeated --prompt-file adds the files (was: the last only)."""
+    import importlib
+
+    gen = importlib.import_module("mole.inference.generate")  # the module (mole.inference.generate is the function)
+    (tmp_path / "a.txt").write_text("a close-up photo of a face\n")
+    (tmp_path / "b.txt").write_text("a close-up photo of a hand\n")
+    out = tmp_path / "g"
+    args = ["generate", *TINY, "--prompt-file", str(tmp_path / "a.txt"), "--prompt-file", str(tmp_path / "b.txt"),
+            "--steps", "2", "--num-images", "2", "--batch-size", "1", "--out", str(out)]  # fmt: skip
+    written, real_png = [], gen._png
+
+    def png(image, path, meta):
+        if len(written) == 1:
+            raise KeyboardInterrupt
+        real_png(image, path, meta)
+        written.append(path.name)
+
+    monkeypatch.setattr(gen, "_png", png)
+    assert main(args) == 130
+    rows = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["0000_seed0.png"]
+    first = (out / "mole" / "0000_seed0.png").read_bytes()
+    written.clear()
+    monkeypatch.setattr(gen, "_png", lambda *a: (real_png(*a), written.append(a[1].name)))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert written == ["0000_seed1.png", "0001_seed0.png", "0001_seed1.png"]  # the rest only
+    assert (out / "mole" / "0000_seed0.png").read_bytes() == first
+    rows = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [(p, s) for p in ("a close-up photo of a face",
+                                                                         "a close-up photo of a hand") for s in (0, 1)]
+    assert "3 images drawn, 1 already there" in capsys.readouterr().out
+    # another setting into the same folder is still refused, not mixed in
+    assert main([*args, "--guidance-scale", "3"]) == 2
+
+
+# ------------------------------------------------------------------------------------- 6. inspect per prompt (kind)
+@needs_tiny
+def test_inspect_reports_gates_per_prompt_and_per_kind(tmp_path, capsys):
+    """Fig. 7 per prompt kind: on mole-tiny the face gate is high on face prompts and low on hand prompts, and the
+    hand gate the other way round; the all-prompt average (the old summary) hides that."""
+    prompts = ["a close-up photo of a face", "a close-up photo of a hand", "a close-up photo of a face, smiling"]
+    args = ["inspect", *TINY, "--steps", "1", "--map-steps", "1", "--out", str(tmp_path / "i")]
+    for p, kind in zip(prompts, ["face", "hand", "face"]):
+        args += ["--prompt", p, "--prompt-kind", kind]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    face_p, hand_p, smile_p = (r for r in out["per_prompt"])
+    assert face_p["face"]["mean"] > hand_p["face"]["mean"] + 0.2 and hand_p["hand"]["mean"] > face_p["hand"]["mean"]
+    kinds = out["per_kind"]
+    assert kinds["face"]["face"]["prompts"] == [0, 2] and kinds["hand"]["face"]["prompts"] == [1]
+    assert kinds["face"]["face"]["mean"] == pytest.approx((face_p["face"]["mean"] + smile_p["face"]["mean"]) / 2)
+    overall = out["global_gate"]["face"]["mean"]
+    assert overall == pytest.approx(sum(r["face"]["mean"] for r in out["per_prompt"]) / 3)
+    assert kinds["hand"]["face"]["mean"] < overall - 0.1  # what the single average hid
+    gates = json.loads((tmp_path / "i" / "gates.json").read_text())
+    assert gates["per_kind"] == kinds
+    # the default output is a short table: a row per prompt and per kind
+    assert main([*args, "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert "| face: a close-up photo of a face |" in text and "| kind hand (1 prompts) |" in text
+    assert main([*args[:-2], "--overwrite"]) == 2  # 3 prompts, 2 kinds: one line, before anything loads
+
+
+# ------------------------------------------------------------------------------- 4. presets adapt to the model
+@needs_tiny
+def test_presets_adapt_to_the_model_and_print_config_marks_it(tmp_path, capsys):
+    """--preset stage2-face on mole-tiny: 64 px (the model's native side), not the preset's 512; the shipped
+    config's bf16 becomes full precision without a GPU; rank 256 above mole-tiny's 32-channel blocks is marked."""
+    import tomllib
+    import torch
+
+    base = ["train", "--preset", "stage2-face", "--set", "model=mole-tiny", "--set", f"data.path={tmp_path}"]
+    assert main([*base, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert tomllib.loads(out)["data"]["resolution"] == 64
+    assert "resolution = 64  # adapted: mole-tiny draws 64 px (was 512)" in out
+    assert "rank = 256  # conflicts: rank 256 is above mole-tiny's narrowest block (32 channels" in out
+    assert 'model = "mole-tiny"  # --set (not the preset)' in out
+    # a value the user gives is kept, and the conflict said
+    assert main([*base, "--set", "data.resolution=128", "--print-config"]) == 0
+    assert "resolution = 128  # conflicts: mole-tiny draws 64 px; kept as given" in capsys.readouterr().out
+    config = Path(__file__).resolve().parents[1] / "configs" / "stage2_face.toml"
+    assert main(["train", "--config", str(config), *base[1:], "--print-config"]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert 'mixed_precision = "no"  # adapted: no GPU here, so full precision (was bf16)' in out
+    assert "resolution = 512  # conflicts: mole-tiny draws 64 px; kept as given" in out  # the file's own value

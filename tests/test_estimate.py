@@ -118,3 +118,85 @@ def test_cli_estimate_json_and_errors(capsys, caplog):
     assert out["gib"]["total (accelerator)"] > out["gib"]["weights: unet"]
     assert main(["estimate"]) == 2
     assert "--preset" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+@pytest.fixture(scope="module")
+def stage2():
+    """SD1.5 stage 2 (bf16, 256 px) on one device: what the strategies divide."""
+    return estimate_memory("sd15", 2, precision="bf16", resolution=256, rank=16)
+
+
+def test_ddp_is_the_same_on_any_number_of_devices(stage2):
+    from mole.estimate import with_strategy
+
+    for n in (2, 8):
+        assert with_strategy(stage2, n, "ddp").total == stage2.total
+        assert with_strategy(stage2, n, "ddp").weights == stage2.weights
+
+
+def test_fsdp2_halves_the_sharded_part_on_two_devices(stage2):
+    from mole.estimate import GATHER_BUFFER, with_strategy
+
+    two = with_strategy(stage2, 2, "fsdp2")
+    assert stage2.sharded_weights == ("unet", "expert (trained, fp32)")  # the denoiser: base and expert
+    for name in stage2.sharded_weights:
+        assert two.weights[name] == -(-stage2.weights[name] // 2)
+    assert two.weights["vae"] == stage2.weights["vae"] > 0  # frozen components stay whole
+    assert two.weights["text_encoder"] == stage2.weights["text_encoder"] > 0
+    assert (two.gradients, two.optimizer_state) == (stage2.gradients // 2, stage2.optimizer_state // 2)
+    assert two.activations == stage2.activations  # per device's batch
+    sharded = sum(stage2.weights[k] for k in stage2.sharded_weights) + stage2.gradients + stage2.optimizer_state
+    assert two.weights[GATHER_BUFFER] == 2 * stage2.largest_block > 0
+    assert two.total == pytest.approx(stage2.total - sharded / 2 + 2 * stage2.largest_block, abs=4)
+    four = with_strategy(stage2, 4, "fsdp2")
+    assert four.weights["unet"] == -(-stage2.weights["unet"] // 4) and four.total < two.total
+    assert with_strategy(stage2, 2, "zero3").total == two.total  # the same layout: trained modules partitioned
+
+
+def test_zero2_shards_gradients_optimizer_and_fp32_masters_only():
+    from mole.estimate import with_strategy
+
+    one = estimate_memory("sd15", 1, precision="bf16", optimizer="lion", resolution=256)
+    four = with_strategy(one, 4, "zero2")
+    assert one.trained_weights == ("text_encoder", "unet")  # stage 1 trains both, fp32 master weights
+    assert four.weights["unet"] == one.weights["unet"] // 4 and four.weights["text_encoder"] == -(
+        -one.weights["text_encoder"] // 4)
+    assert four.weights["autocast weight copies"] == one.weights["autocast weight copies"] > 0  # bf16, whole
+    assert four.weights["vae"] == one.weights["vae"]
+    assert four.gradients == one.gradients // 4 and four.optimizer_state == one.optimizer_state // 4
+    fp32 = estimate_memory("sd15", 2, precision="fp32", resolution=256, rank=16)
+    assert with_strategy(fp32, 4, "zero2").weights == fp32.weights  # no master copies: the weights stay whole
+
+
+def test_largest_unit_follows_the_block_lists():
+    from mole.estimate import largest_unit
+
+    model = nn.Module()
+    model.stem = nn.Linear(5, 5)  # 30, the module's own unit
+    model.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(8, 8), nn.Sequential(nn.Linear(2, 2))])
+    model.layers[1].block = nn.ModuleList([nn.Linear(6, 6)])  # nested: its own unit (42), out of layers.1's 72
+    assert largest_unit(model, lambda p: p.numel()) == 72
+    model.layers[1].block.append(nn.Linear(9, 9))  # 90
+    assert largest_unit(model, lambda p: p.numel()) == 90
+
+
+def test_devices_needed_and_bad_strategies(stage2, caplog, capsys):
+    from mole.estimate import GB, devices_needed, with_strategy
+
+    budget = stage2.total / GB + 1 - 0.01  # just too small for one device (1 GiB kept back)
+    n = devices_needed(stage2, budget, "fsdp2")
+    assert n == 2 and with_strategy(stage2, 2, "fsdp2").total <= (budget - 1) * GB < stage2.total
+    assert devices_needed(stage2, budget, "ddp") is None  # ddp never shrinks
+    with pytest.raises(EstimateError, match="strategy='fsdp'"):
+        estimate_memory("sd15", 2, strategy="fsdp")
+    with pytest.raises(EstimateError, match="gpus=0"):
+        with_strategy(stage2, 0, "ddp")
+    outs = []
+    for extra in ([], ["--gpus", "2", "--strategy", "fsdp2"]):
+        assert main(["estimate", "--base", "sd15", "--stage", "2", "--resolution", "256", "--rank", "16", "--json",
+                     *extra]) == 0  # fmt: skip
+        outs.append(json.loads(capsys.readouterr().out))
+    assert [(o["gpus"], o["strategy"]) for o in outs] == [(1, "ddp"), (2, "fsdp2")]
+    assert outs[1]["gib"]["weights: unet"] == pytest.approx(outs[0]["gib"]["weights: unet"] / 2, abs=1e-4)
+    assert outs[1]["gib"]["weights: vae"] == outs[0]["gib"]["weights: vae"]

@@ -130,7 +130,7 @@ def test_inspect_records_every_step_and_layer_and_draws(tmp_path, tiny_mole):
 def test_cli_generate_and_inspect(tmp_path, tiny_mole, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# close-ups\na face\n\na hand\n")
-    args = ["--base", str(tiny_mole / "base"), "--mole", str(tiny_mole / "mole.safetensors"), "--steps", "2"]
+    args = ["--base", str(tiny_mole / "base"), "--mole", str(tiny_mole / "mole.safetensors"), "--steps", "2", "--json"]
     assert main(["generate", *args, "--prompt-file", str(prompts), "--num-images", "2", "--out", str(tmp_path / "g"),
                  "--experts", "face=1.0"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
@@ -143,7 +143,7 @@ def test_cli_generate_and_inspect(tmp_path, tiny_mole, capsys):
 
 def test_cli_never_overwrites_earlier_images(tmp_path, tiny_mole, capsys, caplog, monkeypatch):
     args = ["generate", "--base", str(tiny_mole / "base"), "--mole", str(tiny_mole / "mole.safetensors"),
-            "--steps", "1", "--prompt", "a face"]  # fmt: skip
+            "--json", "--steps", "1", "--prompt", "a face"]  # fmt: skip
     out = tmp_path / "g"
     assert main([*args, "--out", str(out)]) == 0
     first = (out / "mole" / "0000_seed0.png").read_bytes()

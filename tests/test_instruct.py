@@ -168,6 +168,14 @@ def test_condition_tokens_join_and_leave_the_sequence(tmp_path):
         assert not torch.allclose(t(**inp).sample, with_cond)
         im.conditions.set(cond[:1], ["pose"])  # CFG-style doubled batch: conditions repeat
         assert t(**{**inp}).sample.shape == plain.shape
+        small = torch.randn(2, 4, 4, 6)  # several conditions per sample, of different sizes, each with its type
+        h = t.transformer_blocks[0].attn1.to_q.register_forward_hook(count)
+        im.conditions.set([cond, small], [["pose", "edge"], ["edge", "edge"]])
+        two = t(**inp).sample
+        h.remove()
+        assert seen["n"] == 2 * 4 * 6 + 2 * 3 and two.shape == plain.shape
+        im.conditions.set([cond], [["pose", "edge"]])
+        torch.testing.assert_close(t(**inp).sample, with_cond)  # a list of one = the single condition
         im.conditions.set(None)
         torch.testing.assert_close(t(**inp).sample, plain)
     with pytest.raises(ValueError, match=r"condition types \['depth'\] are unknown"):

@@ -9,10 +9,11 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
-from mole import LoraPair
+from mole import LoraPair, MoLEConfig, MoLELayer
 from mole.config import GateInit, Gating, GlobalSource
-from mole.layers import MoLEGates
+from mole.layers import MoLEGates, is_pointwise, layer_dims
 from mole.training.loss import diffusion_loss, snr
 
 # ---------------------------------------------------------------------------------------------------- training/loss
@@ -136,3 +137,204 @@ def test_gates_repr_names_experts_gating_and_source():
     gates = MoLEGates(3, 6, 5, Gating.GLOBAL, GlobalSource.EXPERT_OUTPUT)
     assert gates.extra_repr() == "experts=3, gating=global, global_source=expert_output"
     assert gates.num_experts == 3 and gates.global_source is GlobalSource.EXPERT_OUTPUT
+
+
+# ---------------------------------------------------------------------------------------------------- layers/mole_layer
+
+
+def _pair(d_in=8, d_out=6, rank=2, alpha=4.0):
+    return LoraPair(torch.ones(rank, d_in), torch.ones(d_out, rank), alpha)
+
+
+@pytest.mark.parametrize(
+    "conv,pointwise",
+    [
+        (nn.Conv2d(4, 5, 1), True),
+        (nn.Conv2d(4, 5, 1, padding="valid"), True),
+        (nn.Conv2d(4, 5, 3), False),
+        (nn.Conv2d(4, 5, (1, 3)), False),
+        (nn.Conv2d(4, 5, 1, stride=(1, 2)), False),
+        (nn.Conv2d(4, 4, 1, groups=2), False),
+        (nn.Conv2d(4, 5, 1, dilation=(1, 2)), False),
+        (nn.Conv2d(4, 5, 1, padding=(0, 1)), False),
+    ],
+)
+def test_is_pointwise_needs_every_condition(conv, pointwise):
+    # kills: an `and` turned `or`, a tuple compared with the wrong value: a conv that mixes pixels treated as 1x1
+    assert is_pointwise(conv) is pointwise
+    assert layer_dims(conv) == (conv.in_channels, conv.out_channels)
+
+
+def test_wrap_errors_name_the_path_the_reason_and_the_fix():
+    # kills: the messages losing the path, the offending settings or the fix (a user must know what to change)
+    cases = [
+        (
+            nn.Conv2d(4, 4, 1, groups=2, padding_mode="reflect"),
+            "module 'blk.c' is a Conv2d with groups=2, padding_mode='reflect'; MoLE wraps ungrouped, zero-padded "
+            "convolutions only. Remove it from the targets.",
+        ),
+        (
+            nn.Embedding(4, 4),
+            "module 'blk.c' is a torch.nn.modules.sparse.Embedding; MoLE wraps torch.nn.Linear and torch.nn.Conv2d "
+            "only. Remove it from the targets.",
+        ),
+        (
+            nn.Conv2d(4, 4, 3, padding=1),
+            "layer 'blk.c': a Conv2d with kernel_size=(3, 3), stride=(1, 1), padding=(1, 1) is spatial; MoLELayer "
+            "wraps Linear and pointwise convs, SpatialMoLELayer the others (mole.layers.mole_layer_for picks)",
+        ),
+    ]
+    for module, msg in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+            MoLELayer(module, ["face"], {"face": _pair(4, 4)}, MoLEConfig(), path="blk.c")
+
+
+def test_a_peft_layer_is_refused_with_the_unload_hint():
+    peft_linear = type("Linear", (nn.Linear,), {"__module__": "peft.tuners.lora.layer"})(8, 6)
+    msg = (
+        "module 'q' is a peft.tuners.lora.layer.Linear (a peft LoRA layer: call unload_lora() / unload() first); "
+        "MoLE wraps torch.nn.Linear and torch.nn.Conv2d only. Remove it from the targets."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        MoLELayer(peft_linear, ["face"], {"face": _pair()}, MoLEConfig(), path="q")
+
+
+@pytest.mark.parametrize(
+    "names,experts,msg",
+    [
+        ([], {}, "layer 'q': a MoLE layer needs at least one expert name"),
+        (["face"], {"face": _pair(), "hand": _pair()},
+         "layer 'q': experts ['hand'] are not among the layer's expert names ['face']"),
+        (["face", "hand"], {"face": None},
+         "layer 'q': none of the experts ['face', 'hand'] has weights for this layer"),
+        (["face"], {"face": _pair(d_in=9, d_out=7)},
+         "layer 'q': expert 'face' has shape (in 9, out 7) but the base layer is (in 8, out 6); "
+         "the expert was trained for another model"),
+    ],
+)  # fmt: skip
+def test_expert_set_errors_name_the_layer_and_the_experts(names, experts, msg):
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        MoLELayer(nn.Linear(8, 6), names, experts, MoLEConfig(), path="q")
+
+
+def test_expert_kernel_mismatch_names_both_kernels():
+    locon = LoraPair(torch.ones(2, 4, 3, 3), torch.ones(5, 2), 2.0)
+    msg = (
+        "layer 'q': expert 'face' has a (3, 3) down kernel but the base layer's kernel is (1, 1); "
+        "the expert was trained for another model"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        MoLELayer(nn.Conv2d(4, 5, 1), ["face"], {"face": locon}, MoLEConfig(), path="q")
+
+
+def test_layer_conveniences_read_the_base_and_the_experts():
+    base = nn.Linear(8, 6)
+    layer = MoLELayer(base, ["face", "hand"], {"hand": _pair(rank=3, alpha=6.0)}, MoLEConfig(gating="local"), path="q")
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.num_experts == 2 and layer.ranks == (0, 3) and layer.alphas == (0.0, 6.0)
+    assert layer.extra_repr() == "experts=[face(r=0), hand(r=3)], gating=local, fused=True"
+    assert layer.expert("face") is None
+    hand = layer.expert("hand")
+    assert hand.rank == 3 and hand.alpha == 6.0 and not hand.conv
+    with pytest.raises(KeyError, match=re.escape("layer 'q' has no expert 'eye'; experts are ['face', 'hand']")):
+        layer.expert("eye")
+
+
+def test_input_shape_errors_name_the_layer_and_the_shape():
+    conv = MoLELayer(nn.Conv2d(4, 5, 1), ["face"], {"face": _pair(4, 5)}, MoLEConfig(), path="q")
+    with pytest.raises(ValueError, match=re.escape("layer 'q': a Conv2d input must be (b, c, h, w), got (2, 4, 3)")):
+        conv(torch.zeros(2, 4, 3))
+    lin = MoLELayer(nn.Linear(8, 6), ["face"], {"face": _pair()}, MoLEConfig(), path="q")
+    with pytest.raises(ValueError, match=re.escape("layer 'q': input must have a batch axis, got shape (8,)")):
+        lin(torch.zeros(8))
+
+
+class _Gates:
+    """A recorder that keeps what the layer reports: (local, global) per call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def record(self, layer, local, glob, x):
+        self.calls.append((local, glob))
+
+
+@pytest.mark.parametrize("gating", ["global", "local"])
+def test_both_paths_report_the_same_gates_with_an_expert_missing_here(gating):
+    # kills, in forward_naive: the global gate of an expert without weights here left as None (its gate is
+    # sigmoid(bias) alone: no output to pool), and local gates stacked when the layer has none
+    torch.manual_seed(0)
+    cfg = MoLEConfig(gating=gating, global_source="expert_output")
+    layer = MoLELayer(nn.Linear(8, 6), ["face", "hand"], {"face": _pair()}, cfg, path="q")
+    with torch.no_grad():
+        for p in layer.gates.parameters():
+            p.normal_()
+    x = torch.randn(2, 5, 8)
+    layer.recorder = _Gates()
+    for fused in (True, False):
+        layer.fused = fused
+        layer(x)
+    (fused_local, fused_glob), (naive_local, naive_glob) = layer.recorder.calls
+    if gating == "global":
+        assert fused_local is None and naive_local is None
+        torch.testing.assert_close(naive_glob[:, 1], torch.sigmoid(layer.gates.global_bias[1]).expand(2))
+        torch.testing.assert_close(naive_glob, fused_glob)
+    else:
+        assert fused_glob is None and naive_glob is None
+        torch.testing.assert_close(naive_local, fused_local)
+
+
+def test_naive_path_tracks_the_same_output_cosines_as_the_fused_path():
+    # kills: the ungated outputs stacked on the wrong axis before the (b, e, e) Gram matrix in forward_naive
+    torch.manual_seed(0)
+    pairs = {n: LoraPair(torch.randn(2, 8), torch.randn(6, 2), 2.0) for n in ("a", "b", "c")}
+    layer = MoLELayer(nn.Linear(8, 6), list(pairs), pairs, MoLEConfig(gating="none"), path="q")
+    layer.track_orthogonality = True
+    x = torch.randn(2, 5, 8)
+    outs = [(x @ p.down.T @ p.up.T * p.scale).flatten(1) for p in pairs.values()]  # (b, n*o), literal E_i(X)
+    expected = torch.stack([torch.stack([(outs[i] * outs[j]).sum(1) for j in range(3)], 1) for i in range(3)], 1)
+    for fused in (True, False):
+        layer.fused = fused
+        layer(x)
+        torch.testing.assert_close(layer.last_inner, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "gating,d,ranks,tokens,kernel",
+    [
+        ("global", 24, (8, 8), 64, "merged_per_sample"),  # one coefficient per sample, many tokens
+        ("local", 4, (4, 4), 16, "dense_experts"),  # e d o = 32 < R (d + o) = 64: the dense stack is cheaper
+    ],
+)
+def test_inference_runs_the_cheapest_kernel(monkeypatch, gating, d, ranks, tokens, kernel):
+    # kills: the kernel choice dropped (every input on the rank-R path: same values, more multiply-adds)
+    from mole.layers import mole_layer
+
+    calls = []
+    real = getattr(mole_layer, kernel)
+    monkeypatch.setattr(mole_layer, kernel, lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    pairs = {f"e{i}": LoraPair(torch.randn(r, d), torch.randn(d, r), 2.0) for i, r in enumerate(ranks)}
+    layer = MoLELayer(nn.Linear(d, d), list(pairs), pairs, MoLEConfig(gating=gating), path="q")
+    x = torch.randn(2, tokens, d)
+    with torch.no_grad():
+        fast = layer(x)
+        layer.fused = False
+        torch.testing.assert_close(fast, layer(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 1
+
+
+def test_routing_is_reported_as_the_global_gate_when_the_layer_has_none():
+    # kills: the router's per-sample weights not reported in place of a missing global gate (mole inspect of an
+    # InstructMoLE model would show no expert weights)
+    torch.manual_seed(0)
+    pairs = {n: LoraPair(torch.randn(2, 8), torch.randn(6, 2), 2.0) for n in ("a", "b")}
+    layer = MoLELayer(nn.Linear(8, 6), list(pairs), pairs, MoLEConfig(gating="none"), path="q")
+    w = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
+    layer.routing = w
+    layer.recorder = _Gates()
+    with torch.no_grad():
+        layer(torch.randn(2, 5, 8))  # the fast path
+        layer.track_orthogonality = True
+        layer(torch.randn(2, 5, 8))  # the stacked path
+    assert [glob.tolist() for _, glob in layer.recorder.calls] == [w.tolist(), w.tolist()]

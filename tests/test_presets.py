@@ -66,6 +66,12 @@ def test_stage_two_and_three_build_on_stage_one_and_train_the_unet_only():
     # no MoLE-paper value is claimed for InstructMoLE; its preset is the official variant
     assert "not from the MoLE paper: InstructMoLE official code" in PRESET_SOURCES["instruct"]["optim.lr"]
     assert PRESETS["instruct"]["instruct"]["variant"] == "official"
+    from mole.training.optim import make_optimizer
+
+    instruct = load_config(preset="instruct", overrides=["model='m'", "data.path='d'"])
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], instruct.optim)
+    assert type(opt).__name__ == "AdamW" and opt.param_groups[0]["weight_decay"] == 1e-4  # official, not 1e-2
+    assert opt.param_groups[0]["lr"] == 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------- batch 64

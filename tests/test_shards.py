@@ -141,3 +141,50 @@ def test_mole_train_reads_the_shards_mole_data_writes(tmp_path, tiny_sd15_dir, c
     assert (out / "final" / "hand.safetensors").is_file()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3
+
+
+def test_two_processes_train_on_each_shard_sample_once_per_epoch(tmp_path, tiny_sd15_dir):
+    """torchrun, 2 processes (gloo on the CPU): one epoch of 8 samples in 4 steps of 2 x 1 image."""
+    import os
+    import subprocess
+    import sys
+
+    shard_dir = build(tmp_path / "b", n=8, shard_size=3)
+    script = Path(__file__).parent / "scripts" / "mp_shards.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path / "run"), str(tiny_sd15_dir), f"{shard_dir}/shard-{{000000..000002}}.tar", "4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / "run" / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert [len(s) for s in seen] == [4, 4]  # one batch per step on each process
+    index = [[i for batch in s for i, epoch in batch if epoch == 0] for s in seen]
+    assert sorted(index[0] + index[1]) == list(range(8)) and not set(index[0]) & set(index[1])
+
+
+
+_INHERITED = {}
+
+
+def _tar_id_in_child() -> int:
+    shards = _INHERITED["shards"]  # the ShardSet the fork copied, with the parent's open shard
+    keep = list(shards._open.values())  # alive: a new object cannot take its address  # noqa: F841
+    return id(shards._shard(0)[0])
+
+
+def test_a_forked_worker_opens_its_own_shards(tmp_path):
+    """The parent (the loop's probe) has a shard open when DataLoader workers fork: a worker must not read through
+    the parent's file object, whose offset the other workers share."""
+    import multiprocessing
+
+    shards = open_shards(build(tmp_path / "b"))
+    assert shards[0].caption == "caption 0"
+    parent = id(shards._shard(0)[0])
+    assert id(shards._shard(0)[0]) == parent  # one process: the shard stays open
+    _INHERITED["shards"] = shards
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:  # forked now: it inherits the open shard
+            child = pool.apply(_tar_id_in_child)
+    finally:
+        _INHERITED.clear()
+    assert child != parent

@@ -174,3 +174,51 @@ def test_the_command_refuses_a_missing_file_and_a_bad_port_in_one_line_before_se
     folder = tmp_path / "no-such-folder"
     assert errors == [f"--mole {missing} does not exist; check the path", "--port 70000: use 1 to 65535",
                       f"--base {folder}: no such folder; check the path (or give a hub id)"]  # fmt: skip
+
+
+def test_a_real_stage3_run_shows_its_curves_and_its_mole_file_runs_in_the_page(tmp_path, tiny_sd15_dir, faces_dir):
+    """Another base than mole-tiny (a tiny SD1.5 folder) with the MoLE file its own stage-3 run wrote, and that
+    run's metrics.jsonl in the Training run tab."""
+    from mole import save_expert
+    from mole.models import DiffusionModel
+    from mole.tiny import random_expert
+    from mole.training import load_config, train
+    from mole.ui import plot_run
+
+    unet = DiffusionModel.from_pretrained(tiny_sd15_dir).denoiser
+    paths = {n: save_expert(random_expert(unet, n, rank=4, seed=s, std=0.05), tmp_path / f"{n}.safetensors")
+             for s, n in enumerate(("face", "hand"), 1)}  # fmt: skip
+    experts = "{" + ", ".join(f"{n} = '{p}'" for n, p in paths.items()) + "}"
+    result = train(load_config(preset="stage3", overrides=[
+        f"model='{tiny_sd15_dir}'", f"data.path='{faces_dir}'", f"output_dir='{tmp_path / 's3'}'", "max_steps=4",
+        "log_every=2", "data.resolution=32", "batch_size=2", "total_batch_size=2", "tensorboard=false",
+        f"mixture.experts={experts}", "optim.lr=1e-2", "expert.alpha=4"]))  # fmt: skip
+    curves = plot_run(tmp_path / "s3", tmp_path / "plots")
+    logged = [json.loads(line) for line in (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()]
+    assert curves["steps"] == [2, 4] and curves["loss"] == [m["loss"] for m in logged]
+    assert curves["gates"] == {n: [m[f"gate/global/{n}"] for m in logged] for n in ("face", "hand")}
+    assert set(curves["local_gates"]) == {"face", "hand"} and curves["gate_plot"]
+
+    studio = Studio(UIOptions(base=str(tiny_sd15_dir), mole=str(result.final[0]), out_dir=str(tmp_path / "ui")))
+    assert studio.experts == ["face", "hand"]
+    r = studio.generate("a photo of a face", seed=1, steps=2, weights={"hand": 1.0})
+    assert set(r["images"]) == {"none", "fixed", "mole"} and len(r["global_gates"]["face"]) == 2
+    assert all(0.0 < g < 1.0 for v in r["global_gates"].values() for g in v)
+
+
+def test_the_papers_gate_file_with_its_experts_runs_in_the_page(tmp_path, tiny_sd15_dir):
+    from mole.inference.pipeline import load_pipeline
+    from test_official import write_official
+
+    folder = write_official(load_pipeline(tiny_sd15_dir, device="cpu").denoiser, tmp_path / "official")
+    gate = str(folder / "gate.safetensors")
+    with pytest.raises(ValueError, match="the paper's gate file: give its experts by name"):
+        Studio(UIOptions(base=str(tiny_sd15_dir), mole=gate))
+    files = {n: str(folder / f"{n}.safetensors") for n in ("face", "hand")}
+    studio = Studio(UIOptions(base=str(tiny_sd15_dir), mole=gate, expert_files=files, out_dir=str(tmp_path / "ui")))
+    r = studio.generate("a close-up photo of a face", seed=0, steps=2, weights={"face": 1.0})
+    index = generate(GenerateOptions(base=str(tiny_sd15_dir), mole=gate, expert_files=files, prompts=[r["parameters"][
+        "prompt"]], seeds=[0], steps=2, modes=[MixMode.FIXED], expert_weights={"face": 1.0},
+        out_dir=str(tmp_path / "gen")))  # fmt: skip
+    assert np.array_equal(_pixels(r["images"]["fixed"]), _pixels(index["images"][0]["path"]))
+    assert r["experts"] == ["face", "hand"] and len(r["global_gates"]["hand"]) == 2

@@ -44,8 +44,9 @@ def app_url(tmp_path_factory):
     from mole.ui import Studio, UIOptions, launch
 
     studio = Studio(UIOptions(steps=4, out_dir=str(tmp_path_factory.mktemp("ui-out"))))
-    studio.load()  # the model is loaded before the page is driven: the browser waits only on generation
     app = launch(studio, port=_free_port(), block=False)
+    studio.preload().join(120)  # as `mole ui` does; loaded before the page is driven
+    assert studio.loaded
     assert app.local_url.startswith("http://127.0.0.1:")
     yield app.local_url, studio
     app.close()

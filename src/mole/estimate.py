@@ -21,6 +21,16 @@ the blocks' inputs stay, plus one block's activations while it is recomputed.
                     every step), not accelerator memory
 Not included: the CUDA context and allocator fragmentation (typically 0.5-1.5 GB), and the VAE encoder's transient
 activations when latents are not cached.
+
+Per device on N devices (`gpus`, `strategy`; `with_strategy` applies them to an estimate), as the training loop
+spreads the weights (docs/distributed.md): activations and workspace are per device's batch under every strategy.
+    ddp     everything replicated: the same on any N
+    zero2   gradients and optimizer states / N (DeepSpeed ZeRO-2); under mixed precision also the trained fp32
+            weights (DeepSpeed's fp32 master copies live in the optimizer partition); the rest replicated
+    fsdp2   the trained modules (the denoiser, with its frozen base and experts; stage 1's trained text encoder)
+    zero3   sharded / N: their weights, autocast copies, gradients and optimizer states; plus the all-gather
+            buffers: two whole blocks (the one computing, the one prefetched). The frozen VAE and text encoders are
+            kept whole on every device under both (as diffusers' examples keep them out of ZeRO-3)
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 OPTIMIZER_STATES = {"adamw": 2, "lion": 1}
 NATIVE_RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024, "pixart": 512}
 CHECKPOINT_UNITS = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock")  # what diffusers checkpoints
+STRATEGIES = ("ddp", "zero2", "fsdp2", "zero3")  # simplest first
+# the block lists the trained modules are sharded by (one FSDP unit per block; mole.training.distributed)
+SHARD_BLOCKS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "layers", "block")
+GATHER_BUFFER = "all-gather buffers (2 blocks)"
 
 
 class EstimateError(ValueError):
@@ -69,6 +83,11 @@ class MemoryEstimate:
     recording: int = 0
     wrapped_layers: int = 0
     activations_by_checkpointing: dict[bool, int] = field(default_factory=dict)  # both, whichever is chosen
+    gpus: int = 1
+    strategy: str = "ddp"
+    sharded_weights: tuple[str, ...] = ()  # the weights rows of the trained modules (sharded by fsdp2 / zero3)
+    trained_weights: tuple[str, ...] = ()  # the rows of trained fp32 weights (zero2 under mixed precision: / N)
+    largest_block: int = 0  # bytes of the largest shard unit of the denoiser, whole
 
     @property
     def total(self) -> int:
@@ -266,6 +285,66 @@ def _component_params(kind_or_folder: str, components: list[str]) -> dict[str, i
     return counts
 
 
+def _ceil_div(value: int, n: int) -> int:
+    return -(-value // n)
+
+
+def with_strategy(est: MemoryEstimate, gpus: int = 1, strategy: str = "ddp") -> MemoryEstimate:
+    """`est` (one device, nothing sharded) per device on `gpus` devices under `strategy` (module docstring)."""
+    import dataclasses
+
+    _validate_strategy(gpus, strategy)
+    if est.gpus != 1 or est.strategy != "ddp":
+        raise EstimateError("with_strategy takes a one-device estimate (gpus=1, strategy='ddp')")
+    out = dataclasses.replace(est, weights=dict(est.weights), gpus=gpus, strategy=strategy)
+    if strategy == "ddp":
+        return out
+    out.gradients = _ceil_div(est.gradients, gpus)
+    out.optimizer_state = _ceil_div(est.optimizer_state, gpus)
+    if strategy == "zero2" and est.precision != "fp32":
+        for name in est.trained_weights:
+            out.weights[name] = _ceil_div(est.weights[name], gpus)
+    if strategy in ("fsdp2", "zero3"):
+        for name in est.sharded_weights:
+            out.weights[name] = _ceil_div(est.weights[name], gpus)
+        if gpus > 1:
+            out.weights[GATHER_BUFFER] = 2 * est.largest_block
+    return out
+
+
+def largest_unit(module: nn.Module, nbytes) -> int:
+    """Bytes (nbytes(param)) of the largest shard unit of `module` as the training loop shards it: every element of
+    a ModuleList named in SHARD_BLOCKS is a unit, the module itself the last; a parameter counts in the innermost
+    unit holding it."""
+    units = [""] + [f"{name}.{i}" for name, child in module.named_modules()
+                    if isinstance(child, nn.ModuleList) and name.rsplit(".", 1)[-1] in SHARD_BLOCKS
+                    for i in range(len(child))]  # fmt: skip
+    sizes = dict.fromkeys(units, 0)
+    for name, p in module.named_parameters():
+        owner = max((u for u in units if not u or name.startswith(u + ".")), key=len)
+        sizes[owner] += nbytes(p)
+    return max(sizes.values())
+
+
+def _validate_strategy(gpus: int, strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise EstimateError(f"strategy={strategy!r} is not valid; use one of {list(STRATEGIES)}")
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise EstimateError(f"gpus={gpus!r} is not valid; use a whole number of devices, at least 1")
+
+
+def devices_needed(est: MemoryEstimate, budget_gb: float, strategy: str, reserve_gb: float = 1.0,
+                   most: int = 64) -> int | None:  # fmt: skip
+    """The fewest devices (1, 2, 4, ... up to `most`) on which `est` fits `budget_gb` GiB per device less
+    `reserve_gb` (CUDA context, allocator slack) under `strategy`; None when no count does."""
+    n = 1
+    while n <= most:
+        if with_strategy(est, n, strategy).total <= (budget_gb - reserve_gb) * GB:
+            return n
+        n *= 2
+    return None
+
+
 def _validate(kind: str, stage: int, batch_size: int, resolution: int, precision: str, optimizer: str) -> None:
     from .full import KINDS
 
@@ -295,8 +374,11 @@ def estimate_memory(
     num_experts: int = 2,
     train_text_encoder: bool | None = None,
     gating: str = "both",
+    gpus: int = 1,
+    strategy: str = "ddp",
 ) -> MemoryEstimate:
-    """Accelerator memory of one training step of `stage` on the full-size `kind` (sd15, sd21, sdxl, pixart).
+    """Accelerator memory of one training step of `stage` on the full-size `kind` (sd15, sd21, sdxl, pixart), per
+    device on `gpus` devices under `strategy` (ddp, zero2, fsdp2, zero3; see the module docstring).
 
     precision: fp32, or fp16 / bf16 mixed precision (frozen weights in that dtype, trainable ones in fp32).
     train_text_encoder: stage 1 on SD1.5 / SD2.1 (default: as the training config, true there)."""
@@ -306,6 +388,7 @@ def estimate_memory(
     resolution = resolution or NATIVE_RESOLUTION.get(kind, 512)
     optimizer = optimizer.lower()
     _validate(kind, stage, batch_size, resolution, precision, optimizer)
+    _validate_strategy(gpus, strategy)
     wdtype = PRECISIONS[precision]
     wbytes = torch.finfo(wdtype).bits // 8
     est = MemoryEstimate(kind, stage, batch_size, resolution, precision, optimizer, gradient_checkpointing,
@@ -343,6 +426,10 @@ def estimate_memory(
         else:
             est.weights[f"{num_experts} experts (frozen)"] = factors * wbytes
             est.weights["gates (trained, fp32)"] = gates * 4
+    est.trained_weights = tuple(k for k in est.weights if "trained" in k or (stage == 1 and k == DENOISER[kind])
+                                or (k == "text_encoder" and text_trained))  # fmt: skip
+    est.sharded_weights = tuple(k for k in est.weights if k not in counts or (k == "text_encoder" and text_trained))
+    est.largest_block = largest_unit(denoiser, lambda p: p.numel() * (4 if stage == 1 or p.requires_grad else wbytes))
     est.trainable_params = trainable
     est.gradients = trainable * 4
     est.optimizer_state = trainable * 4 * OPTIMIZER_STATES[optimizer]
@@ -359,7 +446,7 @@ def estimate_memory(
     est.workspace = 2 * counted["largest"]
     if stage == 3:
         est.recording = _recording_bytes(denoiser, inputs, num_experts)
-    return est
+    return with_strategy(est, gpus, strategy)
 
 
 def _recording_bytes(denoiser: nn.Module, inputs: dict, num_experts: int) -> int:
@@ -432,6 +519,9 @@ def estimate_for_train_config(cfg, **overrides) -> MemoryEstimate:
               optimizer=cfg.optim.name.value, gradient_checkpointing=cfg.gradient_checkpointing, rank=rank,
               num_experts=experts, train_text_encoder=cfg.train_text_encoder,
               gating=cfg.mixture.gating.value)  # fmt: skip
+    strategy = getattr(getattr(cfg, "distributed", None), "value", None)  # the config's strategy, when it has one
+    if strategy in STRATEGIES:
+        kw["strategy"] = strategy
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return estimate_memory(kind, stage, **kw)
 

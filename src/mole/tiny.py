@@ -247,3 +247,53 @@ def tiny_pixart_pipeline(tokenizer, seed: int = 0):
         tokenizer=tokenizer, text_encoder=t5, vae=tiny_vae(seed), transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- Flux
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A character-level T5TokenizerFast (sentencepiece-style Unigram, ~190 tokens) built in place, no files."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=max_length)  # fmt: skip
+
+
+def tiny_flux(seed: int = 0) -> nn.Module:
+    """A FluxTransformer2DModel (FLUX.1 / Kontext architecture) with 1 double and 2 single blocks, 32-d text."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # fmt: skip
+
+
+def tiny_flux_pipeline(kontext: bool = True, tokenizer=None, seed: int = 0):
+    """A complete tiny FluxKontextPipeline (kontext=False: FluxPipeline): CLIP + T5 text encoders, a VAE with
+    factor 2 (x2 packing: 32 px images -> 8x8 = 64 image tokens), tiny_flux. `tokenizer`: a T5 tokenizer (default:
+    tiny_t5_tokenizer, built in place). The text encoders are in eval mode (T5's dropout off), as from_pretrained
+    gives them. Save it with save_pretrained to use it as `mole generate --base`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tok = tokenizer if tokenizer is not None else tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    clip_tok = tiny_clip_tokenizer()
+    clip = _tiny_clip_text(32, len(clip_tok))
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.1)
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(), tokenizer=clip_tok,
+               text_encoder_2=t5.eval(), tokenizer_2=tok, transformer=tiny_flux(seed))  # fmt: skip

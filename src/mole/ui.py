@@ -166,8 +166,19 @@ class Studio:
             logger.info("loaded %s in %.1f s", self.opts.base, time.perf_counter() - t0)
         return self._model
 
-    def native_size(self) -> tuple[int, int]:
-        return default_size(self.load())
+    def preload(self) -> threading.Thread:
+        """Load the model in a background thread (the page is up meanwhile; a generation waits for it)."""
+
+        def run():
+            with self._lock:
+                try:
+                    self.load()
+                except Exception as exc:  # reported again, in the page, by the first generation
+                    logger.warning("could not load %s: %s", self.opts.base, exc)
+
+        thread = threading.Thread(target=run, name="mole-ui-preload", daemon=True)
+        thread.start()
+        return thread
 
     def new_folder(self, label: str) -> Path:
         """A fresh numbered folder under out_dir (0001-<label>, 0002-...; existing ones are skipped)."""

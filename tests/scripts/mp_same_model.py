@@ -8,6 +8,8 @@ import os
 import sys
 
 STAGES = ("stage2", "stage3", "stage1")
+# the runs of one launch: each stage under DDP (the default) and FSDP2 ("<stage>-fsdp2")
+RUNS = (*STAGES, *(f"{s}-fsdp2" for s in STAGES))
 
 
 def overrides(stage: str, model: str, data: str, out: str, experts: str, batch_size: int) -> tuple[str, list[str]]:
@@ -29,9 +31,11 @@ if __name__ == "__main__":
 
     out, model, data, experts = sys.argv[1:5]
     rank = os.environ.get("RANK", "0")
-    for stage in STAGES:
-        preset, over = overrides(stage, model, data, os.path.join(out, stage), experts, batch_size=2)
+    for run in RUNS:
+        stage, _, strategy = run.partition("-")
+        preset, over = overrides(stage, model, data, os.path.join(out, run), experts, batch_size=2)
+        over += [f"distributed={strategy or 'ddp'}"]
         result = train(load_config(preset=preset, overrides=over))
-        with open(os.path.join(out, stage, f"rank{rank}.json"), "w") as f:
+        with open(os.path.join(out, run, f"rank{rank}.json"), "w") as f:
             json.dump({"losses": result.losses, "world": os.environ.get("WORLD_SIZE"), "batch": result.batch,
                        "gate_log": result.gate_log}, f)  # fmt: skip

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import _common as common
-from . import bake, convert, data, demo, estimate, eval, generate, info, pretrain, train, ui
+from . import bake, convert, data, demo, estimate, eval, generate, info, pretrain, tiny, train, ui
 from ._common import USER_ERRORS, NothingProduced, common_args, leaf_parsers, logger, one_line, quiet_dependencies
 
 # in the order `mole --help` lists them
-COMMANDS = (demo, pretrain, train, generate, eval, data, convert, bake, ui, estimate, info)
+COMMANDS = (demo, pretrain, train, generate, eval, data, convert, bake, ui, estimate, info, tiny)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,6 +98,13 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def table(header: list[str], rows: list[list]) -> str:
+    """The short human table a command ends with (markdown, so it pastes into notes)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def check_file(path: str | None, what: str, flag: str) -> None:
     """An input file that must exist and be a readable file (not a folder), checked before anything heavy."""
     if path is None:
@@ -171,6 +178,10 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", action="append", metavar="FILE",
                    help="prompts, one per line (or .json / .jsonl with a 'prompt' key); repeatable: the files add up")
+    p.add_argument("--image", action="append", default=[], metavar="COND",
+                   help="a condition image (repeatable, any sizes; Flux / Flux-Kontext): e.g. the photo to edit")
+    p.add_argument("--condition-type", action="append", metavar="TYPE",
+                   help="PixArt InstructMoLE: the type of each --image, in order (default: the file's only type)")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50, as the paper)")
     p.add_argument("--guidance-scale", type=finite_float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
@@ -181,6 +192,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--no-strict-base", action="store_true", help="accept a base whose weights differ (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (default: a short table)")
 
 
 MAX_SIDE = 4096  # pixels per side; 100000 would ask for tens of GB before the first step
@@ -195,6 +207,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         check_mole_arg(args.mole)
     for path in args.prompt_file or ():
         check_file(path, "prompt", "--prompt-file")
+    for image in args.image:
+        check_file(image, "condition image", "--image")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v < 8 or v % 8):

@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     est.add_argument("--gradient-checkpointing", dest="checkpointing", action="store_true", default=None)
     est.add_argument("--rank", type=int, help="expert rank (stage 2 / 3)")
     est.add_argument("--experts", type=int, help="number of experts (stage 3)")
+    est.add_argument("--gpus", type=int, help="devices the run is spread over (default 1); memory is per device")
+    est.add_argument("--strategy", choices=["ddp", "zero2", "fsdp2", "zero3"],
+                     help="how the weights are spread (default: the config's distributed, else ddp): ddp replicates "
+                     "everything, zero2 shards gradients and optimizer states, fsdp2 / zero3 the trained modules too")
     est.add_argument("--fits", type=finite_float, nargs="+", metavar="GIB",
                      help="also the largest batch size per budget")
     est.add_argument("--json", action="store_true")
@@ -33,7 +37,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     kw = {"stage": args.stage, "batch_size": args.batch_size, "resolution": args.resolution,
           "precision": args.precision, "optimizer": args.optimizer, "gradient_checkpointing": args.checkpointing,
-          "rank": args.rank, "num_experts": args.experts}  # fmt: skip
+          "rank": args.rank, "num_experts": args.experts, "gpus": args.gpus, "strategy": args.strategy}  # fmt: skip
     if args.config:
         est = estimate_from_config(args.config, **kw)
     elif args.base and args.preset:
@@ -44,14 +48,16 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         raise ValueError("mole estimate needs a training config (TOML), or --base with --preset or --stage; "
                          "e.g. mole estimate --base sdxl --preset stage3")  # fmt: skip
     settings = {k: getattr(est, k) for k in ("kind", "stage", "batch_size", "resolution", "precision", "optimizer",
-                                             "gradient_checkpointing", "rank", "num_experts", "wrapped_layers")}
+                                             "gradient_checkpointing", "rank", "num_experts", "wrapped_layers",
+                                             "gpus", "strategy")}
     fits = {}
     if args.fits:
         for budget in args.fits:
             fits[f"{budget:g}"] = max_batch_size(est.kind, est.stage, budget, resolution=est.resolution,
                                                  precision=est.precision, optimizer=est.optimizer,
                                                  gradient_checkpointing=est.gradient_checkpointing,
-                                                 rank=max(est.rank, 1), num_experts=max(est.num_experts, 1))
+                                                 rank=max(est.rank, 1), num_experts=max(est.num_experts, 1),
+                                                 gpus=est.gpus, strategy=est.strategy)
     if args.json:
         rows = {name: round(gib, 4) for name, gib in est.rows()}
         print(json.dumps({**settings, "gib": rows, "max_batch_size_by_gib": fits}, indent=2))

@@ -11,9 +11,11 @@ from ._common import (
     check_sampling_args,
     expert_files,
     expert_weights,
+    logger,
     output_dir,
     read_prompts,
     sampling_args,
+    table,
 )
 
 
@@ -36,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sampling_args(ins)
     ins.add_argument("--out", help="output folder (default: runs/inspect, or runs/inspect-2, ... when used)")
     ins.add_argument("--map-steps", type=int, default=5, help="steps shown in the local score maps")
+    ins.add_argument("--prompt-kind", action="append", metavar="KIND",
+                     help="the kind of each prompt, in order (e.g. face, hand): gates are also reported per kind")
     ins.set_defaults(func=_cmd_inspect)
 
 
@@ -44,7 +48,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     weights = expert_weights(args.experts)
     check_sampling_args(args)
-    out = output_dir(args, "runs/generate", GenerateOptions.OUTPUTS, "mole generate")
     if args.compare:
         modes = [MixMode.NONE, MixMode.FIXED, MixMode.MOLE]
     elif args.no_mole:
@@ -66,18 +69,49 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for key, default in (("steps", 50), ("guidance_scale", 7.5), ("scheduler", "ddim")):
             if getattr(args, key) == default:
                 setattr(args, key, preset[key])
-    index = generate(GenerateOptions(
-        base=args.base, prompts=read_prompts(args), mole=args.mole, out_dir=out, seeds=seeds,
+    opts = GenerateOptions(
+        base=args.base, prompts=read_prompts(args), mole=args.mole, out_dir=args.out or "runs/generate", seeds=seeds,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, modes=modes, expert_weights=weights, strict_base=not args.no_strict_base,
         expert_files=expert_files(args.expert), prompt_suffix=preset.get("prompt_suffix", ""),
         negative_suffix=preset.get("negative_suffix", ""), scheduler_config=preset.get("scheduler_config"),
-        overwrite=args.overwrite,
-    ))  # fmt: skip
-    print(json.dumps({"images": len(index["images"]), "out": out,
-                      "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
+        overwrite=args.overwrite, images=args.image, condition_types=args.condition_type,
+    )  # fmt: skip
+    opts.out_dir = _generate_dir(args, opts)
+    index = generate(opts)
+    out = opts.out_dir
+    if args.json:
+        print(json.dumps({"images": len(index["images"]), "drawn": index["drawn"], "out": out,
+                          "truncated_prompts": [p for p in index["prompts"] if p["truncated"]]}, indent=2))  # fmt: skip
+        return 0
+    counts = {m.value: sum(r["mode"] == m.value for r in index["images"]) for m in modes}
+    print(f"mole generate: {index['drawn']} images drawn, {len(index['images']) - index['drawn']} already there "
+          f"-> {out} (images.jsonl)")  # fmt: skip
+    print(table(["mode", "images", "folder"], [[m, n, f"{out}/{m}"] for m, n in counts.items()]))
     return 0
+
+
+def _generate_dir(args: argparse.Namespace, opts) -> str:
+    """--out, or runs/generate (-2, -3, ...); a folder holding an interrupted run with the same settings is
+    continued (the same command again picks it up), not refused."""
+    from pathlib import Path
+
+    from ..inference import GenerateOptions
+    from ..inference.generate import same_run
+
+    if args.out is not None:
+        if not args.overwrite and same_run(args.out, opts):
+            return args.out  # continued by generate()
+        return output_dir(args, "runs/generate", GenerateOptions.OUTPUTS, "mole generate")
+    k, path = 1, "runs/generate"
+    while Path(path).exists():
+        if same_run(path, opts, unfinished=True):
+            logger.warning("%s holds an unfinished run with these settings: continuing it (use --out to choose)", path)
+            return path
+        k += 1
+        path = f"runs/generate-{k}"
+    return output_dir(args, "runs/generate", GenerateOptions.OUTPUTS, "mole generate")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -91,11 +125,33 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         base=args.base, mole=args.mole, prompts=read_prompts(args), out_dir=out, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, height=args.height, width=args.width,
         map_steps=args.map_steps, dtype=args.dtype, device=args.device, strict_base=not args.no_strict_base,
-        expert_files=expert_files(args.expert),
-        overwrite=args.overwrite,
+        expert_files=expert_files(args.expert), kinds=args.prompt_kind,
+        overwrite=args.overwrite, images=args.image, condition_types=args.condition_type,
     ))  # fmt: skip
+    if data.get("kind") == "instruct":  # InstructMoLE: the experts each prompt chose (mean over layers)
+        chosen = {r["prompt"]: {data["experts"][i]: round(w, 3) for i, w in enumerate(r["mean_over_layers"]) if w > 0}
+                  for r in data["routing"]}  # fmt: skip
+        print(json.dumps({"out": out, "routing": chosen}, indent=2))
+        return 0
     summary = {
         n: {"first_step": v[0], "last_step": v[-1], "mean": sum(v) / len(v)} for n, v in data["global_mean"].items()
     }
-    print(json.dumps({"out": out, "global_gate": summary}, indent=2))
+    if args.json:
+        print(json.dumps({"out": out, "global_gate": summary, "per_prompt": data["per_prompt"],
+                          "per_kind": data["per_kind"]}, indent=2))  # fmt: skip
+        return 0
+    experts = data["experts"]
+    rows = [[(r["kind"] + ": " if r["kind"] else "") + _short(r["prompt"]),
+             *(f"{r[n]['mean']:.2f} ({r[n]['first_step']:.2f} -> {r[n]['last_step']:.2f})" for n in experts)]
+            for r in data["per_prompt"]]  # fmt: skip
+    for kind, gates in (data["per_kind"] or {}).items():
+        rows.append([f"kind {kind} ({len(gates[experts[0]]['prompts'])} prompts)",
+                     *(f"{gates[n]['mean']:.2f} ({gates[n]['first_step']:.2f} -> {gates[n]['last_step']:.2f})"
+                       for n in experts)])  # fmt: skip
+    print(f"mole inspect: global gate per prompt, mean over steps (first -> last step) -> {out}")
+    print(table(["prompt", *(f"{n} gate" for n in experts)], rows))
     return 0
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

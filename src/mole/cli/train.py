@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -36,6 +37,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.interrupt import TrainingInterrupted
 
     cfg = load_config(args.config, preset=args.preset, overrides=args.set or [])
+    for key, note in getattr(cfg, "adapted", {}).items():
+        if not args.print_config:  # --print-config marks them in the TOML instead
+            logging.getLogger("mole").warning("%s=%s: %s", key, _value(cfg, key), note)
     if args.print_config:  # the batch arithmetic for the processes this command runs on (WORLD_SIZE under launch)
         print(annotated_toml(cfg, args.preset, int(os.environ.get("WORLD_SIZE", "1"))), end="")
         return 0
@@ -58,6 +62,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "gate_log": result.gate_log[-1:] , "batch": result.batch,
     }, indent=2))  # fmt: skip
     return 0
+
+
+def _value(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return getattr(node, "value", node)
 
 
 def _resume_command(argv: list[str]) -> str:

@@ -53,6 +53,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, steps=args.steps, max_side=args.max_side, out_dir=args.out,
     ))  # fmt: skip
     app = launch(studio, host=args.host, port=args.port, run_folder=args.run, block=False)
+    studio.preload()  # the page is up; the model loads behind it
     print(f"mole ui: {app.local_url} (base {args.base}, MoLE {mole or 'none'}; images in {studio.out_dir}; "
           "Ctrl+C stops it)", flush=True)  # fmt: skip
     try:

@@ -32,8 +32,19 @@ class DataError(ValueError):
 class Sample:
     path: Path
     caption: str
-    condition: Path | None = None  # a condition image aligned with `path` (InstructMoLE multi-conditional)
-    condition_type: str | None = None
+    # condition images (InstructMoLE multi-conditional), any sizes, and one type each; () for none
+    conditions: tuple[Path, ...] = ()
+    condition_types: tuple[str, ...] = ()
+
+    @property
+    def condition(self) -> Path | None:
+        """The first condition image (None without)."""
+        return self.conditions[0] if self.conditions else None
+
+    @property
+    def condition_type(self) -> str | None:
+        """The record's condition kind: its distinct types joined by '+' (e.g. 'edge+blur'); None without."""
+        return "+".join(dict.fromkeys(self.condition_types)) if self.condition_types else None
 
 
 def scan_samples(root: str | Path, manifest: str | Path | None = None) -> list[Sample]:
@@ -110,12 +121,23 @@ def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
         cond, ctype = rec.get("condition"), rec.get("condition_type")
         if (cond is None) != (ctype is None):
             raise DataError(f"{manifest}: record {n} needs both condition and condition_type, or neither")
-        if cond is not None:
-            cond = Path(cond) if Path(cond).is_absolute() else root / cond
-            if not cond.is_file():
-                raise DataError(f"{manifest}: record {n} names condition {str(cond)!r}, which does not exist")
-        samples.append(Sample(path, str(caption).strip(), cond, ctype))
-    with_cond = sum(s.condition is not None for s in samples)
+        conds = [] if cond is None else [cond] if isinstance(cond, str) else list(cond)
+        types = [] if ctype is None else [ctype] if isinstance(ctype, str) else list(ctype)
+        if len(types) == 1 and len(conds) > 1:  # one type for all of the record's conditions
+            types = types * len(conds)
+        if len(types) != len(conds) or not all(isinstance(x, str) for x in conds + types):
+            raise DataError(f"{manifest}: record {n} has {len(conds)} condition image(s) and {len(types)} "
+                            "condition_type(s); give a path and a type each (lists of the same length), or one type")
+        if cond is not None and not conds:
+            raise DataError(f"{manifest}: record {n} has an empty condition list; drop condition and condition_type")
+        paths = []
+        for c in conds:
+            c = Path(c) if Path(c).is_absolute() else root / c
+            if not c.is_file():
+                raise DataError(f"{manifest}: record {n} names condition {str(c)!r}, which does not exist")
+            paths.append(c)
+        samples.append(Sample(path, str(caption).strip(), tuple(paths), tuple(types)))
+    with_cond = sum(bool(s.conditions) for s in samples)
     if 0 < with_cond < len(samples):
         raise DataError(f"{manifest}: {with_cond} of {len(samples)} records have a condition; give all or none one")
     return samples
@@ -167,7 +189,7 @@ class CaptionedImages(Dataset):
         sample = self.samples[index]
         try:
             img = load_rgb(sample.path)
-            cond = load_rgb(sample.condition) if sample.condition is not None else None
+            conds = [load_rgb(c) for c in sample.conditions]
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             logger.warning("skipping unreadable image %s (%s)", sample.path, exc)
             return {"index": index, "bad": True}
@@ -189,19 +211,32 @@ class CaptionedImages(Dataset):
                 im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
+        def own_view(im: Image.Image) -> torch.Tensor:  # a condition of another size: its own centre crop, no flip
+            k = r / min(im.size)
+            cw, ch = max(r, round(im.width * k)), max(r, round(im.height * k))
+            x, y = (cw - r) // 2, (ch - r) // 2
+            im = im.resize((cw, ch), Image.Resampling.BICUBIC).crop((x, y, x + r, y + r))
+            return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
         caption = "" if rng.random() < self.caption_dropout else sample.caption
         item = {"pixels": view(img), "caption": caption, "index": index, "epoch": epoch, "bad": False}
-        if cond is not None:
-            item["condition"], item["condition_type"] = view(cond), sample.condition_type
+        if conds:  # aligned conditions (the image's size) share its crop and flip; others get their own crop
+            item["conditions"] = [view(c) if c.size == img.size else own_view(c) for c in conds]
+            item["condition_types"] = list(sample.condition_types)
         return item
 
 
 def collate(items: list[dict]) -> dict:
     good = [it for it in items if not it["bad"]]
-    conditioned = bool(good) and "condition" in good[0]
-    return {
-        "conditions": torch.stack([it["condition"] for it in good]) if conditioned else None,
-        "condition_types": [it["condition_type"] for it in good] if conditioned else None,
+    conditioned = bool(good) and "conditions" in good[0]
+    counts = sorted({len(it["conditions"]) for it in good}) if conditioned else []
+    if len(counts) > 1:
+        raise DataError(f"a batch mixes records with {counts} condition images; give every record the same number "
+                        "of conditions, or use batch_size=1")  # fmt: skip
+    slots = range(counts[0]) if conditioned else range(0)
+    return {  # conditions: one (b, 3, R, R) tensor per condition slot; condition_types: per slot, one per sample
+        "conditions": [torch.stack([it["conditions"][k] for it in good]) for k in slots] if conditioned else None,
+        "condition_types": [[it["condition_types"][k] for it in good] for k in slots] if conditioned else None,
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
         "captions": [it["caption"] for it in good],
         "indices": [it["index"] for it in good],

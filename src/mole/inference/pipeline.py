@@ -191,19 +191,64 @@ def open_sampler(base: str | Path, scheduler: str = "ddim", dtype: str = "auto",
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.float16 if device == "cuda" else torch.float32)
     model = load_pipeline(base, dtype=torch_dtype, device=device)
-    set_scheduler(model.pipe, scheduler)
+    if is_flow_matching(model):
+        logger.info("%s samples with its own %s; scheduler=%r does not apply", type(model.pipe).__name__,
+                    type(model.pipe.scheduler).__name__, scheduler)  # fmt: skip
+    else:
+        set_scheduler(model.pipe, scheduler)
     model.pipe.set_progress_bar_config(disable=not progress)
     return model, device
 
 
 def default_size(model) -> tuple[int, int]:
-    """The pipeline's native (height, width) in pixels."""
-    f = model.vae_scale_factor
-    sample = model.denoiser.config.sample_size
+    """The pipeline's native (height, width) in pixels: its own default_sample_size (Flux, SD, SDXL) times its
+    vae_scale_factor, else the denoiser config's sample_size (PixArt) times the VAE's factor."""
+    pipe = model.pipe
+    f = getattr(pipe, "vae_scale_factor", None) or model.vae_scale_factor
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        sample = dict(model.denoiser.config).get("sample_size")
+    if sample is None:
+        raise ValueError(f"{type(pipe).__name__} has no default size (no default_sample_size, no sample_size in "
+                         "its denoiser config); pass --height and --width")  # fmt: skip
     h, w = (sample, sample) if isinstance(sample, int) else sample
     return h * f, w * f
 
 
-def pipeline_kwargs(model) -> dict:
-    """Extra keyword arguments some pipelines need for arbitrary sizes (PixArt: no resolution binning)."""
-    return {"use_resolution_binning": False} if model.backbone is Backbone.PIXART else {}
+def is_flow_matching(model) -> bool:
+    """Flux pipelines sample with their own flow-matching scheduler (DDIM and the others do not apply)."""
+    return model.backbone is Backbone.FLUX
+
+
+def pipeline_kwargs(model, height: int | None = None, width: int | None = None) -> dict:
+    """Extra keyword arguments some pipelines need for arbitrary sizes (PixArt: no resolution binning;
+    Flux-Kontext: max_area = height x width, else it rescales every size to 1024 x 1024)."""
+    if model.backbone is Backbone.PIXART:
+        return {"use_resolution_binning": False}
+    if type(model.pipe).__name__ == "FluxKontextPipeline" and height and width:
+        return {"max_area": height * width}
+    return {}
+
+
+def condition_latents(model, paths: list[str | Path]) -> list[torch.Tensor]:
+    """Condition images (any sizes) -> one VAE latent (1, c, h, w) each: the image resized to its size cut to a
+    multiple of 2 x the VAE factor, in [-1, 1], posterior mean, shifted and scaled (as FluxKontextPipeline does)."""
+    from PIL import Image, UnidentifiedImageError
+
+    multiple = 2 * model.vae_scale_factor
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--image {path} does not exist; check the path") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"--image {path} is not a readable image ({exc}); give a PNG or JPEG") from None
+        w, h = image.width // multiple * multiple, image.height // multiple * multiple
+        if not w or not h:
+            raise ValueError(f"--image {path} is {image.width}x{image.height} px; give at least {multiple}x{multiple}")
+        pixels = model.pipe.image_processor.preprocess(image, h, w)  # resized, as the pipeline does
+        vae = model.vae
+        out.append(model.encode_images(pixels.to(vae.device, vae.dtype), mode=True))
+    return out

@@ -34,7 +34,7 @@ class ConditionTokens(nn.Module):
         self.type_embedding = nn.Embedding(len(self.types), dim)
         nn.init.normal_(self.type_embedding.weight, std=0.02)
         self.transformer = [transformer]  # a list: not registered as a submodule (it is not ours to save)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._n_image: int | None = None
         self._handles = [
             transformer.pos_embed.register_forward_hook(self._append),
@@ -47,29 +47,39 @@ class ConditionTokens(nn.Module):
             raise ValueError(f"condition types {unknown} are unknown; this model knows {self.types}")
         return torch.tensor([self.types.index(n) for n in names])
 
-    def set(self, latents: torch.Tensor | None, types: torch.Tensor | Sequence[str] | None = None) -> None:
-        """Condition the next denoiser calls on `latents` (b, c, h, w) of `types` (b,); None clears."""
+    def set(self, latents: torch.Tensor | Sequence[torch.Tensor] | None,
+            types: torch.Tensor | Sequence[str] | Sequence[Sequence[str]] | None = None) -> None:  # fmt: skip
+        """Condition the next denoiser calls on `latents` (b, c, h, w) of `types` (b,); several conditions per
+        sample: a list of latents (b, c, h_k, w_k) and a list of type lists, one per condition; None clears."""
         if latents is None:
             self._pending = None
             return
         if types is None:
             raise ValueError("types is missing: one condition type per sample")
-        ids = types if isinstance(types, torch.Tensor) else self.type_ids(types)
-        if ids.shape[0] != latents.shape[0]:
-            raise ValueError(f"{latents.shape[0]} condition latents but {ids.shape[0]} condition types")
-        self._pending = (latents, ids)
+        if isinstance(latents, torch.Tensor):
+            latents, types = [latents], [types]
+        if len(latents) != len(types):
+            raise ValueError(f"{len(latents)} condition latents but {len(types)} lists of condition types")
+        pending = []
+        for x, t in zip(latents, types):
+            ids = t if isinstance(t, torch.Tensor) else self.type_ids(t)
+            if ids.shape[0] != x.shape[0]:
+                raise ValueError(f"{x.shape[0]} condition latents but {ids.shape[0]} condition types")
+            pending.append((x, ids))
+        self._pending = pending
 
     def _append(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         self._n_image = output.shape[1]
         if self._pending is None:
             return output
-        latents, ids = self._pending
-        if latents.shape[0] != output.shape[0]:  # classifier-free guidance doubles the batch
-            reps = output.shape[0] // latents.shape[0]
-            latents, ids = latents.repeat(reps, 1, 1, 1), ids.repeat(reps)
-        cond = module.forward(latents.to(output.dtype))  # the same patch embedding (and positions), no hooks
-        cond = cond + self.type_embedding(ids.to(output.device)).to(output.dtype)[:, None, :]
-        return torch.cat([output, cond], dim=1)
+        parts = [output]
+        for latents, ids in self._pending:
+            if latents.shape[0] != output.shape[0]:  # classifier-free guidance doubles the batch
+                reps = output.shape[0] // latents.shape[0]
+                latents, ids = latents.repeat(reps, 1, 1, 1), ids.repeat(reps)
+            cond = module.forward(latents.to(output.dtype))  # the same patch embedding (and positions), no hooks
+            parts.append(cond + self.type_embedding(ids.to(output.device)).to(output.dtype)[:, None, :])
+        return torch.cat(parts, dim=1)
 
     def _drop(self, module: nn.Module, args):
         hidden = args[0]
@@ -120,29 +130,55 @@ class KontextConditions:
     def __init__(self, transformer: nn.Module) -> None:
         if type(transformer).__name__ != "FluxTransformer2DModel":
             raise ValueError(f"Kontext conditions need a FluxTransformer2DModel, not {type(transformer).__name__}")
-        self._pending: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] | None = None
         self._n_image: int | None = None
         self._handles = [
             transformer.register_forward_pre_hook(self._append, with_kwargs=True),
             transformer.register_forward_hook(self._drop),
         ]
 
-    def set(self, latents: torch.Tensor | None) -> None:
-        """Condition the next denoiser calls on `latents` (b, c, h, w) (even h, w); None clears."""
-        if latents is not None and (latents.ndim != 4 or latents.shape[-1] % 2 or latents.shape[-2] % 2):
-            raise ValueError(f"condition latents must be (b, c, h, w) with even h, w; got {tuple(latents.shape)}")
-        self._pending = latents
+    def set(self, latents: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
+        """Condition the next denoiser calls on `latents` (b, c, h, w) (even h, w), or on several condition
+        latents of different sizes (a list, each (b, c, h_k, w_k)); None clears."""
+        if latents is None:
+            self._pending = None
+            return
+        items = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+        if not items:
+            raise ValueError("condition latents: the list is empty; pass None for no condition")
+        for k, x in enumerate(items):
+            if x.ndim != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
+                raise ValueError(f"condition latents must be (b, c, h, w) with even h, w; got {tuple(x.shape)}"
+                                 f" (condition {k})")  # fmt: skip
+            if x.shape[:2] != items[0].shape[:2]:
+                raise ValueError(f"condition {k} has batch and channels {tuple(x.shape[:2])}, condition 0 has "
+                                 f"{tuple(items[0].shape[:2])}; give every condition the same b and c")  # fmt: skip
+        self._pending = items
 
     @staticmethod
-    def pack(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, c, h, w) -> tokens (b, h/2 * w/2, 4c) and their ids (h/2 * w/2, 3) with id[:, 0] = 1."""
+    def pack(latents: torch.Tensor, w_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, c, h, w) -> tokens (b, h/2 * w/2, 4c) and their ids (h/2 * w/2, 3) with id[:, 0] = 1 and the
+        width coordinate shifted by `w_offset` tokens."""
         from diffusers import FluxKontextPipeline
 
         b, c, h, w = latents.shape
         tokens = FluxKontextPipeline._pack_latents(latents, b, c, h, w)
         ids = FluxKontextPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
         ids[..., 0] = 1
+        ids[..., 2] += w_offset
         return tokens, ids
+
+    @classmethod
+    def pack_all(cls, items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several conditions: packed one after the other, placed side by side (the k-th one's width ids start
+        where the (k-1)-th ended), as if stitched into one wide condition image; one condition = Kontext's own."""
+        tokens, ids, offset = [], [], 0
+        for x in items:
+            t, i = cls.pack(x, offset)
+            tokens.append(t)
+            ids.append(i)
+            offset += x.shape[-1] // 2
+        return torch.cat(tokens, 1), torch.cat(ids, 0)
 
     def _append(self, module, args, kwargs):
         positional = "hidden_states" not in kwargs and bool(args)
@@ -150,10 +186,10 @@ class KontextConditions:
         self._n_image = None
         if self._pending is None or hidden is None:
             return None
-        latents = self._pending.to(hidden.device, hidden.dtype)
-        if latents.shape[0] != hidden.shape[0]:  # guidance doubles the batch
-            latents = latents.repeat(hidden.shape[0] // latents.shape[0], 1, 1, 1)
-        tokens, ids = self.pack(latents)
+        items = [x.to(hidden.device, hidden.dtype) for x in self._pending]
+        if items[0].shape[0] != hidden.shape[0]:  # guidance doubles the batch
+            items = [x.repeat(hidden.shape[0] // x.shape[0], 1, 1, 1) for x in items]
+        tokens, ids = self.pack_all(items)
         self._n_image = hidden.shape[1]
         kwargs = dict(kwargs)
         kwargs["hidden_states"] = torch.cat([hidden, tokens], dim=1)

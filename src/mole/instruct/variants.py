@@ -5,7 +5,7 @@ official (yanq095/InstructMoLE train_config.json, src/lora_moe.py, train_kontext
     8 experts, top-4, rank 32, alpha 32, A ~ U(+-1/sqrt(rank)), B = 0, on ff.net.2 + single blocks' proj_out;
     Perceiver resampler over the T5 states (+ CLIP pooled), per-layer TopKGate with train noise, no renormalisation;
     LB = 0.1 * E * sum f_i P_i (hard counts); ortho weight 0.01 over the whole batch; summed over layers;
-    cosine decay 1 -> 1e-5; a shared rank-256 LoRA trained jointly; gate lr 5e-5.
+    cosine decay 1 -> 1e-5; a shared rank-256 LoRA trained jointly; gate lr 5e-5; conditions dropped on 5 % of steps.
 package: masked-mean pooling, renormalised top-2 of 4 experts, per-sample orthogonality 0.1, mass-based balance 0.01,
     averaged over layers, no decay, experts on every DiT block layer, no shared LoRA.
 """
@@ -37,13 +37,13 @@ VARIANTS: dict[Variant, dict] = {
         num_experts=8, top_k=4, rank=32, alpha=32.0, expert_init="rank", pooling="perceiver",
         routing="softmax_topk", renormalize=False, router_noise=True, balance="counts", lb_weight=0.1,
         token_lb_weight=0.01, ortho_weight=0.01, ortho_scope="batch", layer_reduce="sum", decay="cosine",
-        decay_min=1e-5, shared_rank=256, shared_alpha=256.0, gate_lr=5e-5, num_queries=1,
+        decay_min=1e-5, shared_rank=256, shared_alpha=256.0, gate_lr=5e-5, num_queries=1, condition_dropout=0.05,
     ),
     Variant.PACKAGE: dict(
         num_experts=4, top_k=2, rank=16, alpha=None, expert_init="fan_in", pooling="mean", routing="softmax_topk",
         renormalize=True, router_noise=False, balance="mass", lb_weight=0.01, token_lb_weight=0.01,
         ortho_weight=0.1, ortho_scope="sample", layer_reduce="mean", decay="none", decay_min=0.0, shared_rank=0,
-        shared_alpha=None, gate_lr=None, num_queries=8,
+        shared_alpha=None, gate_lr=None, num_queries=8, condition_dropout=0.0,
     ),
 }  # fmt: skip
 
@@ -82,6 +82,7 @@ class InstructConfig:
     token_routing: bool = False  # the package's comparison: MoLE's per-token local sigmoid gates, no router
     token_route_overrides: list[str] = field(default_factory=list)  # layer-path regexes routed per token (official)
     condition_types: list[str] = field(default_factory=list)
+    condition_dropout: float = None  # type: ignore[assignment]  # share of training steps without conditions
     targets: list[str] | None = None  # expert layers (regexes); None: the variant's table for the backbone
     shared_targets: list[str] | None = None  # shared-LoRA layers (regexes); None: the official table
 
@@ -105,6 +106,8 @@ class InstructConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"instruct.{key}={getattr(self, key)!r}: use one of {list(allowed)}")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"instruct.condition_dropout={self.condition_dropout}: use 0 <= p < 1 (official 0.05)")
         if self.shared_rank < 0:
             raise ValueError(f"instruct.shared_rank={self.shared_rank}: use 0 (none) or a positive rank")
         if self.resampler_dim % self.resampler_heads:

@@ -243,6 +243,7 @@ def annotated_toml(cfg: TrainConfig, preset: str | None = None, num_processes: i
     """The resolved config as TOML, each option the preset set followed by its source as a comment, and the batch
     arithmetic (total = per device x processes x accumulation) for `num_processes` as a closing comment."""
     sources = PRESET_SOURCES.get(preset, {}) if preset else {}
+    adapted = getattr(cfg, "adapted", {})  # load_config's adapt_to_model: values fitted to the model / device
     out, table = [], ""
     for line in _to_toml(_mark_unset(cfg, cfg.to_dict()), keep_none=set(sources)).splitlines():
         stripped = line.strip()
@@ -250,6 +251,11 @@ def annotated_toml(cfg: TrainConfig, preset: str | None = None, num_processes: i
             table = stripped[1:-1] + "."
         key = stripped.lstrip("# ").split(" = ", 1)[0] if " = " in stripped else None
         src = sources.get(table + key) if key else None
+        if src and table + key in getattr(cfg, "set_keys", ()):
+            src = "--set (not the preset)"  # the preset's source no longer describes the value
+        note = adapted.get(table + key) if key else None
+        if note:
+            src = f"{note}; preset: {src}" if src and not src.startswith("--set") else note
         out.append(f"{line}  # {src}" if src else line)
     plan = cfg.batch_plan(num_processes)
     out.append("")
@@ -292,9 +298,12 @@ def load_config(
         if preset not in PRESETS:
             raise TrainConfigError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
         data = merge(data, PRESETS[preset])
+    explicit: set[str] = set()  # what the config file and --set give: kept (a conflict is marked, not adapted)
     if path is not None:
         try:
-            data = merge(data, tomllib.loads(Path(path).read_text(encoding="utf-8")))
+            from_file = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            explicit |= set(_dotted(from_file))
+            data = merge(data, from_file)
         except FileNotFoundError:
             raise TrainConfigError(f"config file {str(path)!r} does not exist") from None
         except IsADirectoryError:
@@ -304,9 +313,83 @@ def load_config(
                                    "save it as UTF-8") from None  # fmt: skip
         except tomllib.TOMLDecodeError as exc:
             raise TrainConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    set_keys: set[str] = set()
     for text in overrides:
-        data = merge(data, parse_override(text))
-    return TrainConfig.from_dict(data).validate()
+        update = parse_override(text)
+        set_keys |= set(_dotted(update))
+        data = merge(data, update)
+    cfg = TrainConfig.from_dict(data)
+    # not fields: what --print-config marks and train logs; the keys --print-config credits to --set
+    cfg.adapted = adapt_to_model(cfg, explicit | set_keys, set_keys=set_keys)
+    cfg.set_keys = set_keys
+    return cfg.validate()
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k != "experts":
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def model_shape(model: str) -> dict[str, Any] | None:
+    """The native image side and layer widths of a local pipeline folder (or mole-tiny), from its config files
+    only (milliseconds, nothing loads); None for a hub id or single file (unknown without loading)."""
+    import json
+
+    from ..mole_tiny import is_mole_tiny, resolve_base
+
+    try:
+        folder = Path(resolve_base(model) if is_mole_tiny(model) else model).expanduser()
+        if not (folder / "model_index.json").is_file():
+            return None
+        configs = [folder / d / "config.json" for d in ("unet", "transformer")]
+        den = next((c for c in configs if c.is_file()), None)
+        den_cfg = json.loads(den.read_text()) if den else {}
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        sample = den_cfg.get("sample_size")
+        side = (sample if isinstance(sample, int) else min(sample)) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return {"side": int(side), "widths": list(den_cfg.get("block_out_channels") or [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def adapt_to_model(cfg: TrainConfig, explicit: set[str] = frozenset(), cuda: bool | None = None,
+                   set_keys: set[str] = frozenset()) -> dict[str, str]:  # fmt: skip
+    """Fit preset and default values to the model and device, leaving what `explicit` names (the config file's
+    and --set's keys) alone. Returns
+    {dotted key: reason} for each value changed ("adapted: ...") or that conflicts and is kept ("conflicts: ...").
+    - data.resolution: the model's native side (mole-tiny: 64 px, not the preset's 512);
+    - mixed_precision bf16 / fp16 without a GPU: no (CPU autocast in half precision is slow and lossy), also when
+      a config file asks for it (a GPU setting, as in configs/*.toml); only --set keeps it;
+    - expert.rank above the model's narrowest block: marked (a rank above min(in, out) of a layer adds nothing)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    notes: dict[str, str] = {}
+    shape = model_shape(cfg.model)
+    name = cfg.model if len(cfg.model) < 40 else "the model"
+    if shape and cfg.data.resolution != shape["side"]:
+        if "data.resolution" in explicit:
+            notes["data.resolution"] = f"conflicts: {name} draws {shape['side']} px; kept as given"
+        else:
+            notes["data.resolution"] = f"adapted: {name} draws {shape['side']} px (was {cfg.data.resolution})"
+            cfg.data.resolution = shape["side"]
+    if not cuda and cfg.mixed_precision is not MixedPrecision.NO:
+        was = cfg.mixed_precision.value
+        if "mixed_precision" in set_keys:
+            notes["mixed_precision"] = f"conflicts: no GPU here, {was} on a CPU is slow; kept as given"
+        else:
+            notes["mixed_precision"] = f"adapted: no GPU here, so full precision (was {was})"
+            cfg.mixed_precision = MixedPrecision.NO
+    if shape and shape["widths"] and cfg.stage == Stage.EXPERT and cfg.expert.rank > min(shape["widths"]):
+        notes["expert.rank"] = (f"conflicts: rank {cfg.expert.rank} is above {name}'s narrowest block "
+                                f"({min(shape['widths'])} channels; widths {shape['widths']}): a rank above a layer's "
+                                "min(in, out) adds nothing there; --set expert.rank=N to choose")  # fmt: skip
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

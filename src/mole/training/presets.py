@@ -92,6 +92,7 @@ _INSTRUCT: dict[str, tuple[Any, str]] = {
     "stage": (4, "InstructMoLE on a DiT: experts from scratch + instruction router, jointly"),
     "optim.name": ("adamw", _IM),
     "optim.lr": (1e-4, _IM),
+    "optim.weight_decay": (1e-4, f"{_IM}: AdamW weight decay 1e-4 (the library's default 1e-2 is kohya's Lion's)"),
     "instruct.variant": ("official", f"{_IM}: resampler routing, TopKGate top-4 of 8 rank-32 experts, count-based "
                                      "balance 0.1, batch-wide orthogonality 0.01, cosine decay (see README)"),
 }

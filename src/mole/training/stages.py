@@ -8,6 +8,7 @@ Stage 3: the gates of every layer, base and experts frozen           -> mole.saf
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,13 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
                         f"instruct.condition_types={cfg.instruct.condition_types} but the data has no conditions: "
                         "use a jsonl manifest with condition and condition_type per record"
                     )
-                latents = model.encode_images(batch["conditions"], mode=True).to(weight_dtype)
+                dropped = conditions_dropped(cfg.seed, batch["indices"], cfg.instruct.condition_dropout)
+                batch["conditions_dropped"] = dropped
+                target = kontext if kontext is not None else im.conditions
+                if dropped:
+                    target.set(None)
+                    return
+                latents = [model.encode_images(c, mode=True).to(weight_dtype) for c in batch["conditions"]]
                 if kontext is not None:
                     kontext.set(latents)
                 else:
@@ -157,6 +164,12 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
         p.data = p.data.float()
         p.requires_grad_(True)
     return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=cfg.stage is Stage.MIXTURE)
+
+
+def conditions_dropped(seed: int, indices: list[int], rate: float) -> bool:
+    """Official InstructMoLE: a step trains without its conditions with probability `rate` (5 %). The draw is a
+    function of the seed and the batch's sample indices only (int tuples hash the same in every process)."""
+    return rate > 0 and random.Random(hash((seed, 7919, *indices))).random() < rate
 
 
 @torch.no_grad()
