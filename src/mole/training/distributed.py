@@ -3,7 +3,7 @@
     strategy = resolve_strategy(cfg)               # cfg.distributed, or the accelerate config the run was launched with
     ddp    -> accelerator.prepare(models, optimizer)  (accelerate)
     fsdp2  -> shard_modules(modules)               (torch.distributed.fsdp.fully_shard: runs on CPU / gloo too)
-    zero2 / zero3 -> deepspeed_plugin(...)         (DeepSpeed through accelerate)
+    zero2 / zero3 -> accelerator_options(cfg, strategy)  (a DeepSpeedPlugin: DeepSpeed through accelerate)
 """
 
 from __future__ import annotations
