@@ -338,3 +338,41 @@ def test_routing_is_reported_as_the_global_gate_when_the_layer_has_none():
         layer.track_orthogonality = True
         layer(torch.randn(2, 5, 8))  # the stacked path
     assert [glob.tolist() for _, glob in layer.recorder.calls] == [w.tolist(), w.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------- layers/fused
+
+
+def test_low_rank_mix_gives_a_shared_coefficient_its_gradient():
+    # kills: the gradient of a coefficient shared by the whole batch (shape (1, 1, e)) dropped in the backward
+    from mole.layers.fused import LowRankMix
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5)
+    A, B = torch.randn(4, 5), torch.randn(6, 4)  # two experts of rank 2
+    owner = torch.tensor([0, 0, 1, 1])
+    coef = torch.tensor([[[0.5, 2.0]]], requires_grad=True)
+    LowRankMix.apply(None, x, A, B, coef, owner, 2, False).sum().backward()
+    ref = coef.detach().clone().requires_grad_(True)
+    h = x @ A.T  # (b, n, R), the literal formula: sum_i coef_i B_i A_i x
+    y = (h[..., :2] * ref[..., :1]) @ B[:, :2].T + (h[..., 2:] * ref[..., 1:]) @ B[:, 2:].T
+    y.sum().backward()
+    torch.testing.assert_close(coef.grad, ref.grad)
+
+
+def test_dense_kernel_without_a_base_bias():
+    # kills: the base output read from the wrong slot of the dense stack when the base has no bias
+    from mole.layers import mole_layer
+
+    calls = []
+    real = mole_layer.dense_experts
+    torch.manual_seed(0)
+    pairs = {f"e{i}": LoraPair(torch.randn(4, 4), torch.randn(4, 4), 2.0) for i in range(2)}
+    layer = MoLELayer(nn.Linear(4, 4, bias=False), list(pairs), pairs, MoLEConfig(gating="local"), path="q")
+    x = torch.randn(2, 16, 4)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mole_layer, "dense_experts", lambda *a: calls.append(1) or real(*a))
+        fast = layer(x)
+        layer.fused = False
+        torch.testing.assert_close(fast, layer(x), rtol=1e-4, atol=1e-5)
+    assert calls == [1]
