@@ -25,7 +25,7 @@ COMMANDS = {
         "--data --tokenizer --out --steps --vae-steps --batch-size --checkpoint-every --sample-every --seed "
         "--resume --overwrite"
     ),
-    "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes",
+    "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes --json",
     "mole generate": (
         "--base --tokenizer --mole --expert --prompt --prompt-file --image --condition-type --steps --guidance-scale "
         "--scheduler --height --width --seed --dtype --device --no-strict-base --overwrite --json --out --num-images "
@@ -38,28 +38,29 @@ COMMANDS = {
         "--prompt-kind"
     ),
     "mole eval": "{prompts,run,ablation}",
-    "mole eval prompts": "kind source --out --limit --seed --overwrite",
+    "mole eval prompts": "kind source --out --limit --seed --overwrite --json",
     "mole eval run": "--config --num-prompts --repeats --out --tokenizer --overwrite --json",
     "mole eval ablation": (
         "--benchmark --base --tokenizer --stage1 --mole --experts --gating --metric --out --num-prompts "
         "--repeats --steps --seed --overwrite --json"
     ),
     "mole data": "{scenes,closeups,merge,train-filter}",
-    "mole data merge": "parts --out --shard-size --overwrite",
+    "mole data merge": "parts --out --shard-size --overwrite --json",
     "mole data scenes": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
         "--max-overlap --clip-filter "
-        "--min-clip --workers --shard-size --shard --overwrite --window --stride --min-pose-presence --min-person "
+        "--min-clip --workers --shard-size --shard --overwrite --json --window --stride --min-pose-presence "
+        "--min-person "
         "--little-person --min-person-agreement --no-pose-tiles --tile-landmarks --min-head-face --min-wrist-hand"
     ),
     "mole data closeups": (
         "source out --size --min-sharpness --blur-filter --min-blur-score --captioner --captions-json "
         "--caption-prompt --tokenizer --min-confidence --min-face-confidence --min-scale --dedupe-distance "
         "--max-overlap --clip-filter "
-        "--min-clip --workers --shard-size --shard --overwrite --part --margin"
+        "--min-clip --workers --shard-size --shard --overwrite --json --part --margin"
     ),
-    "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite",
+    "mole data train-filter": "--good --bad --out --epochs --no-synthetic --overwrite --json",
     "mole convert": "--mole --expert --base --out --tokenizer --overwrite",
     "mole bake": (
         "--mole --weights --from-prompts --base --rank --steps --guidance-scale --seed --out --overwrite --json"

@@ -118,6 +118,35 @@ def test_facehand_finds_real_64px_face_and_hand_closeups():
     assert rate(as_is["face_rate"]) < 0.8  # the view is what finds them
 
 
+# ---------------------------------------------------------------- 3. a short table at the end, JSON on request
+def test_data_and_eval_prompts_end_with_a_table_and_print_json_only_with_the_flag(tmp_path, capsys):
+    source = tmp_path / "captions.json"
+    captions = ["a woman riding a bike", "a man holding a kite", "two elephants in a field"]
+    source.write_text(json.dumps({"annotations": [{"id": i, "image_id": i, "caption": c}
+                                                  for i, c in enumerate(captions)]}))  # fmt: skip
+    bench = ["eval", "prompts", "coco", str(source), "--out", str(tmp_path / "b.jsonl")]
+    assert main(bench) == 0
+    text = capsys.readouterr().out
+    assert "| kept prompts | 2 |" in text and "| source records | 3 |" in text and len(text.splitlines()) <= 8
+    assert not text.lstrip().startswith("{")
+    assert main([*bench, "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 2
+
+    src = tmp_path / "faces"
+    src.mkdir()
+    for f in FACES[:2]:
+        shutil.copy(f, src)
+    build = ["data", "closeups", str(src), str(tmp_path / "out"), "--part", "face", "--size", "64", "--workers", "1",
+             "--captioner", "template:a face"]  # fmt: skip
+    assert main(build) == 0
+    text = capsys.readouterr().out
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["kept"] >= 1 and f"| kept crops | {stats['kept']} |" in text and "| source images | 2 |" in text
+    assert not text.lstrip().startswith("{") and len(text.splitlines()) <= 12
+    assert main([*build, "--json"]) == 0  # the same options: the build is kept, and its stats come as JSON
+    assert json.loads(capsys.readouterr().out)["sources"] == 2
+
+
 # ------------------------------------------------------------------- 5. generate: as it goes, and continued
 @needs_tiny
 def test_interrupted_generate_continues_with_the_same_command(tmp_path, monkeypatch, capsys):
@@ -233,7 +262,7 @@ def test_config_shape_mistakes_are_one_line_naming_the_fix(tmp_path, caplog):
     assert "data.path is not set: give the training image folder, e.g. --set data.path=DIR" in _errors(caplog)[0]
 
 
-def test_each_corrupt_image_is_warned_once(tmp_path, tiny_sd15_dir, caplog):
+def test_each_corrupt_image_is_warned_once(tmp_path, tiny_sd15_dir, caplog, capsys):
     """One unreadable file in a training folder, met in every epoch: one warning naming it (was: one per epoch)."""
     from conftest import image_folder
 
@@ -247,3 +276,7 @@ def test_each_corrupt_image_is_warned_once(tmp_path, tiny_sd15_dir, caplog):
     named = [r for r in caplog.records if r.levelname == "WARNING" and "broken.png" in r.getMessage()]
     assert len(named) == 1  # 6 steps over 3 images: the broken one is met twice
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "micro-step" in r.getMessage()][1:]
+    # mole train ends with a short table (item 3), not a JSON block; --json gives that
+    text = capsys.readouterr().out
+    assert "| steps | 0 -> 6 |" in text and "| images per step | 1 |" in text and len(text.splitlines()) <= 10
+    assert "saved " in text and not text.lstrip().startswith("{")

@@ -266,7 +266,7 @@ def test_blur_filter_trains_and_filters(tmp_path, capsys):
     for i, f in enumerate(orl):
         Image.open(f).convert("RGB").resize((184, 224)).save(good / f"{i}.png")
     assert main(["data", "train-filter", "--good", str(good), "--out", str(tmp_path / "blur.safetensors"),
-                 "--epochs", "12"]) == 0  # fmt: skip
+                 "--epochs", "12", "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     # split by source image: each held-out face comes with its blurred twin, none of whose twins were trained on
     assert result["holdout_sources"] == 12 and result["holdout"] == 24 and result["train"] == 96
@@ -287,7 +287,7 @@ def test_data_cli_reports_stats(tmp_path, capsys):
         Image.open(f).convert("RGB").resize((184, 224)).save(src / f"{i}.png")
     sidecar = SidecarCaptioner()
     assert sidecar(Image.new("RGB", (4, 4)), src / "0.png") == ""
-    assert main(["data", "closeups", str(src), str(tmp_path / "out"), "--size", "64", "--workers", "2"]) == 0
+    assert main(["data", "closeups", str(src), str(tmp_path / "out"), "--size", "64", "--workers", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sources"] == 3 and out["kept"] >= 2
 
@@ -379,7 +379,7 @@ def test_scene_thresholds_from_the_cli(tmp_path, capsys):
     args = ["data", "scenes", str(src), str(tmp_path / "out"), "--workers", "1", "--captioner", "template:a person",
             "--min-scale", "0.8", "--min-pose-presence", "0.9", "--min-person", "0.1", "--little-person", "0.2",
             "--min-face-confidence", "0.95", "--no-pose-tiles", "--min-person-agreement", "0.5",
-            "--tile-landmarks", "30"]  # fmt: skip
+            "--tile-landmarks", "30", "--json"]  # fmt: skip
     assert main(args) == 3  # nothing kept: exit 3 (nothing produced), not a silent success
     out = json.loads(capsys.readouterr().out)
     options = json.loads((tmp_path / "out" / "stats.json").read_text())["options"]
@@ -566,7 +566,7 @@ def test_every_crop_gets_a_caption_through_the_cli(tmp_path, capsys):
     captions.write_text(json.dumps(first))
     coco = COCO / "annotations" / "captions_train2017.json"
     args = ["data", "scenes", str(src), str(tmp_path / "b"), "--workers", "1", "--captioner", "sidecar",
-            "--captions-json", str(captions), "--captions-json", str(coco)]  # fmt: skip
+            "--captions-json", str(captions), "--captions-json", str(coco), "--json"]  # fmt: skip
     assert main(args) == 0
     stats = json.loads(capsys.readouterr().out)
     rows = _rows(tmp_path / "b")

@@ -218,7 +218,7 @@ def test_cli_resume_is_explicit_about_changed_settings(tmp_path, tiny_sd15_dir, 
     assert len(errors) == 1 and "max_steps" not in errors[0]  # one line; more steps is a safe change
     assert not (out / "checkpoints" / "checkpoint-0000003").exists()
     # more steps alone is applied; with --accept-changes the new lr too, and config.toml says what ran
-    assert main([*base, "--set", "max_steps=3", "--set", "resume=latest"]) == 0
+    assert main([*base, "--set", "max_steps=3", "--set", "resume=latest", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["start_step"] == 2
     assert main([*base, "--set", "max_steps=4", "--set", "resume=latest", "--set", "optim.lr=5e-4",
                  "--accept-changes"]) == 0  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import check_base_arg, check_file, check_mole_arg, expert_weights, finite_float
+from ._common import check_base_arg, check_file, check_mole_arg, expert_weights, finite_float, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,8 +77,10 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(table(["bake", "value"], [
+        ["weights", ", ".join(f"{n}={w:.4g}" for n, w in report.weights.items())],
+        ["layers / rank", f"{report.layers} / {report.rank} (experts' total {report.total_rank})"],
+        ["relative error", f"{report.relative_error:.3g} (worst layer {report.max_layer_error:.3g})"],
+    ]))  # fmt: skip
     print(f"baked {args.out}")
-    print("  weights   " + ", ".join(f"{n}={w:.4g}" for n, w in report.weights.items()))
-    print(f"  layers    {report.layers}, rank {report.rank} (experts' total {report.total_rank})")
-    print(f"  error     {report.relative_error:.3g} relative Frobenius (worst layer {report.max_layer_error:.3g})")
     return 0

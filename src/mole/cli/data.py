@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from ._common import NothingProduced, finite_float
+from ._common import NothingProduced, finite_float, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--shard-size", type=int, help="also write webdataset tar shards of N samples (default: "
                        "the parts' --shard-size)")
     merge.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out")
+    merge.add_argument("--json", action="store_true", help="print the build's stats as JSON (default: a table)")
     merge.set_defaults(func=_cmd_data_merge)
     flt = data_sub.add_parser("train-filter", help="train the blur / low-quality CNN from labelled folders")
     flt.add_argument("--good", required=True, help="sharp, good images")
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     flt.add_argument("--epochs", type=int, default=10)
     flt.add_argument("--no-synthetic", action="store_true", help="do not add blurred copies of the good images")
     flt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    flt.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
     flt.set_defaults(func=_cmd_data_filter)
 
 
@@ -99,6 +101,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", metavar="I/N", help="build part I of N (0 <= I < N; the sources split by a stable "
                    "hash of their path), e.g. one per machine; join the parts with mole data merge")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build in OUT made with other options")
+    p.add_argument("--json", action="store_true", help="print the build's stats as JSON (default: a table)")
     p.set_defaults(func=_cmd_data_build)
 
 
@@ -120,7 +123,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
         min_face_confidence=args.min_face_confidence, min_scale=args.min_scale, overwrite=args.overwrite,
         max_overlap=args.max_overlap, dedupe_distance=args.dedupe_distance, shard=args.shard, **mode_only,
     ))  # fmt: skip
-    print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
+    _print_stats(args, stats, args.out)
     from ..data.build import nothing_kept_message
 
     message = nothing_kept_message(stats, args.out)
@@ -133,11 +136,25 @@ def _cmd_data_merge(args: argparse.Namespace) -> int:
     from ..data.build import merge_builds, nothing_kept_message
 
     stats = merge_builds(args.parts, args.out, args.shard_size, args.overwrite)
-    print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
+    _print_stats(args, stats, args.out)
     message = nothing_kept_message(stats, args.out)
     if message:
         raise NothingProduced(message)
     return 0
+
+
+def _print_stats(args: argparse.Namespace, stats: dict, out: str) -> None:
+    """A short table (kept, sources, the main drop reasons), or with --json the stats as JSON (stats.json has all)."""
+    if args.json:
+        print(json.dumps({k: v for k, v in stats.items() if k not in ("options", "units")}, indent=2))
+        return
+    drops = {**stats.get("sources_dropped", {}), **stats.get("crops_dropped", {})}
+    drops.pop("every_crop_dropped", None)
+    rows = [["kept crops", stats.get("kept", 0)], ["source images", stats.get("sources", 0)],
+            ["sources with crops", stats.get("sources_with_crops", 0)]]  # fmt: skip
+    rows += [[f"dropped: {k}", v] for k, v in sorted(drops.items(), key=lambda kv: -kv[1])[:5]]
+    print(table(["build", "count"], rows))
+    print(f"{out}: manifest.jsonl, drops.jsonl, stats.json (all counts; --json prints them)")
 
 
 def _caption_prompt(value: str | None) -> str | None:
@@ -152,5 +169,11 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, args.overwrite, "mole data train-filter --out")
     result = train_blur_filter(args.good, args.bad, args.out, epochs=args.epochs, synthetic_blur=not args.no_synthetic)
-    print(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(table(["blur filter", "value"], [
+        ["holdout accuracy", f"{result['holdout_accuracy']:.3f}"], ["train / holdout images",
+         f"{result['train']} / {result['holdout']}"], ["good / bad", f"{result['good']} / {result['bad']}"]]))
+    print(f"saved {args.out}")
     return 0

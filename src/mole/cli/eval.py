@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import NothingProduced, check_base_arg, check_file, check_mole_arg, expert_weights, tokenizer_arg
+from ._common import (
+    NothingProduced,
+    check_base_arg,
+    check_file,
+    check_mole_arg,
+    expert_weights,
+    table,
+    tokenizer_arg,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     evp.add_argument("--limit", type=int, help="keep a fixed sample of this many prompts (default: all)")
     evp.add_argument("--seed", type=int, default=0)
     evp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    evp.add_argument("--json", action="store_true", help="print the counts as JSON (default: a table)")
     evp.set_defaults(func=_cmd_eval_prompts)
     evr = ev_sub.add_parser("run", help="generate, score and report the models of an eval TOML (resumable)")
     evr.add_argument("--config", required=True, help="TOML with benchmark, [[models]], [[metrics]] (see configs/)")
@@ -66,7 +75,14 @@ def _cmd_eval_prompts(args: argparse.Namespace) -> int:
     check_output_file(args.out, args.overwrite, "mole eval prompts --out")
     path = build_benchmark(args.kind, args.source, args.out, limit=args.limit, seed=args.seed)
     meta = json.loads(Path(str(path) + ".meta.json").read_text())
-    print(json.dumps({"benchmark": str(path), "count": meta["count"], "stats": meta["stats"]}, indent=2))
+    if args.json:
+        print(json.dumps({"benchmark": str(path), "count": meta["count"], "stats": meta["stats"]}, indent=2))
+    else:
+        st = meta["stats"]
+        rows = [["kept prompts", meta["count"]], ["source records", st.get("source_records", 0)]]
+        rows += [[f"dropped: {k[len('dropped_'):]}", v] for k, v in st.items() if k.startswith("dropped_") and v]
+        print(table(["benchmark", "count"], rows))
+        print(f"{path} (+ .meta.json: rules, counts, source sha256)")
     if not meta["count"]:
         dropped = ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in meta["stats"].items()
                             if k.startswith("dropped_") and v)  # fmt: skip

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from ._common import tokenizer_arg
+from ._common import table, tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--accept-changes", action="store_true",
                     help="resume a run with settings that differ from its checkpoint's (without it, a changed "
                          "setting other than steps / logging stops with the list of changes)")  # fmt: skip
+    tr.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
     tr.set_defaults(func=_cmd_train)
 
 
@@ -53,15 +54,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return exc.exit_code
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only the first process reports
         return 0
-    print(json.dumps({
+    summary = {
         "steps": result.steps, "start_step": result.start_step, "skipped_images": result.skipped_images,
         "first_loss": result.losses[0] if result.losses else None,
         "last_loss": result.losses[-1] if result.losses else None,
         "probe_loss_first": result.probe_loss_first, "probe_loss_last": result.probe_loss_last,
         "final": [str(p) for p in result.final], "checkpoints": [str(p) for p in result.checkpoints],
         "gate_log": result.gate_log[-1:] , "batch": result.batch,
-    }, indent=2))  # fmt: skip
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(table(["train", "value"], [
+        ["steps", f"{result.start_step} -> {result.steps}"],
+        ["loss (first -> last step)", f"{_num(summary['first_loss'])} -> {_num(summary['last_loss'])}"],
+        ["probe loss (before -> after)", f"{_num(result.probe_loss_first)} -> {_num(result.probe_loss_last)}"],
+        ["images per step", result.batch.get("total", "?")], ["skipped images", result.skipped_images],
+    ]))  # fmt: skip
+    for p in result.final:
+        print(f"saved {p}")
     return 0
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def _value(cfg, dotted: str):
