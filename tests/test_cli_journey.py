@@ -262,21 +262,38 @@ def test_config_shape_mistakes_are_one_line_naming_the_fix(tmp_path, caplog):
     assert "data.path is not set: give the training image folder, e.g. --set data.path=DIR" in _errors(caplog)[0]
 
 
-def test_each_corrupt_image_is_warned_once(tmp_path, tiny_sd15_dir, caplog, capsys):
-    """One unreadable file in a training folder, met in every epoch: one warning naming it (was: one per epoch)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_corrupt_image_is_warned_once(tmp_path, tiny_sd15_dir, caplog, capsys, workers):
+    """One unreadable file in a training folder, met in every epoch: one warning naming it (was: one per epoch, and
+    with data.num_workers > 0 one per DataLoader worker, from the worker's process, which caplog does not see: the
+    test below checks that the dataset itself no longer warns)."""
     from conftest import image_folder
 
     data = image_folder(tmp_path / "faces", FACES[:2], "a close-up photo of a face")
     (data / "broken.png").write_bytes(b"not a png")
     (data / "broken.txt").write_text("a close-up photo of a face")
-    sets = [f"model='{tiny_sd15_dir}'", f"data.path='{data}'", f"output_dir='{tmp_path / 'run'}'", "max_steps=6",
+    sets = [f"model='{tiny_sd15_dir}'", f"data.path='{data}'", f"output_dir='{tmp_path / 'run'}'", "max_steps=12",
             "data.resolution=32", "batch_size=1", "total_batch_size=1", "tensorboard=false", "expert.rank=2",
-            "expert.alpha=2", "checkpoint_every=100"]  # fmt: skip
+            "expert.alpha=2", "checkpoint_every=100", f"data.num_workers={workers}"]  # fmt: skip
     assert main(["train", "--preset", "stage2-face", *[a for s in sets for a in ("--set", s)]]) == 0
     named = [r for r in caplog.records if r.levelname == "WARNING" and "broken.png" in r.getMessage()]
-    assert len(named) == 1  # 6 steps over 3 images: the broken one is met twice
+    assert len(named) == 1  # 12 steps over 3 images: the broken one is met 4 times
+    text = capsys.readouterr().out
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "micro-step" in r.getMessage()][1:]
     # mole train ends with a short table (item 3), not a JSON block; --json gives that
-    text = capsys.readouterr().out
-    assert "| steps | 0 -> 6 |" in text and "| images per step | 1 |" in text and len(text.splitlines()) <= 10
+    assert "| steps | 0 -> 12 |" in text and "| images per step | 1 |" in text and len(text.splitlines()) <= 10
     assert "saved " in text and not text.lstrip().startswith("{")
+
+
+def test_the_dataset_leaves_the_warning_to_the_loop_so_workers_do_not_repeat_it(tmp_path, caplog):
+    """A DataLoader worker's copy of the dataset cannot know what the others named: it only marks the image bad with
+    its reason (collate gathers them in bad_reasons), and the training loop warns once per image for the run."""
+    from mole.data import CaptionedImages, Sample, collate
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    dataset = CaptionedImages([Sample(path=tmp_path / "broken.png", caption="a face")], 32)
+    items = [dataset[(0, epoch)] for epoch in range(3)]
+    assert not [r for r in caplog.records if r.levelno >= 30]  # was: a warning from each worker's copy
+    batch = collate(items[:2])
+    assert batch["pixels"] is None and batch["bad_indices"] == [0, 0]
+    assert set(batch["bad_reasons"]) == {0} and "broken.png" in batch["bad_reasons"][0]

@@ -162,7 +162,8 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class CaptionedImages(Dataset):
-    """Items are dicts: pixels (3, R, R) in [-1, 1], caption, index; or {"bad": True} for unreadable files."""
+    """Items are dicts: pixels (3, R, R) in [-1, 1], caption, index; or {"bad": True, "reason": "PATH (why)"} for
+    unreadable files (the caller warns, once per image: collate gathers them in bad_reasons)."""
 
     def __init__(
         self,
@@ -179,7 +180,6 @@ class CaptionedImages(Dataset):
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
         self.seed = seed
-        self._warned: set[int] = set()  # unreadable images already named: each is warned once, not every epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -192,14 +192,14 @@ class CaptionedImages(Dataset):
             img = load_rgb(sample.path)
             conds = [load_rgb(c) for c in sample.conditions]
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            if index not in self._warned:
-                self._warned.add(index)
-                logger.warning("skipping unreadable image %s (%s); it is skipped in every epoch", sample.path, exc)
-            return {"index": index, "bad": True}
+            # no warning here: a DataLoader worker's copy cannot know what the others named; the training loop
+            # warns once per image from the batch's bad_reasons
+            logger.debug("unreadable image %s (%s)", sample.path, exc)
+            return {"index": index, "bad": True, "reason": f"{sample.path} ({exc})"}
         r = self.resolution
         w, h = img.size
         if min(w, h) < 1:
-            return {"index": index, "bad": True}
+            return {"index": index, "bad": True, "reason": f"{sample.path} (an empty image: {w}x{h} px)"}
         s = r / min(w, h)
         nw, nh = max(r, round(w * s)), max(r, round(h * s))
         if self.center_crop:
@@ -247,6 +247,7 @@ def collate(items: list[dict]) -> dict:
         "keys": [(it.get("epoch", 0), it["index"]) for it in good],
         "skipped": len(items) - len(good),
         "bad_indices": [it["index"] for it in items if it["bad"]],
+        "bad_reasons": {it["index"]: it.get("reason", f"image {it['index']}") for it in items if it["bad"]},
     }
 
 

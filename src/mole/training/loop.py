@@ -400,6 +400,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             batch = next(batches)
             skipped += batch["skipped"]
             met_before = unreadable.issuperset(batch["bad_indices"])  # each unreadable image is warned once
+            for index, reason in batch.get("bad_reasons", {}).items():  # here, not in the (per-worker) dataset
+                if index not in unreadable:
+                    logger.warning("skipping unreadable image %s; it is skipped in every epoch", reason)
             unreadable.update(batch["bad_indices"])
             micro_step += 1
             if batch["pixels"] is None:  # every image of this micro-batch was unreadable
