@@ -475,12 +475,24 @@ def test_diffusers_paths_map_to_sgm_names(path, sgm):
         (_Config(1), "input_blocks_3_0_in_layers_2"),
         (None, "input_blocks_4_0_in_layers_2"),  # no config: SDXL's 2
         (_Config([2, 2, 2]), "input_blocks_4_0_in_layers_2"),  # not an int: 2
+        ("absent", "input_blocks_4_0_in_layers_2"),  # no config attribute at all: 2
     ],
 )
 def test_diffusers_to_sgm_reads_layers_per_block(config, sgm):
     from mole.formats.kohya import diffusers_to_sgm
 
-    assert diffusers_to_sgm("down_blocks.1.resnets.0.conv1", _FakeSdxl(config)) == sgm
+    model = _FakeSdxl(config)
+    if config == "absent":
+        del model.config
+    assert diffusers_to_sgm("down_blocks.1.resnets.0.conv1", model) == sgm
+
+
+def test_diffusers_to_sgm_upsampler_of_a_block_without_an_attentions_attribute():
+    from mole.formats.kohya import diffusers_to_sgm
+
+    model = _FakeSdxl(_Config(2))
+    del model.up_blocks[0].attentions
+    assert diffusers_to_sgm("up_blocks.0.upsamplers.0.conv", model) == "output_blocks_2_1_conv"
 
 
 def test_diffusers_to_sgm_refuses_a_resnet_submodule_with_no_sgm_name():
@@ -497,8 +509,11 @@ def test_kohya_lookup_holds_both_layouts_past_a_module_with_no_sgm_name():
     # kills: `break` for `continue` after a module with no SGM name, and the isinstance filter dropping a kind
     from mole.formats.kohya import kohya_lookup
 
-    model = _FakeSdxl(_Config(2))
+    model = _FakeSdxl(_Config(1))  # not the default 2: the model's own layers_per_block must be read
     model.down_blocks = nn.ModuleList([nn.Module()])
+    sampler = nn.Module()
+    sampler.conv = nn.Conv2d(2, 2, 3)
+    model.down_blocks[0].downsamplers = nn.ModuleList([sampler])
     resnet = nn.Module()
     resnet.conv1 = nn.Conv2d(2, 2, 3)
     resnet.odd = nn.Linear(2, 2)  # a Linear in a resnet that SGM has no name for: skipped, not fatal
@@ -511,6 +526,7 @@ def test_kohya_lookup_holds_both_layouts_past_a_module_with_no_sgm_name():
     assert lookup["input_blocks_1_1_proj_in"] == "down_blocks.0.attentions.0.proj_in"
     assert lookup["down_blocks_0_resnets_0_conv1"] == "down_blocks.0.resnets.0.conv1"
     assert lookup["down_blocks_0_resnets_0_odd"] == "down_blocks.0.resnets.0.odd"
+    assert lookup["input_blocks_2_0_op"] == "down_blocks.0.downsamplers.0.conv"  # 1 + 0 * 2 + 1
 
 
 @pytest.mark.parametrize(
