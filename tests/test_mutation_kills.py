@@ -376,3 +376,427 @@ def test_dense_kernel_without_a_base_bias():
         layer.fused = False
         torch.testing.assert_close(fast, layer(x), rtol=1e-4, atol=1e-5)
     assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------------- formats/kohya
+
+
+@pytest.mark.parametrize(
+    "sgm,lpb,diffusers",
+    [
+        ("input_blocks_0_0_conv", 2, "input_blocks_0_0_conv"),  # conv_in: no SGM block, passes through
+        ("input_blocks_1_0_in_layers_2", 2, "down_blocks_0_resnets_0_conv1"),
+        ("input_blocks_2_0_out_layers_3", 2, "down_blocks_0_resnets_1_conv2"),
+        ("input_blocks_4_0_emb_layers_1", 2, "down_blocks_1_resnets_0_time_emb_proj"),
+        ("input_blocks_4_0_skip_connection", 2, "down_blocks_1_resnets_0_conv_shortcut"),
+        ("input_blocks_1_0_in_layers_0", 2, "input_blocks_1_0_in_layers_0"),  # a norm: no diffusers LoRA target
+        ("input_blocks_2_1_proj_in", 2, "down_blocks_0_attentions_1_proj_in"),
+        ("input_blocks_1_2_proj_in", 2, "input_blocks_1_2_proj_in"),  # no third submodule in a down layer
+        ("input_blocks_3_0_op", 2, "down_blocks_0_downsamplers_0_conv"),
+        ("input_blocks_6_0_op", 2, "down_blocks_1_downsamplers_0_conv"),
+        ("input_blocks_3_1_op", 2, "input_blocks_3_1_op"),  # the downsampler slot holds only 0_op
+        ("input_blocks_3_0_conv", 2, "input_blocks_3_0_conv"),
+        ("input_blocks_2_0_op", 1, "down_blocks_0_downsamplers_0_conv"),  # layers_per_block 1: every 2nd slot
+        ("input_blocks_3_1_proj_in", 1, "down_blocks_1_attentions_0_proj_in"),
+        ("output_blocks_0_0_in_layers_2", 2, "up_blocks_0_resnets_0_conv1"),
+        ("output_blocks_3_0_in_layers_2", 2, "up_blocks_1_resnets_0_conv1"),
+        ("output_blocks_4_1_proj_in", 2, "up_blocks_1_attentions_1_proj_in"),
+        ("output_blocks_2_2_conv", 2, "up_blocks_0_upsamplers_0_conv"),
+        ("output_blocks_5_1_conv", 2, "up_blocks_1_upsamplers_0_conv"),  # a block without attention
+        ("output_blocks_0_0_conv", 2, "output_blocks_0_0_conv"),  # sub 0 "conv" is no upsampler
+        ("output_blocks_1_3_proj_in", 2, "output_blocks_1_3_proj_in"),
+        ("output_blocks_3_0_in_layers_2", 1, "up_blocks_1_resnets_1_conv1"),
+        ("middle_block_0_in_layers_2", 2, "mid_block_resnets_0_conv1"),
+        ("middle_block_2_out_layers_3", 2, "mid_block_resnets_1_conv2"),
+        ("middle_block_1_proj_in", 2, "mid_block_attentions_0_proj_in"),
+        ("middle_block_3_in_layers_2", 2, "middle_block_3_in_layers_2"),  # the mid block has submodules 0, 1, 2
+        ("middle_block_0_in_layers_0", 2, "middle_block_0_in_layers_0"),
+        ("down_blocks_0_attentions_0_proj_in", 2, "down_blocks_0_attentions_0_proj_in"),  # SD1.5 names pass through
+    ],
+)
+def test_sgm_names_map_to_diffusers_block_by_block(sgm, lpb, diffusers):
+    # kills: an off-by-one in the slot arithmetic (n - 1, per = lpb + 1), the downsampler / upsampler tests, a
+    # resnet submodule mapped to the wrong attribute, the mid block's sub // 2, and regex edits
+    from mole.formats.kohya import sgm_to_diffusers
+
+    assert sgm_to_diffusers(sgm, layers_per_block=lpb) == diffusers
+
+
+class _FakeSdxl(nn.Module):
+    """Only what diffusers_to_sgm reads: config.layers_per_block and whether each up block has attentions."""
+
+    def __init__(self, config, up_attentions=(False, True)):
+        super().__init__()
+        self.config = config
+        self.up_blocks = nn.ModuleList()
+        for has in up_attentions:
+            block = nn.Module()
+            block.attentions = nn.ModuleList([nn.Identity()]) if has else None
+            self.up_blocks.append(block)
+
+
+class _Config:
+    def __init__(self, layers_per_block):
+        self.layers_per_block = layers_per_block
+
+
+@pytest.mark.parametrize(
+    "path,sgm",
+    [
+        ("down_blocks.1.resnets.0.conv1", "input_blocks_4_0_in_layers_2"),
+        ("down_blocks.0.resnets.1.conv2", "input_blocks_2_0_out_layers_3"),
+        ("down_blocks.0.resnets.0.time_emb_proj", "input_blocks_1_0_emb_layers_1"),
+        ("up_blocks.1.resnets.2.conv_shortcut", "output_blocks_5_0_skip_connection"),
+        (
+            "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+            "input_blocks_2_1_transformer_blocks_0_attn1_to_q",
+        ),
+        ("up_blocks.0.attentions.2.proj_out", "output_blocks_2_1_proj_out"),
+        ("down_blocks.1.downsamplers.0.conv", "input_blocks_6_0_op"),
+        ("up_blocks.0.upsamplers.0.conv", "output_blocks_2_1_conv"),  # up block 0 has no attention: slot 1
+        ("up_blocks.1.upsamplers.0.conv", "output_blocks_5_2_conv"),  # after the attention: slot 2
+        ("mid_block.attentions.0.transformer_blocks.1.attn2.to_k", "middle_block_1_transformer_blocks_1_attn2_to_k"),
+        ("mid_block.resnets.0.conv2", "middle_block_0_out_layers_3"),
+        ("mid_block.resnets.1.time_emb_proj", "middle_block_2_emb_layers_1"),
+        ("time_embedding.linear_1", "time_embedding_linear_1"),
+    ],
+)
+def test_diffusers_paths_map_to_sgm_names(path, sgm):
+    # kills: the slot arithmetic (1 + block * per + j, block * per + j), the upsampler's slot, the mid block's 2 * k
+    from mole.formats.kohya import diffusers_to_sgm
+
+    assert diffusers_to_sgm(path, _FakeSdxl(_Config(2))) == sgm
+
+
+@pytest.mark.parametrize(
+    "config,sgm",
+    [
+        ({"layers_per_block": 1}, "input_blocks_3_0_in_layers_2"),  # a dict config (diffusers' FrozenDict)
+        (_Config(1), "input_blocks_3_0_in_layers_2"),
+        (None, "input_blocks_4_0_in_layers_2"),  # no config: SDXL's 2
+        (_Config([2, 2, 2]), "input_blocks_4_0_in_layers_2"),  # not an int: 2
+        ("absent", "input_blocks_4_0_in_layers_2"),  # no config attribute at all: 2
+    ],
+)
+def test_diffusers_to_sgm_reads_layers_per_block(config, sgm):
+    from mole.formats.kohya import diffusers_to_sgm
+
+    model = _FakeSdxl(config)
+    if config == "absent":
+        del model.config
+    assert diffusers_to_sgm("down_blocks.1.resnets.0.conv1", model) == sgm
+
+
+def test_diffusers_to_sgm_upsampler_of_a_block_without_an_attentions_attribute():
+    from mole.formats.kohya import diffusers_to_sgm
+
+    model = _FakeSdxl(_Config(2))
+    del model.up_blocks[0].attentions
+    assert diffusers_to_sgm("up_blocks.0.upsamplers.0.conv", model) == "output_blocks_2_1_conv"
+
+
+def test_diffusers_to_sgm_refuses_a_resnet_submodule_with_no_sgm_name():
+    from mole.formats.kohya import diffusers_to_sgm
+
+    msg = "module 'down_blocks.0.resnets.0.norm1': resnet submodule 'norm1' has no SGM name"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        diffusers_to_sgm("down_blocks.0.resnets.0.norm1", _FakeSdxl(_Config(2)))
+    with pytest.raises(ValueError, match=re.escape("'mid_block.resnets.0.nonlinearity'")):
+        diffusers_to_sgm("mid_block.resnets.0.nonlinearity", _FakeSdxl(_Config(2)))
+
+
+def test_kohya_lookup_holds_both_layouts_past_a_module_with_no_sgm_name():
+    # kills: `break` for `continue` after a module with no SGM name, and the isinstance filter dropping a kind
+    from mole.formats.kohya import kohya_lookup
+
+    model = _FakeSdxl(_Config(1))  # not the default 2: the model's own layers_per_block must be read
+    model.down_blocks = nn.ModuleList([nn.Module()])
+    sampler = nn.Module()
+    sampler.conv = nn.Conv2d(2, 2, 3)
+    model.down_blocks[0].downsamplers = nn.ModuleList([sampler])
+    resnet = nn.Module()
+    resnet.conv1 = nn.Conv2d(2, 2, 3)
+    resnet.odd = nn.Linear(2, 2)  # a Linear in a resnet that SGM has no name for: skipped, not fatal
+    attention = nn.Module()
+    attention.proj_in = nn.Linear(2, 2)
+    model.down_blocks[0].resnets = nn.ModuleList([resnet])
+    model.down_blocks[0].attentions = nn.ModuleList([attention])
+    lookup = kohya_lookup(model)
+    assert lookup["input_blocks_1_0_in_layers_2"] == "down_blocks.0.resnets.0.conv1"
+    assert lookup["input_blocks_1_1_proj_in"] == "down_blocks.0.attentions.0.proj_in"
+    assert lookup["down_blocks_0_resnets_0_conv1"] == "down_blocks.0.resnets.0.conv1"
+    assert lookup["down_blocks_0_resnets_0_odd"] == "down_blocks.0.resnets.0.odd"
+    assert lookup["input_blocks_2_0_op"] == "down_blocks.0.downsamplers.0.conv"  # 1 + 0 * 2 + 1
+
+
+@pytest.mark.parametrize(
+    "keys,expected",
+    [
+        (["unet.x.lora_down.weight"], True),
+        (["lora_unet_a.alpha"], True),
+        (["lora_te1_a.alpha"], True),
+        (["lora_transformer_a.alpha"], True),
+        (["base_model.model.a.lora_A.weight", "lora_unet_b.alpha"], True),  # any key
+        (["base_model.model.a.lora_A.weight"], False),
+        (["a.lora_up.weight"], False),
+        ([], False),
+    ],
+)
+def test_is_kohya_recognises_kohya_keys(keys, expected):
+    from mole.formats.kohya import is_kohya
+
+    assert is_kohya(keys) is expected
+
+
+def test_parse_kohya_reads_pairs_alpha_default_and_skips_text_encoders():
+    # kills: down / up swapped, the alpha default (rank) changed, the name prefix cut at the wrong length, the text
+    # encoders read as denoiser layers, lora_transformer_ keys dropped
+    from mole.formats.kohya import parse_kohya
+
+    down, up = torch.arange(8.0).reshape(2, 4), torch.arange(6.0).reshape(3, 2)
+    state = {
+        "lora_unet_blk_q.lora_down.weight": down, "lora_unet_blk_q.lora_up.weight": up,
+        "lora_unet_blk_q.alpha": torch.tensor(1.0),
+        "lora_transformer_blk_k.lora_down.weight": down, "lora_transformer_blk_k.lora_up.weight": up,  # no alpha
+        "lora_te_enc_q.lora_down.weight": down, "lora_te_enc_q.lora_up.weight": up,
+        "lora_te2_enc_q.alpha": torch.tensor(1.0),
+    }  # fmt: skip
+    layers, skipped = parse_kohya(state, "f.safetensors")
+    assert sorted(layers) == ["blk_k", "blk_q"]
+    assert skipped == ["lora_te_enc_q.lora_down.weight", "lora_te_enc_q.lora_up.weight", "lora_te2_enc_q.alpha"]
+    q, k = layers["blk_q"], layers["blk_k"]
+    assert torch.equal(q.down, down) and torch.equal(q.up, up)
+    assert q.alpha == 1.0 and q.scale == 0.5
+    assert k.alpha == 2.0 and k.scale == 1.0  # no alpha key: alpha = rank (2)
+
+
+def test_parse_kohya_errors_name_the_source_the_key_and_the_kind():
+    from mole.experts import ExpertLoadError
+    from mole.formats.kohya import parse_kohya
+
+    msg = (
+        "f.st: key 'lora_unet_a.hada_w1_a' is a LoHa (hada_*) tensor; MoLE mixes plain LoRA / LoCon experts "
+        "(lora_down / lora_up / alpha) only. Convert or merge it first, or use another expert"
+    )
+    with pytest.raises(ExpertLoadError, match=f"^{re.escape(msg)}$"):
+        parse_kohya({"lora_unet_a.hada_w1_a": torch.zeros(2, 2)}, "f.st")
+    msg = "f.st: key 'lora_unet_a.weight' is not a kohya LoRA key (lora_unet_*.lora_down.weight / lora_up.weight / "
+    msg += "alpha)"
+    with pytest.raises(ExpertLoadError, match=f"^{re.escape(msg)}$"):
+        parse_kohya({"lora_unet_a.weight": torch.zeros(2, 2)}, "f.st")
+    bad = {"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "lora_unet_a.lora_up.weight": torch.zeros(3, 5)}
+    with pytest.raises(ExpertLoadError, match=re.escape("f.st: layer 'lora_unet_a':")):
+        parse_kohya(bad, "f.st")
+    with pytest.raises(ExpertLoadError, match="f.st: incomplete LoRA pairs"):
+        parse_kohya({"lora_unet_a.lora_down.weight": torch.zeros(2, 4)}, "f.st")
+
+
+def test_kohya_state_dict_keys_alpha_dtype_and_factors():
+    # kills: the lora_unet_ prefix, '.' -> '_' flattening, the alpha tensor's dtype, down / up swapped
+    from mole.experts import ExpertWeights
+    from mole.formats.kohya import kohya_state_dict
+
+    down, up = torch.arange(8.0).reshape(2, 4), torch.arange(6.0).reshape(3, 2)
+    expert = ExpertWeights("e", {"blocks.0.attn.to_q": LoraPair(down, up, 3.0)})
+    sd = kohya_state_dict(expert)
+    assert sorted(sd) == [
+        "lora_unet_blocks_0_attn_to_q.alpha",
+        "lora_unet_blocks_0_attn_to_q.lora_down.weight",
+        "lora_unet_blocks_0_attn_to_q.lora_up.weight",
+    ]
+    alpha = sd["lora_unet_blocks_0_attn_to_q.alpha"]
+    assert alpha.dtype == torch.float32 and alpha.shape == () and alpha.item() == 3.0
+    assert torch.equal(sd["lora_unet_blocks_0_attn_to_q.lora_down.weight"], down)
+    assert torch.equal(sd["lora_unet_blocks_0_attn_to_q.lora_up.weight"], up)
+
+
+# ---------------------------------------------------------------------------------------------------- formats/diffusers
+
+
+def test_find_weights_prefers_the_peft_file_and_reads_the_config(tmp_path):
+    # kills: the file order, the is_file test, the config's file name, the JSON error message
+    from mole.experts import ExpertLoadError
+    from mole.formats.diffusers import find_weights
+
+    with pytest.raises(ExpertLoadError, match=re.escape(f"expert 'e': folder {tmp_path} holds none of ['adapter_m")):
+        find_weights(tmp_path, "e")
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert find_weights(tmp_path, "e") == (tmp_path / "pytorch_lora_weights.safetensors", {})
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    assert find_weights(tmp_path, "e") == (tmp_path / "adapter_model.safetensors", {"r": 4, "lora_alpha": 8})
+    (tmp_path / "adapter_config.json").write_text("{r: 4")
+    msg = f"expert 'e': {tmp_path / 'adapter_config.json'} is not valid JSON"
+    with pytest.raises(ExpertLoadError, match=re.escape(msg)):
+        find_weights(tmp_path, "e")
+
+
+def test_metadata_config_keeps_the_components_entries(tmp_path):
+    from mole.experts import ExpertLoadError
+    from mole.formats.diffusers import metadata_config
+
+    assert metadata_config({}, "unet", "e", tmp_path) == {}
+    assert metadata_config({"lora_adapter_metadata": ""}, "unet", "e", tmp_path) == {}
+    meta = '{"unet.r": 4, "unet.lora_alpha": 8, "text_encoder.r": 2, "unetx.r": 9}'
+    assert metadata_config({"lora_adapter_metadata": meta}, "unet", "e", tmp_path) == {"r": 4, "lora_alpha": 8}
+    assert metadata_config({"lora_adapter_metadata": meta}, "text_encoder", "e", tmp_path) == {"r": 2}
+    msg = f"expert 'e': {tmp_path}: metadata 'lora_adapter_metadata' is not JSON"
+    with pytest.raises(ExpertLoadError, match=re.escape(msg)):
+        metadata_config({"lora_adapter_metadata": "{"}, "unet", "e", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "keys,expected",
+    [
+        (["a.lora_A.weight"], True),
+        (["a.lora_B.weight"], True),
+        (["a.lora.down.weight"], True),
+        (["a.lora.up.weight"], True),
+        (["a.lora_linear_layer.down.weight"], True),
+        (["lora_unet_a.lora_down.weight"], False),
+        (["a.lora_Ab.weight"], False),
+        ([], False),
+    ],
+)
+def test_is_dotted_recognises_peft_and_diffusers_keys(keys, expected):
+    from mole.formats.diffusers import is_dotted
+
+    assert is_dotted(keys) is expected
+
+
+def _ab(rank=2, d_in=4, d_out=3):
+    return torch.arange(float(rank * d_in)).reshape(rank, d_in), torch.arange(float(d_out * rank)).reshape(d_out, rank)
+
+
+def test_parse_dotted_reads_every_layout_and_skips_other_components():
+    # kills: lora_A / lora_B buckets swapped, a layout dropped, base_model.model. kept, the component test, the
+    # .alpha suffix cut at the wrong length, the alpha default
+    from mole.formats.diffusers import parse_dotted
+
+    down, up = _ab()
+    state = {
+        "base_model.model.unet.blk.q.lora_A.weight": down, "unet.blk.q.lora_B.weight": up, "unet.blk.q.alpha": 1.0,
+        "blk.k.lora.down.weight": down, "blk.k.lora.up.weight": up,
+        "unet.blk.v.lora_linear_layer.down.weight": down, "unet.blk.v.lora_linear_layer.up.weight": up,
+        "text_encoder.enc.q.lora_A.weight": down, "text_encoder_2.enc.q.lora_B.weight": up,
+    }  # fmt: skip
+    layers, skipped = parse_dotted(state, "unet", None, {}, "f")
+    assert sorted(layers) == ["blk.k", "blk.q", "blk.v"]
+    assert skipped == ["text_encoder.enc.q.lora_A.weight", "text_encoder_2.enc.q.lora_B.weight"]
+    for pair in layers.values():
+        assert torch.equal(pair.down, down) and torch.equal(pair.up, up)
+    assert layers["blk.q"].alpha == 1.0 and layers["blk.k"].alpha == 2.0 and layers["blk.v"].alpha == 2.0
+
+
+def test_parse_dotted_errors_name_the_key_and_the_fix():
+    from mole.experts import ExpertLoadError
+    from mole.formats.diffusers import parse_dotted
+
+    down, up = _ab()
+    with pytest.raises(ExpertLoadError, match=re.escape("f: DoRA adapters (use_dora=True) are not low-rank")):
+        parse_dotted({"a.lora_A.weight": down}, "unet", None, {"use_dora": True}, "f")
+    with pytest.raises(ExpertLoadError, match=re.escape("f: key 'unet.a.hada_w1_a' is a LoHa (hada_*) tensor, which")):
+        parse_dotted({"unet.a.hada_w1_a": down}, "unet", None, {}, "f")
+    msg = "f: key 'unet.a.weight' is not a LoRA factor (expected <layer>.lora_A.weight / lora_B.weight / alpha)"
+    with pytest.raises(ExpertLoadError, match=re.escape(msg)):
+        parse_dotted({"unet.a.weight": down}, "unet", None, {}, "f")
+    with pytest.raises(ExpertLoadError, match=re.escape("f: key 'a.processor.lora_A.weight' uses diffusers' pre-0.20")):
+        parse_dotted({"a.processor.lora_A.weight": down}, "unet", None, {}, "f")
+    two = {"a.lora_A.x.weight": down, "a.lora_B.x.weight": up, "a.lora_A.y.weight": down, "a.lora_B.y.weight": up}
+    with pytest.raises(ExpertLoadError, match=re.escape("f: the state dict holds adapters ['x', 'y']; pass adapter=")):
+        parse_dotted(two, "unet", None, {}, "f")
+    with pytest.raises(ExpertLoadError, match=re.escape("f: adapter 'z' not found; the state dict holds ['x', 'y']")):
+        parse_dotted(two, "unet", "z", {}, "f")
+    one = {"a.lora_A.x.weight": down, "a.lora_B.x.weight": up}
+    with pytest.raises(ExpertLoadError, match=re.escape("f: adapter 'z' not found; the state dict holds ['x']")):
+        parse_dotted(one, "unet", "z", {}, "f")
+    with pytest.raises(ExpertLoadError, match=re.escape("f: layer 'a':")):
+        parse_dotted({"a.lora_A.weight": down, "a.lora_B.weight": torch.zeros(3, 5)}, "unet", None, {}, "f")
+
+
+def test_parse_dotted_picks_the_named_adapter():
+    from mole.formats.diffusers import parse_dotted
+
+    down, up = _ab()
+    two = {"a.lora_A.x.weight": down, "a.lora_B.x.weight": up, "a.lora_A.y.weight": 2 * down, "a.lora_B.y.weight": up}
+    layers, _ = parse_dotted(two, "unet", "y", {}, "f")
+    assert list(layers) == ["a"] and torch.equal(layers["a"].down, 2 * down)
+    layers, _ = parse_dotted({"a.lora_A.x.weight": down, "a.lora_B.x.weight": up}, "unet", None, {}, "f")
+    assert list(layers) == ["a"]  # a single named adapter needs no adapter=
+
+
+@pytest.mark.parametrize(
+    "layer,config,alpha",
+    [
+        ("blk.to_k", {"alpha_pattern": {"to_k": 16}, "lora_alpha": 8}, 16.0),
+        ("to_k", {"alpha_pattern": {"to_k": 16}, "lora_alpha": 8}, 16.0),  # the whole name
+        ("blk.to_kx", {"alpha_pattern": {"to_k": 16}, "lora_alpha": 8}, 8.0),  # a suffix, not a prefix
+        ("blk.xto_k", {"alpha_pattern": {"to_k": 16}, "lora_alpha": 8}, 8.0),  # at a '.' boundary
+        ("blk.to_q", {"alpha_pattern": {"to_k": 16, "to_q": 2}, "lora_alpha": 8}, 2.0),
+        ("blk.to_q", {"lora_alpha": 8}, 8.0),
+        ("blk.to_q", {"lora_alpha": 0}, 0.0),  # a zero alpha is an alpha
+        ("blk.to_q", {}, 4.0),  # none: alpha = rank
+        ("blk.to_q", {"alpha_pattern": None, "lora_alpha": None}, 4.0),
+        ("blk.to_q", {"lora_alpha": 8, "use_rslora": True}, 16.0),  # alpha / sqrt(4) = alpha' / 4: alpha' = 8 * 2
+        ("blk.to_q", {"use_rslora": True}, 4.0),  # no alpha stored: scale 1 even with rsLoRA
+    ],
+)
+def test_peft_alpha_follows_the_pattern_lora_alpha_and_rslora(layer, config, alpha):
+    from mole.formats.diffusers import _peft_alpha
+
+    assert _peft_alpha(layer, 4, config) == alpha
+
+
+def test_diffusers_state_dict_metadata_holds_the_common_rank_alpha_and_the_exceptions():
+    # kills: the most frequent rank / alpha picked wrongly, a pattern holding the common entries, the key layout
+    import json
+
+    from mole.experts import ExpertWeights
+    from mole.formats.diffusers import diffusers_state_dict
+
+    d2, u2 = _ab(rank=2)
+    d4, u4 = _ab(rank=4)
+    expert = ExpertWeights("e", {"a": LoraPair(d4, u4, 8.0), "b": LoraPair(d2, u2, 2.0), "c": LoraPair(d2, u2, 2.0)})
+    sd, meta = diffusers_state_dict(expert, component="transformer")
+    assert sorted(sd) == [f"transformer.{k}.lora_{f}.weight" for k in "abc" for f in "AB"]
+    assert torch.equal(sd["transformer.a.lora_A.weight"], d4) and torch.equal(sd["transformer.a.lora_B.weight"], u4)
+    assert json.loads(meta) == {
+        "transformer.r": 2, "transformer.lora_alpha": 2.0, "transformer.target_modules": ["a", "b", "c"],
+        "transformer.rank_pattern": {"a": 4}, "transformer.alpha_pattern": {"a": 8.0},
+    }  # fmt: skip
+
+
+class _FakePeftLayer(nn.Module):
+    def __init__(self, down, up, scale, dora=False):
+        super().__init__()
+        self.lora_A = nn.ModuleDict({"x": nn.Linear(down.shape[1], down.shape[0], bias=False)})
+        self.lora_B = nn.ModuleDict({"x": nn.Linear(up.shape[1], up.shape[0], bias=False)})
+        with torch.no_grad():
+            self.lora_A["x"].weight.copy_(down)
+            self.lora_B["x"].weight.copy_(up)
+        self.scaling = {"x": scale}
+        if dora:
+            self.use_dora = {"x": True}
+
+
+def test_expert_from_peft_reads_factors_scale_and_clean_paths():
+    # kills: the base_model.model. prefix kept, alpha = scale instead of scale * rank, A / B swapped, the name default
+    from mole.experts import ExpertLoadError
+    from mole.formats.diffusers import expert_from_peft
+
+    down, up = _ab()
+    model = nn.Module()
+    model.base_model = nn.Module()
+    model.base_model.model = nn.Module()
+    model.base_model.model.q = _FakePeftLayer(down, up, 0.75)
+    model.other = nn.Linear(2, 2)
+    expert = expert_from_peft(model, "x")
+    assert expert.name == "x" and expert.source == "peft:x" and list(expert.layers) == ["q"]
+    pair = expert.layers["q"]
+    assert torch.equal(pair.down, down) and torch.equal(pair.up, up) and pair.alpha == 1.5
+    assert expert_from_peft(model, "x", name="mine").name == "mine"
+    with pytest.raises(ExpertLoadError, match=re.escape("model has no peft LoRA layers for adapter 'y'")):
+        expert_from_peft(model, "y")
+    model.base_model.model.k = _FakePeftLayer(down, up, 1.0, dora=True)
+    with pytest.raises(ExpertLoadError, match=re.escape("adapter 'x' at 'base_model.model.k' uses DoRA")):
+        expert_from_peft(model, "x")
