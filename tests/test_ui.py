@@ -172,8 +172,9 @@ def test_the_command_refuses_a_missing_file_and_a_bad_port_in_one_line_before_se
     logging.getLogger("mole").setLevel(logging.NOTSET)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     folder = tmp_path / "no-such-folder"
-    assert errors == [f"--mole {missing} does not exist; check the path", "--port 70000: use 1 to 65535",
-                      f"--base {folder}: no such folder; check the path (or give a hub id)"]  # fmt: skip
+    assert errors == [f"--mole {missing} does not exist; check the path (or give mole-tiny)",
+                      "--port 70000: use 1 to 65535",
+                      f"--base {folder}: no such file or folder; check the path (or give a hub id)"]  # fmt: skip
 
 
 def test_a_real_stage3_run_shows_its_curves_and_its_mole_file_runs_in_the_page(tmp_path, tiny_sd15_dir, faces_dir):
