@@ -60,14 +60,19 @@ def save_checkpoint(
     torch.save(schedule.state_dict(), tmp / "schedule.pt")
     (tmp / "config.toml").write_text(config_toml)
     (tmp / "state.json").write_text(json.dumps({"step": step, "run_id": run_id, **(extra or {})}))
+    _publish(tmp, final, folder, run_id, keep)
+    logger.info("checkpoint written: %s", final)
+    return final
+
+
+def _publish(tmp: Path, final: Path, folder: Path, run_id: str, keep: int) -> None:
+    """Move a fully written checkpoint folder into place (atomic rename) and drop this run's oldest beyond `keep`."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     own = [c for c in list_checkpoints(folder) if checkpoint_state(c).get("run_id") == run_id]
     for old in own[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    logger.info("checkpoint written: %s", final)
-    return final
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -169,12 +174,7 @@ def save_sharded_checkpoint(folder: Path, step: int, write_parts, schedule, conf
         info = {"step": step, "run_id": run_id, **extra, "sharded": True, "layout": layout,
                 "processes": num_processes}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(info))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        own = [c for c in list_checkpoints(folder) if checkpoint_state(c).get("run_id") == run_id]
-        for old in own[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, folder, run_id, keep)
         logger.info("sharded checkpoint written: %s", final)
     barrier()
     return final
