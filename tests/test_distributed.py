@@ -168,7 +168,6 @@ def test_a_checkpoint_resumes_only_under_the_layout_and_process_count_that_wrote
         check_layout(tmp_path, whole, "fsdp2", 2)
 
 
-@pytest.mark.slow  # ~1 min each: `pytest -m slow` runs them (docs/testing.md)
 def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, tiny_sd15_dir, faces_dir):
     """kill -9 of every process of a 2-process FSDP2 run once a checkpoint is written, resume=latest, compare with
     the run that was never stopped (16 steps, checkpoint every 2)."""
@@ -206,7 +205,6 @@ def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_
     assert r["k_res"]["losses"] == r["k_full"]["losses"][r["k_res"]["start_step"]:]
 
 
-@pytest.mark.slow  # ~1 min each: `pytest -m slow` runs them (docs/testing.md)
 def test_deepspeed_zero2_and_zero3_train_and_resume_as_ddp(tmp_path, tiny_sd15_dir, faces_dir):
     """DeepSpeed through accelerate on 2 CPU processes (gloo, DeepSpeed's CPU accelerator): stage 2 with clipping
     that bites under ZeRO-2 and ZeRO-3 ends where DDP ends; a ZeRO-2 stop after 2 steps resumes to the same expert.
