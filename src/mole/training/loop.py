@@ -107,16 +107,6 @@ SAFE_ON_RESUME = ("max_steps", "resume", "log_every", "checkpoint_every", "keep_
                   "output_dir")  # fmt: skip
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _norm(v):
     if isinstance(v, (list, tuple)):
         return [_norm(x) for x in v]
@@ -242,21 +232,19 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             stage.modules["text_encoder"].gradient_checkpointing_enable()
     side = stage.side_modules or {}
     params = stage.params
+    groups = stage.param_groups
     if fsdp:  # torch's fully_shard on the trained modules; the optimizer is built on the sharded parameters
         params, groups = shard_modules(stage.modules, stage.params, stage.param_groups,
                                        device_mesh(accelerator.device), others=side)  # fmt: skip
-        optimizer = make_optimizer(groups or params, cfg.optim)
-        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+    optimizer = make_optimizer(groups or params, cfg.optim)
+    schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
+    if fsdp:
         optimizer = accelerator.prepare(optimizer)  # accelerate still skips the step between accumulation steps
         wrapped = dict(stage.modules)
     elif zero and len(stage.modules) > 1:  # DeepSpeed takes one model: stage 1's UNet and text encoder as one
-        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
-        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
         _, optimizer = accelerator.prepare(nn.ModuleDict(stage.modules), optimizer)
         wrapped = dict(stage.modules)  # called directly; the engine reduces and partitions their gradients
     else:
-        optimizer = make_optimizer(stage.param_groups or stage.params, cfg.optim)
-        schedule = make_schedule(optimizer, cfg.optim, cfg.max_steps)
         prepared = accelerator.prepare(*stage.modules.values(), optimizer)
         wrapped = dict(zip(stage.modules, prepared[:-1]))
         optimizer = prepared[-1]
