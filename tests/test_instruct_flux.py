@@ -138,7 +138,10 @@ def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path, 
 
     drops = []
     real_draw = stages.conditions_dropped
-    monkeypatch.setattr(stages, "conditions_dropped", lambda *a: drops.append(real_draw(*a)) or drops[-1])
+    steps = []  # the optimizer step each micro-batch's draw is keyed by
+    monkeypatch.setattr(stages, "conditions_dropped",
+                        lambda seed, step, rate: steps.append(step) or drops.append(real_draw(seed, step, rate))
+                        or drops[-1])  # fmt: skip
     seen = []  # tokens each training call of the transformer gets (after Kontext appended the conditions)
     real_forward = FluxTransformer2DModel.forward
 
@@ -150,17 +153,20 @@ def test_stage4_trains_on_flux_kontext_and_writes_the_routing_heatmap(tmp_path, 
     try:
         result = train(load_config(preset="instruct", overrides=[
         f"model='{tmp_path / 'flux'}'", f"data.path='{data}'", f"data.manifest='{data / 'm.jsonl'}'",
-        f"output_dir='{tmp_path / 'o'}'", "max_steps=2", "data.resolution=32", "batch_size=2", "tensorboard=false",
+        f"output_dir='{tmp_path / 'o'}'", "max_steps=2", "data.resolution=32", "batch_size=1", "grad_accum=2",
+        "tensorboard=false",
         "instruct.rank=4", "instruct.shared_rank=4", "instruct.resampler_dim=32", "instruct.resampler_heads=2",
         "instruct.condition_types=['edge', 'blur']", "data.caption_dropout=0.0", "log_every=1",
         "instruct.condition_dropout=0.5",
     ]))  # fmt: skip
     finally:
         FluxTransformer2DModel.forward = real_forward
-    assert len(drops) >= 2 and len(seen) >= len(drops)
-    for dropped, tokens in zip(drops, seen):  # 8x8 image tokens, + 64 per condition (both cut to 32 px)
+    assert steps == [0, 0, 1, 1] and len(seen) >= len(drops) + 1
+    assert drops[0] == drops[1] and drops[2] == drops[3]  # one draw per step: its micro-batches agree
+    assert seen[0] == 64 + 64 + 64  # the loss probe runs first and always keeps its conditions
+    for dropped, tokens in zip(drops, seen[1:]):  # 8x8 image tokens, + 64 per condition (both cut to 32 px)
         assert tokens == (64 if dropped else 64 + 64 + 64)
-    assert not all(drops)
+    assert drops == [False, False, True, True]  # seed 0 at rate 0.5: step 0 keeps its conditions, step 1 drops them
     assert [p.name for p in result.final] == ["instruct.safetensors", "routing.png", "routing.json"]
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["instruct/load_balance"] > 0 and "instruct/ortho" in r for r in rows)
@@ -352,11 +358,11 @@ def test_multi_condition_records_and_the_official_condition_dropout(tmp_path):
     with pytest.raises(DataError, match="2 condition image"):
         scan_samples(tmp_path, tmp_path / "bad.jsonl")
     assert InstructConfig().condition_dropout == 0.05  # official
-    draws = [conditions_dropped(0, [i, i + 1], 0.05) for i in range(4000)]
+    draws = [conditions_dropped(0, step, 0.05) for step in range(4000)]
     assert 0.04 < sum(draws) / len(draws) < 0.06
-    assert draws == [conditions_dropped(0, [i, i + 1], 0.05) for i in range(4000)]  # a function of seed and samples
-    assert draws != [conditions_dropped(1, [i, i + 1], 0.05) for i in range(4000)]
-    assert not any(conditions_dropped(0, [i], 0.0) for i in range(100))
+    assert draws == [conditions_dropped(0, step, 0.05) for step in range(4000)]  # a function of seed and step
+    assert draws != [conditions_dropped(1, step, 0.05) for step in range(4000)]
+    assert not any(conditions_dropped(0, step, 0.0) for step in range(100))
 
 
 def test_generate_on_pixart_with_typed_condition_tokens(tmp_path):

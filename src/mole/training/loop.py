@@ -324,7 +324,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
             target = noise if model.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         cond = text_for(batch["captions"]).to(accelerator.device, weight_dtype)
         if stage.prepare_batch is not None:
-            stage.prepare_batch(batch)
+            stage.prepare_batch(batch)  # batch["step"]: the optimizer step this micro-batch belongs to
         with accelerator.autocast():
             pred = model.predict(noisy, t, cond, denoiser=denoiser)
         snr_gamma = None if model.prediction_type == "flow" else cfg.min_snr_gamma
@@ -400,6 +400,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, accept_changes: bool = Fals
                     "micro-step %d: all %d images unreadable, batch skipped", micro_step, batch["skipped"])
                 continue
             empty_run = 0
+            batch["step"] = step  # the same for every micro-batch and process of one optimizer step
             completes_step = micro_step % accum == 0
             log_gates = stage.records_gates and completes_step and (step + 1) % cfg.log_every == 0
             with accelerator.accumulate(*wrapped.values()):

@@ -130,7 +130,8 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
                         f"instruct.condition_types={cfg.instruct.condition_types} but the data has no conditions: "
                         "use a jsonl manifest with condition and condition_type per record"
                     )
-                dropped = conditions_dropped(cfg.seed, batch["indices"], cfg.instruct.condition_dropout)
+                step = batch.get("step")  # None for the loss probe, which always keeps its conditions
+                dropped = step is not None and conditions_dropped(cfg.seed, step, cfg.instruct.condition_dropout)
                 batch["conditions_dropped"] = dropped
                 target = kontext if kontext is not None else im.conditions
                 if dropped:
@@ -166,10 +167,11 @@ def setup_stage(cfg: TrainConfig, model: DiffusionModel, weight_dtype: torch.dty
     return StageSetup({"denoiser": denoiser}, params, save_final, records_gates=cfg.stage is Stage.MIXTURE)
 
 
-def conditions_dropped(seed: int, indices: list[int], rate: float) -> bool:
-    """Official InstructMoLE: a step trains without its conditions with probability `rate` (5 %). The draw is a
-    function of the seed and the batch's sample indices only (int tuples hash the same in every process)."""
-    return rate > 0 and random.Random(hash((seed, 7919, *indices))).random() < rate
+def conditions_dropped(seed: int, step: int, rate: float) -> bool:
+    """Official InstructMoLE: an optimizer step trains without its conditions with probability `rate` (5 %). One
+    draw per (seed, step): every micro-batch and every process of the step agree, so the run does not depend on how
+    the step's images are split over processes or accumulation (int tuples hash the same in every process)."""
+    return rate > 0 and random.Random(hash((seed, 7919, step))).random() < rate
 
 
 @torch.no_grad()
