@@ -160,7 +160,7 @@ def test_interrupted_generate_continues_with_the_same_command(tmp_path, monkeypa
     out = tmp_path / "g"
     args = ["generate", *TINY, "--prompt-file", str(tmp_path / "a.txt"), "--prompt-file", str(tmp_path / "b.txt"),
             "--steps", "2", "--num-images", "2", "--batch-size", "1", "--out", str(out)]  # fmt: skip
-    written, real_png = [], gen._png
+    written, real_png = [], gen.write_png
 
     def png(image, path, meta):
         if len(written) == 1:
@@ -168,13 +168,13 @@ def test_interrupted_generate_continues_with_the_same_command(tmp_path, monkeypa
         real_png(image, path, meta)
         written.append(path.name)
 
-    monkeypatch.setattr(gen, "_png", png)
+    monkeypatch.setattr(gen, "write_png", png)
     assert main(args) == 130
     rows = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
     assert [Path(r["path"]).name for r in rows] == ["0000_seed0.png"]
     first = (out / "mole" / "0000_seed0.png").read_bytes()
     written.clear()
-    monkeypatch.setattr(gen, "_png", lambda *a: (real_png(*a), written.append(a[1].name)))
+    monkeypatch.setattr(gen, "write_png", lambda *a: (real_png(*a), written.append(a[1].name)))
     capsys.readouterr()
     assert main(args) == 0
     assert written == ["0000_seed1.png", "0001_seed0.png", "0001_seed1.png"]  # the rest only

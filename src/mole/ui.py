@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inference.generate import _png, check_prompt_lengths
-from .inference.inspect import _mean_local_map
+from .inference import check_prompt_lengths, mean_local_map, write_png
 from .inference.pipeline import (
     DTYPES,
     SCHEDULERS,
@@ -299,7 +298,7 @@ class Studio:
                     "expert_weights": c["weights"] if mode is MixMode.FIXED else None,
                     "truncated": lengths[0]["truncated"]}  # fmt: skip
             path = folder / f"{mode.value}.png"
-            _png(image, path, meta)
+            write_png(image, path, meta)
             images[mode.value], paths[mode.value] = image, str(path)
         result = {"images": paths, "parameters": {k: v for k, v in c.items() if k != "weights"} | {
             "height": height, "width": width, "expert_weights": c["weights"], "negative_prompt": negative or None,
@@ -333,7 +332,7 @@ class Studio:
         for e, name in enumerate(experts):
             for t in shown:
                 if t < len(rec.steps):
-                    heat = _mean_local_map(rec.steps[t], -1, latent_hw, e)
+                    heat = mean_local_map(rec.steps[t], -1, latent_hw, e)
                     if heat is not None:
                         heats[(name, t)] = heat
         if heats:

@@ -119,7 +119,9 @@ def check_prompt_lengths(model, prompts: list[str]) -> list[dict]:
     return reports
 
 
-def _png(image: Image.Image, path: Path, meta: dict) -> None:
+def write_png(image: Image.Image, path: Path, meta: dict) -> None:
+    """Write `image` to `path` atomically with its settings: A1111's `parameters` text (read by most image tools)
+    and the whole record as JSON under `mole`."""
     info = PngInfo()
     info.add_text("parameters", f"{meta['prompt']}\nNegative prompt: {meta.get('negative_prompt') or ''}\n"
                   f"Steps: {meta['steps']}, Sampler: {meta['scheduler']}, CFG scale: {meta['guidance_scale']}, "
@@ -332,7 +334,7 @@ def generate(opts: GenerateOptions) -> dict:
                     if route is not None:
                         meta["routing"] = route
                     path = Path(paths[(mode.value, pi, seed)])
-                    _png(image, path, meta)
+                    write_png(image, path, meta)
                     done[str(path)] = {"path": str(path), **meta}
                     log.write(json.dumps(done[str(path)]) + "\n")  # a row only once its image is complete
                     log.flush()

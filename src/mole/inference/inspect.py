@@ -69,7 +69,7 @@ class InspectOptions(SamplingOptions):
                              "prompt (--prompt-kind, in the order of the prompts)")  # fmt: skip
 
 
-def _mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert: int) -> np.ndarray | None:
+def mean_local_map(step_records: dict, sample: int, hw: tuple[int, int], expert: int) -> np.ndarray | None:
     """Average one sample's local scores over every layer with a known grid, resized to the latent grid hw."""
     maps = []
     for rec in step_records.values():
@@ -130,7 +130,7 @@ def inspect(opts: InspectOptions) -> dict:
         heats = {}
         for e, name in enumerate(experts):
             for t in shown:
-                heat = _mean_local_map(rec.steps[t], -1, latent_hw, e)
+                heat = mean_local_map(rec.steps[t], -1, latent_hw, e)
                 if heat is not None:
                     heats[(name, t)] = heat
                     local_json[str(k)].setdefault(str(t), {})[name] = np.round(heat, 4).tolist()
