@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FACES, SHARED
 from mole.cli import main
@@ -239,6 +240,33 @@ def test_presets_adapt_to_the_model_and_print_config_marks_it(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert 'mixed_precision = "no"  # adapted: no GPU here, so full precision (was bf16)' in out
     assert "resolution = 512  # conflicts: mole-tiny draws 64 px; kept as given" in out  # the file's own value
+
+
+@needs_tiny
+def test_a_base_with_reinitialised_up_blocks_is_refused_by_generate_and_inspect(tmp_path, caplog):
+    """Item 7: mole-tiny's pipeline with its up_blocks re-initialised used to pass the strict base check (the
+    shipped file recorded samples of 4 layers) and draw noise. Now one line names the tensors, the count and the fix,
+    before an image is drawn; --no-strict-base is the way to use it on purpose."""
+    from diffusers import UNet2DConditionModel
+
+    base = tmp_path / "base"
+    shutil.copytree(ASSETS / "pipeline", base)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    torch.manual_seed(0)
+    for m in unet.up_blocks.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    unet.save_pretrained(base / "unet")
+    prompt = ["--prompt", "a close-up photo of a face", "--steps", "1"]
+    for cmd in (["generate", "--num-images", "1"], ["inspect", "--map-steps", "1"]):
+        caplog.clear()
+        out = tmp_path / cmd[0]
+        assert main([*cmd, "--base", str(base), "--mole", "mole-tiny", *prompt, "--out", str(out)]) == 2, cmd
+        (line,) = _errors(caplog)
+        assert "\n" not in line and "but the weights of" in line and "--no-strict-base" in line, line
+        n = int(line.split("differ in ")[1].split(" of ")[0])
+        assert n > 100 and line.split("tensors: ")[1].startswith("up_blocks.") and f"and {n - 3} more" in line
+        assert not list(out.glob("**/*.png"))
 
 
 # --------------------------------------------------------------------------- 7 / 8. config shapes, messages, warnings
