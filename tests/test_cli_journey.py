@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FACES, SHARED
 from mole.cli import main
@@ -239,6 +240,62 @@ def test_presets_adapt_to_the_model_and_print_config_marks_it(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert 'mixed_precision = "no"  # adapted: no GPU here, so full precision (was bf16)' in out
     assert "resolution = 512  # conflicts: mole-tiny draws 64 px; kept as given" in out  # the file's own value
+
+
+@needs_tiny
+def test_print_config_marks_a_gpu_batch_on_a_cpu_with_a_value_and_the_accumulation(tmp_path, capsys, monkeypatch):
+    """Item 4: the preset's 64 images per step (8 x 8 accumulation) on a CPU is marked with a smaller total; at
+    512 px its micro-batch of 8 as well, with batch_size=1 and accumulation keeping the total. Kept, not changed."""
+    import tomllib
+
+    from mole.training.config import adapt_to_model, load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["train", "--preset", "stage2-face", "--set", "model=mole-tiny", "--set", f"data.path={tmp_path}"]
+    assert main([*base, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert tomllib.loads(out)["total_batch_size"] == 64  # marked, kept
+    line = next(x for x in out.splitlines() if x.startswith("total_batch_size"))
+    assert "conflicts: no GPU here: 64 images per optimizer step (8 accumulation step(s) of 8)" in line
+    assert "--set total_batch_size=8" in line
+    assert "# conflicts" not in next(x for x in out.splitlines() if x.startswith("batch_size"))  # 8 at 64 px: fine
+    assert main([*base, "--set", "data.resolution=512", "--print-config"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("batch_size"))
+    assert "a micro-batch of 8 images at 512 px" in line and "--set batch_size=1" in line
+    assert "total_batch_size=64 is then reached by gradient accumulation" in line
+    # without total_batch_size: the suggested accumulation keeps the same images per step
+    cfg = load_config(None, preset="stage2-face", overrides=["model=mole-tiny", f"data.path={tmp_path}",
+                                                              "total_batch_size=none", "batch_size=4",
+                                                              "data.resolution=128"])  # fmt: skip
+    assert "--set batch_size=2 (add --set grad_accum=2 to keep 4 images per step" in cfg.adapted["batch_size"]
+    assert not {"batch_size", "total_batch_size"} & set(adapt_to_model(cfg, cuda=True))  # a GPU: no mark
+
+
+@needs_tiny
+def test_a_base_with_reinitialised_up_blocks_is_refused_by_generate_and_inspect(tmp_path, caplog):
+    """Item 7: mole-tiny's pipeline with its up_blocks re-initialised used to pass the strict base check (the
+    shipped file recorded samples of 4 layers) and draw noise. Now one line names the tensors, the count and the fix,
+    before an image is drawn; --no-strict-base is the way to use it on purpose."""
+    from diffusers import UNet2DConditionModel
+
+    base = tmp_path / "base"
+    shutil.copytree(ASSETS / "pipeline", base)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    torch.manual_seed(0)
+    for m in unet.up_blocks.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    unet.save_pretrained(base / "unet")
+    prompt = ["--prompt", "a close-up photo of a face", "--steps", "1"]
+    for cmd in (["generate", "--num-images", "1"], ["inspect", "--map-steps", "1"]):
+        caplog.clear()
+        out = tmp_path / cmd[0]
+        assert main([*cmd, "--base", str(base), "--mole", "mole-tiny", *prompt, "--out", str(out)]) == 2, cmd
+        (line,) = _errors(caplog)
+        assert "\n" not in line and "but the weights of" in line and "--no-strict-base" in line, line
+        n = int(line.split("differ in ")[1].split(" of ")[0])
+        assert n > 100 and line.split("tensors: ")[1].startswith("up_blocks.") and f"and {n - 3} more" in line
+        assert not list(out.glob("**/*.png"))
 
 
 # --------------------------------------------------------------------------- 7 / 8. config shapes, messages, warnings

@@ -195,7 +195,7 @@ def test_save_refuses_other_suffixes_and_writes_atomically(tmp_path, sd15):
     assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
 
 
-def test_base_check_covers_every_tensor_and_reports_the_distance(tmp_path, sd15):
+def test_base_check_covers_every_tensor_and_names_it(tmp_path, sd15):
     """A base that differs only in one up-block tensor (far from the first wrapped layers) is refused, named, and
     the message gives the CLI flag; the same base in fp16 rounding, or with strict_base=False, is accepted."""
     model, _ = sd15
@@ -208,12 +208,88 @@ def test_base_check_covers_every_tensor_and_reports_the_distance(tmp_path, sd15)
     changed = dict(state)
     changed[name] = state[name] + 0.5
     other.load_state_dict(changed)
-    with pytest.raises(MoLEFileError, match=rf"1 of \d+ tensors \(most: {name};.*--no-strict-base"):
+    with pytest.raises(MoLEFileError, match=rf"differ in 1 of \d+ tensors: {name} \(compared.*--no-strict-base"):
         load_mole(other, path)
     load_mole(other, path, strict_base=False)  # a fine-tuned copy, on purpose
     rounded = tiny_unet("sd15").eval()
     rounded.load_state_dict({k: v.half().float() for k, v in state.items()})
     load_mole(rounded, path)  # fp16 rounding of the same base is the same base
+
+
+def reinit_keeping_samples(model: torch.nn.Module, prefix: str, seed: int = 7) -> list[str]:
+    """Re-initialise every parameter under `prefix` (reset_parameters, seeded) but put back the 4 values each
+    tensor's weight_samples record reads, so only statistics over every value can tell; the changed names."""
+    from mole.identity import SAMPLES_PER_TENSOR, spaced_indices
+
+    torch.manual_seed(seed)
+    block = model.get_submodule(prefix)
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    for m in block.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    with torch.no_grad():
+        for n, p in block.named_parameters():
+            flat, old = p.view(-1), before[n].view(-1)
+            idx = spaced_indices(flat.numel(), SAMPLES_PER_TENSOR)
+            flat[idx] = old[idx]
+    return sorted(f"{prefix}.{n}" for n, p in block.named_parameters() if not torch.equal(p, before[n]))
+
+
+def test_reinitialised_up_blocks_are_caught_by_statistics_of_every_tensor(tmp_path, sd15):
+    """Item 7 of issue 21: a base whose up_blocks were re-initialised drew noise through the strict check. Only
+    4 values per tensor were compared; they are kept equal here, so only statistics of every value see it."""
+    from mole.identity import STAT_FIELDS, tensor_stats
+
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "mole.safetensors")
+    manifest, _ = read_mole_file(path)
+    assert manifest["base_model"]["tensor_stats"]["fields"] == list(STAT_FIELDS)
+    other = tiny_unet("sd15").eval()
+    other.load_state_dict(model_base_state(model))
+    changed = reinit_keeping_samples(other, "up_blocks")
+    assert len(changed) > 10
+    with pytest.raises(MoLEFileError) as err:
+        load_mole(other, path)
+    msg = str(err.value)
+    assert "\n" not in msg and "--no-strict-base" in msg and "Load the right base model" in msg
+    count = int(msg.split("differ in ")[1].split(" of ")[0])
+    assert count == len(changed)  # every re-initialised tensor, nothing else
+    listed = msg.split("tensors: ")[1].split(" and ")[0].split(", ")
+    assert listed == changed[:3] and f"and {count - 3} more" in msg
+    assert not mole_layers(other)
+    # a single attention re-initialised the same way is caught as well, and only its tensors are named
+    one = tiny_unet("sd15").eval()
+    one.load_state_dict(model_base_state(model))
+    changed = reinit_keeping_samples(one, "down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+    with pytest.raises(MoLEFileError, match=rf"differ in {len(changed)} of \d+ tensors: {changed[0]}"):
+        load_mole(one, path)
+    # the same weights in bf16 (rounding, not a different base) give the same statistics within the tolerance
+    same = tiny_unet("sd15").eval()
+    same.load_state_dict(model_base_state(model))
+    load_mole(same.to(torch.bfloat16), path)
+    stats = tensor_stats(model)
+    assert stats.shape == (len(model_base_state(model)), len(STAT_FIELDS)) and torch.isfinite(stats).all()
+
+
+def test_a_file_without_the_statistics_still_loads_with_a_note(tmp_path, sd15, caplog):
+    model, _ = sd15
+    trained_like(model)
+    path = save_mole(model, tmp_path / "mole.safetensors")
+    manifest, tensors = read_mole_file(path)
+    for drop, note in ((("tensor_stats",), "compared 4 samples of each tensor"),
+                       (("tensor_stats", "weight_samples"), "cannot see a change elsewhere")):  # fmt: skip
+        old = json.loads(json.dumps(manifest))
+        for key in drop:
+            del old["base_model"][key]
+        save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"mole_manifest": json.dumps(old)})
+        fresh = tiny_unet("sd15").eval()
+        fresh.load_state_dict(model_base_state(model))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mole"):
+            load_mole(fresh, tmp_path / "old.safetensors")
+        assert len(mole_layers(fresh)) == len(mole_layers(model))
+        assert any(note in r.getMessage() and "save the file again" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -369,7 +369,9 @@ def adapt_to_model(cfg: TrainConfig, explicit: set[str] = frozenset(), cuda: boo
     - data.resolution: the model's native side (mole-tiny: 64 px, not the preset's 512);
     - mixed_precision bf16 / fp16 without a GPU: no (CPU autocast in half precision is slow and lossy), also when
       a config file asks for it (a GPU setting, as in configs/*.toml); only --set keeps it;
-    - expert.rank above the model's narrowest block: marked (a rank above min(in, out) of a layer adds nothing)."""
+    - expert.rank above the model's narrowest block: marked (a rank above min(in, out) of a layer adds nothing);
+    - without a GPU, a micro-batch too large for the resolution and more than 8 images per optimizer step: marked
+      with a value and the gradient accumulation that keeps the images per step (_cpu_batch_notes)."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -389,10 +391,46 @@ def adapt_to_model(cfg: TrainConfig, explicit: set[str] = frozenset(), cuda: boo
         else:
             notes["mixed_precision"] = f"adapted: no GPU here, so full precision (was {was})"
             cfg.mixed_precision = MixedPrecision.NO
+    if not cuda:
+        notes.update(_cpu_batch_notes(cfg))
     if shape and shape["widths"] and cfg.stage == Stage.EXPERT and cfg.expert.rank > min(shape["widths"]):
         notes["expert.rank"] = (f"conflicts: rank {cfg.expert.rank} is above {name}'s narrowest block "
                                 f"({min(shape['widths'])} channels; widths {shape['widths']}): a rank above a layer's "
                                 "min(in, out) adds nothing there; --set expert.rank=N to choose")  # fmt: skip
+    return notes
+
+
+CPU_STEP_IMAGES = 8  # images per optimizer step above which a CPU run is marked (the paper's 64: a GPU setting)
+CPU_MICRO_PIXELS = 8 * 64 * 64  # a micro-batch a CPU holds briskly: 8 images at 64 px, 2 at 128, 1 at 256 and up
+
+
+def _cpu_batch_notes(cfg: TrainConfig) -> dict[str, str]:
+    """Marks (kept, not changed: the batch is the user's training choice) for a batch meant for GPUs on a CPU: a
+    micro-batch too large for its resolution, and more images per optimizer step than a CPU run needs; each names
+    a value and how gradient accumulation keeps the images per step."""
+    notes: dict[str, str] = {}
+    try:
+        plan = cfg.batch_plan(1)
+    except (ValueError, TrainConfigError):
+        return notes  # the batch arithmetic itself is refused elsewhere, with its own message
+    res = max(1, cfg.data.resolution)
+    micro = max(1, CPU_MICRO_PIXELS // (res * res))
+    if cfg.batch_size > micro:
+        accum = -(-cfg.batch_size // micro)
+        keep = (f"total_batch_size={cfg.total_batch_size} is then reached by gradient accumulation"
+                if cfg.total_batch_size else f"add --set grad_accum={accum * plan.grad_accum} to keep "
+                f"{plan.total} images per step by gradient accumulation")  # fmt: skip
+        notes["batch_size"] = (f"conflicts: no GPU here: a micro-batch of {cfg.batch_size} images at {res} px is "
+                               f"slow and memory-hungry on a CPU; use --set batch_size={micro} ({keep})")  # fmt: skip
+    if plan.total > CPU_STEP_IMAGES:
+        key = "total_batch_size" if cfg.total_batch_size else "grad_accum" if (cfg.grad_accum or 1) > 1 else None
+        if key:
+            fix = (f"--set total_batch_size={CPU_STEP_IMAGES}" if key == "total_batch_size" else
+                   f"--set grad_accum={max(1, CPU_STEP_IMAGES // plan.per_device)}")  # fmt: skip
+            notes[key] = (f"conflicts: no GPU here: {plan.total} images per optimizer step ({plan.grad_accum} "
+                          f"accumulation step(s) of {plan.per_device}) make each step about {plan.total}x one "
+                          f"image's time on a CPU; for a CPU run use {fix} (gradient accumulation reaches a larger "
+                          "total on a GPU)")  # fmt: skip
     return notes
 
 
