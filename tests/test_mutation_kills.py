@@ -800,3 +800,50 @@ def test_expert_from_peft_reads_factors_scale_and_clean_paths():
     model.base_model.model.k = _FakePeftLayer(down, up, 1.0, dora=True)
     with pytest.raises(ExpertLoadError, match=re.escape("adapter 'x' at 'base_model.model.k' uses DoRA")):
         expert_from_peft(model, "x")
+
+
+def test_parse_dotted_without_own_keys_is_empty_and_half_pairs_are_named():
+    # kills: `names[0] if names or True` (IndexError on no own keys), `.get(key, None)` for either bucket, `&` for `|`
+    # in the adapter names (an adapter with only B factors vanished), check_pairs' source dropped, the pre-0.20
+    # processor message's fix, the unnamed adapter's bucket name
+    from mole.experts import ExpertLoadError
+    from mole.formats.diffusers import parse_dotted
+
+    down, up = _ab()
+    assert parse_dotted({"text_encoder.q.lora_A.weight": down}, "unet", None, {}, "f") == (
+        {}, ["text_encoder.q.lora_A.weight"]
+    )  # fmt: skip
+    msg = "f: incomplete LoRA pairs: layers with A/down but no B/up: [], with B/up but no A/down: ['blk.q']"
+    with pytest.raises(ExpertLoadError, match=re.escape(msg)):
+        parse_dotted({"unet.blk.q.lora_B.x.weight": up}, "unet", None, {}, "f")
+    msg = "f: incomplete LoRA pairs: layers with A/down but no B/up: ['blk.q'], with B/up but no A/down: []"
+    with pytest.raises(ExpertLoadError, match=re.escape(msg)):
+        parse_dotted({"unet.blk.q.lora_A.weight": down}, "unet", None, {}, "f")
+    msg = "f: key 'a.processor.lora_A.weight' uses diffusers' pre-0.20 attention-processor layout; re-save it with a"
+    with pytest.raises(ExpertLoadError, match=re.escape(msg + " current diffusers")):
+        parse_dotted({"a.processor.lora_A.weight": down}, "unet", None, {}, "f")
+    mixed = {"a.lora_A.weight": down, "a.lora_B.weight": up, "a.lora_A.x.weight": down, "a.lora_B.x.weight": up}
+    with pytest.raises(ExpertLoadError, match=re.escape("f: the state dict holds adapters ['', 'x']; pass adapter=")):
+        parse_dotted(mixed, "unet", None, {}, "f")
+
+
+@pytest.mark.parametrize("rank,alpha", [(16, 32.0), (2, 8.0 * 2**0.5), (1, 8.0)])
+def test_peft_rslora_alpha_at_ranks_where_half_r_is_not_sqrt_r(rank, alpha):
+    # kills: alpha * r * 0.5 for alpha * sqrt(r) (equal at r = 4 only): peft's scale alpha / sqrt(r) = alpha' / r
+    from mole.formats.diffusers import _peft_alpha
+
+    assert _peft_alpha("blk.to_q", rank, {"lora_alpha": 8, "use_rslora": True}) == pytest.approx(alpha, rel=1e-12)
+    assert alpha / rank == pytest.approx(8 / rank**0.5)  # the scale peft applies, written out
+
+
+def test_diffusers_state_dict_defaults_to_the_unet_component():
+    # kills: the default component renamed; diffusers' load_lora_weights reads unet.* keys for the UNet
+    import json
+
+    from mole.experts import ExpertWeights
+    from mole.formats.diffusers import diffusers_state_dict
+
+    down, up = _ab()
+    sd, meta = diffusers_state_dict(ExpertWeights("e", {"blk.q": LoraPair(down, up, 2.0)}))
+    assert sorted(sd) == ["unet.blk.q.lora_A.weight", "unet.blk.q.lora_B.weight"]
+    assert json.loads(meta)["unet.r"] == 2 and json.loads(meta)["unet.lora_alpha"] == 2.0

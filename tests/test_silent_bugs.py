@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mole.config import Gating, GlobalSource
@@ -49,7 +50,8 @@ def test_kohya_writer_keys_and_shapes_read_literally(tmp_path):
     torch.testing.assert_close(delta, up @ down * 0.5)
 
 
-def test_peft_rslora_adapter_file_matches_peft_output(tmp_path):
+@pytest.mark.parametrize("rank", [4, 9])  # 9: r / 2 != sqrt(r), so alpha * r * 0.5 fails too
+def test_peft_rslora_adapter_file_matches_peft_output(tmp_path, rank):
     # bug targeted: rsLoRA read with the wrong scale (peft's is alpha / sqrt(r)). Reference: peft's own model output.
     from peft import LoraConfig, get_peft_model
     from torch import nn
@@ -59,7 +61,7 @@ def test_peft_rslora_adapter_file_matches_peft_output(tmp_path):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(12, 20))
     ref = get_peft_model(
-        nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_rslora=True)
+        nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=rank, lora_alpha=8, target_modules=["0"], use_rslora=True)
     )
     ref.base_model.model[0].base_layer.load_state_dict(base[0].state_dict())
     with torch.no_grad():
@@ -72,6 +74,6 @@ def test_peft_rslora_adapter_file_matches_peft_output(tmp_path):
     expert = load_expert(tmp_path / "adapter", "face")
     inject_mole(base, [expert], MoLEConfig(gating="none", targets=["0"]))
     torch.testing.assert_close(base(x), expected, rtol=1e-5, atol=1e-6)
-    # the adapter is not a no-op (peft scale 8/sqrt(4) = 4; a reader using alpha/r = 2 or alpha/r^1.5 = 1 fails above)
+    # the adapter is not a no-op (peft scale 8/sqrt(r): 4 at r=4; a reader using alpha/r or alpha/r^1.5 fails above)
     delta = (expected - ref.base_model.model[0].base_layer(x)).detach()
     assert delta.abs().max() > 0
