@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mole.config import GateInit, MoLEConfig
-from mole.inject import expert_parameters, gate_parameters, inject_mole
+from mole.config import MoLEConfig
+from mole.inject import expert_parameters, inject_mole
 from mole.instruct import InstructConfig, InstructMoLE, SharedLoRA, fresh_experts
 from mole.instruct.variants import expert_targets, shared_targets
 from mole.targets import target_modules
@@ -329,7 +329,8 @@ def train_base(data, steps: int, bs: int, seed: int, out: Path, text: TextEncode
         model.load_state_dict(torch.load(path))
         return model.eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    warm_cos = lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cos)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(steps):
@@ -390,7 +391,8 @@ def evaluate(model, held, text, sample_steps: int, seeds: list[int], routing: In
         ps, ss, w = [], [], []
         for s in seeds:
             for i in range(0, held.shape[0], 64):
-                y = sample(model, cond[i : i + 64], (txt[0][i : i + 64], txt[1][i : i + 64]), sample_steps, s * 7919 + i)
+                part = (txt[0][i : i + 64], txt[1][i : i + 64])
+                y = sample(model, cond[i : i + 64], part, sample_steps, s * 7919 + i)
                 ps += psnr(y, held[i : i + 64]).tolist()
                 ss += ssim(y, held[i : i + 64]).tolist()
                 if routing is not None and routing.router is not None and routing.router.last_weights is not None:
@@ -500,7 +502,8 @@ def table(results: dict) -> str:
         rows.append("")
         rows.append("Paired differences (same held-out image, sampling seed and training seed), mean ± s.e.:")
         rows.append("")
-        rows.append("| difference | " + " | ".join(f"{t} PSNR dB" for t in TASKS) + " | average PSNR dB | average SSIM |")
+        head = " | ".join(f"{t} PSNR dB" for t in TASKS)
+        rows.append(f"| difference | {head} | average PSNR dB | average SSIM |")
         rows.append("|---|" + "---|" * (len(TASKS) + 2))
         for other in ("lora", "token-moe"):
             if not any(f"{other}/s{s}" in results for s in seeds):
