@@ -1,0 +1,62 @@
+"""bench/instruct_claim.py's measurements, against literal formulas written here (not the script's helpers)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "instruct_claim.py"
+_spec = importlib.util.spec_from_file_location("instruct_claim", _PATH)
+ic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ic)
+
+
+def test_psnr_uses_the_peak_of_images_in_minus_one_to_one():
+    a = torch.rand(2, 3, 32, 32) * 1.6 - 0.8
+    b = a + 0.1  # mse 0.01 on a range of width 2: 10 log10(2^2 / 0.01) = 26.02 dB (peak 1 would give 20.0)
+    assert ic.psnr(b, a).tolist() == pytest.approx([10 * math.log10(4 / 0.01)] * 2, abs=1e-3)
+
+
+def test_ssim_equals_the_literal_formula_on_one_gaussian_window():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 3, 7, 7, generator=g) * 2 - 1, torch.rand(1, 3, 7, 7, generator=g) * 2 - 1
+    x = np.arange(7) - 3.0
+    w1 = np.exp(-(x**2) / (2 * 1.5**2))
+    w = np.outer(w1, w1) / np.outer(w1, w1).sum()
+    vals = []
+    for c in range(3):  # one 7x7 window per channel: the whole image
+        p, q = (a[0, c].numpy().astype(np.float64) + 1) / 2, (b[0, c].numpy().astype(np.float64) + 1) / 2
+        mp, mq = (w * p).sum(), (w * q).sum()
+        vp, vq, cov = (w * p * p).sum() - mp**2, (w * q * q).sum() - mq**2, (w * p * q).sum() - mp * mq
+        c1, c2 = 0.01**2, 0.03**2
+        vals.append((2 * mp * mq + c1) * (2 * cov + c2) / ((mp**2 + mq**2 + c1) * (vp + vq + c2)))
+    assert float(ic.ssim(a, b)[0]) == pytest.approx(float(np.mean(vals)), abs=1e-5)
+    assert float(ic.ssim(a, a)[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_conditions_are_grey_blurred_and_edges_of_the_target():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    grey = ic.condition("colorize", x)
+    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert torch.allclose(grey, lum[:, None].expand(-1, 3, -1, -1), atol=1e-6)
+    flat = torch.full((1, 3, 32, 32), 0.3)
+    assert torch.allclose(ic.condition("deblur", flat), flat, atol=1e-6)  # a blur keeps a flat image
+    assert ic.condition("deblur", x).std() < 0.6 * x.std()  # and smooths noise
+    assert torch.all(ic.condition("edges", flat) == -1)  # no edge on a flat image
+    step = torch.full((1, 3, 32, 32), -1.0)
+    step[..., 16:] = 1.0
+    e = ic.condition("edges", step)[0, 0]
+    assert torch.all(e[:, 15:17] == 1) and torch.all(e[:, :14] == -1)  # the vertical edge, and only it
+
+
+def test_tokens_are_four_by_four_patches_in_raster_order():
+    x = torch.arange(3 * 32 * 32, dtype=torch.float32).view(1, 3, 32, 32)
+    t = ic.patchify(x)
+    assert t.shape == (1, 64, 48)
+    assert torch.equal(t[0, 1], x[0, :, 0:4, 4:8].reshape(-1))  # token 1: row 0, second patch; channels first
+    assert torch.equal(t[0, 8], x[0, :, 4:8, 0:4].reshape(-1))
+    assert torch.equal(ic.unpatchify(t), x)
