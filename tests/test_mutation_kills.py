@@ -847,3 +847,161 @@ def test_diffusers_state_dict_defaults_to_the_unet_component():
     sd, meta = diffusers_state_dict(ExpertWeights("e", {"blk.q": LoraPair(down, up, 2.0)}))
     assert sorted(sd) == ["unet.blk.q.lora_A.weight", "unet.blk.q.lora_B.weight"]
     assert json.loads(meta)["unet.r"] == 2 and json.loads(meta)["unet.lora_alpha"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------- layers/spatial
+
+
+def _conv_expert(pair, base, x):
+    """E(x) = up * (down * x) * alpha / r, written out: down with the base conv's geometry, a 1x1 up."""
+    mid = torch.nn.functional.conv2d(x, pair.down, None, base.stride, base.padding, base.dilation)
+    return torch.nn.functional.conv2d(mid, pair.up[:, :, None, None]) * pair.alpha / pair.rank
+
+
+def _spatial_literal(layer, pairs, x, weights=None, routing=None):
+    """(F(X) + sum_i w_i g_i E_i(X * s_i), local (b, n, e) or None, global (b, e) or None), expert by expert."""
+    b, _, h, w = x.shape
+    base, gates = layer.base, layer.gates
+    tokens = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
+    out, locs, globs = base(x), [], []
+    for i, name in enumerate(layer.expert_names):
+        pair, s, g = pairs.get(name), None, None
+        if layer.gating in (Gating.LOCAL, Gating.BOTH):
+            s = torch.sigmoid(tokens @ gates.local_weight[i] + gates.local_bias[i])  # (b, n)
+        if layer.gating in (Gating.GLOBAL, Gating.BOTH):
+            if layer.global_source is GlobalSource.INPUT:
+                g = torch.sigmoid(tokens.mean(1) @ gates.global_weight[i] + gates.global_bias[i])
+            elif pair is None:  # no output to pool: the bias alone
+                g = torch.sigmoid(gates.global_bias[i]).expand(b)
+            else:
+                pooled = _conv_expert(pair, base, x).mean((2, 3))  # (b, o)
+                g = torch.sigmoid(pooled @ gates.global_weight[i] + gates.global_bias[i])
+        locs.append(s)
+        globs.append(g)
+        if pair is None:
+            continue
+        y = _conv_expert(pair, base, x * s.view(b, 1, h, w) if s is not None else x)
+        if g is not None:
+            y = y * g[:, None, None, None]
+        if routing is not None:
+            y = y * routing[:, i, None, None, None]
+        out = out + y * (1.0 if weights is None else weights[i])
+    local = torch.stack(locs, -1) if locs[0] is not None else None
+    glob = torch.stack(globs, -1) if globs[0] is not None else None
+    return out, local, glob
+
+
+def _spatial(names, ranks, cfg, base=None, seed=0):
+    from mole.layers import mole_layer_for
+
+    g = torch.Generator().manual_seed(seed)
+    base = base or nn.Conv2d(3, 5, 3, padding=1)
+    pairs = {n: LoraPair(torch.randn(r, 3, 3, 3, generator=g) * 0.5, torch.randn(5, r, 1, 1, generator=g) * 0.5,
+                         alpha=1.0 + k) for k, (n, r) in enumerate(zip(names, ranks)) if r}  # fmt: skip
+    layer = mole_layer_for(base, names, pairs, cfg, path="down.conv1")
+    with torch.no_grad():
+        for p in layer.gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return layer, pairs
+
+
+@pytest.mark.parametrize(
+    "gating,source,names,ranks",
+    [
+        ("both", "input", ("a", "b"), (2, 2)),  # one grouped conv
+        ("both", "expert_output", ("a", "b", "c"), (2, 3, 4)),  # a loop over unequal ranks, three experts
+        ("local", "input", ("a", "b", "c"), (3, 1, 2)),
+        ("global", "expert_output", ("a", "b"), (2, 3)),
+        ("both", "input", ("hand", "face"), (0, 2)),  # the first expert has no weights in this layer
+        ("global", "expert_output", ("hand", "face"), (0, 2)),
+        ("local", "input", ("hand", "face"), (0, 2)),
+    ],
+)
+def test_spatial_layer_output_and_reported_gates_are_the_literal_formula(gating, source, names, ranks):
+    # kills: the row offset of unequal ranks reset (`start = r`), a gate column slice off, the recorder given the
+    # wrong (or no) gates on either path, an expert missing here ending the naive loop or taking the bias gate
+    # when its global gate comes from the input, the expert weights dropped
+    torch.manual_seed(0)
+    layer, pairs = _spatial(names, ranks, MoLEConfig(gating=gating, global_source=source))
+    weights = torch.tensor([0.5, 2.0, -1.0][: len(names)])
+    layer.expert_weight.copy_(weights)
+    x = torch.randn(2, 3, 4, 5)
+    want, want_local, want_glob = _spatial_literal(layer, pairs, x, weights)
+    layer.recorder = _Gates()
+    with torch.no_grad():
+        for fused in (True, False):
+            layer.fused = fused
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    for local, glob in layer.recorder.calls:
+        for got, ref in ((local, want_local), (glob, want_glob)):
+            assert (got is None) == (ref is None)
+            if ref is not None:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_spatial_layer_routing_weighs_each_sample_and_is_reported():
+    # kills: the router's weights dropped or not reported as the global gate of a layer without one (fused path),
+    # and dropped in the naive path
+    torch.manual_seed(0)
+    layer, pairs = _spatial(("a", "b"), (2, 3), MoLEConfig(gating="none"))
+    routing = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
+    layer.routing = routing
+    layer.recorder = _Gates()
+    x = torch.randn(2, 3, 4, 5)
+    want, _, _ = _spatial_literal(layer, pairs, x, routing=routing)
+    with torch.no_grad():
+        for fused in (True, False):
+            layer.fused = fused
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert layer.recorder.calls[0][1].tolist() == routing.tolist()
+
+
+@pytest.mark.parametrize("gating", ["none", "local"])
+def test_spatial_layer_tracks_the_cosines_of_the_ungated_expert_outputs(gating):
+    # kills: track_orthogonality failing on a spatial layer (an AttributeError before: InstructMoLE's orthogonality
+    # loss on a model with LoCon experts), the naive path not tracking
+    torch.manual_seed(0)
+    layer, pairs = _spatial(("a", "b", "c"), (2, 0, 3), MoLEConfig(gating=gating))
+    layer.track_orthogonality = True
+    x = torch.randn(2, 3, 4, 5)
+    outs = [_conv_expert(pairs[n], layer.base, x).flatten(1) if n in pairs else torch.zeros(2, 5 * 20) for n in "abc"]
+    inner = torch.stack([torch.stack([(outs[i] * outs[j]).sum(1) for j in range(3)], 1) for i in range(3)], 1)
+    norms = inner.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()
+    for fused in (True, False):
+        layer.fused = fused
+        with torch.no_grad():
+            layer(x)
+        torch.testing.assert_close(layer.last_inner, inner, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.last_cosine[:, 0, 2], inner[:, 0, 2] / (norms[:, 0] * norms[:, 2]))
+
+
+def test_spatial_layer_errors_name_the_layer_and_the_fix():
+    from mole.layers import SpatialMoLELayer
+
+    layer, _ = _spatial(("a",), (2,), MoLEConfig())
+    msg = "layer 'down.conv1': a Conv2d input must be (b, c, h, w), got (3, 4, 5)"
+    for fused in (True, False):
+        layer.fused = fused
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            layer(torch.zeros(3, 4, 5))
+    pair = LoraPair(torch.ones(2, 3, 1, 1), torch.ones(5, 2, 1, 1), 2.0)
+    base = nn.Conv2d(3, 5, 1)
+    with pytest.raises(ValueError, match=re.escape(f"layer 'q': {base} is pointwise; wrap it with MoLELayer")):
+        SpatialMoLELayer(base, ["a"], {"a": pair}, MoLEConfig(), path="q")
+
+
+@pytest.mark.parametrize("source", ["input", "expert_output"])
+def test_spatial_naive_path_runs_bf16_with_fp32_gates(source):
+    # kills: the naive path's gate weights not cast to the input's dtype (stage 3 keeps the gates fp32 under
+    # bf16 mixed precision: a bf16 @ fp32 product is refused)
+    torch.manual_seed(0)
+    layer, _ = _spatial(("a", "b"), (2, 3), MoLEConfig(gating="both", global_source=source))
+    layer.to(torch.bfloat16)
+    layer.gates.float()
+    x = torch.randn(2, 3, 4, 5).bfloat16()
+    with torch.no_grad():
+        fused = layer(x)
+        layer.fused = False
+        naive = layer(x)
+    assert naive.dtype == torch.bfloat16
+    torch.testing.assert_close(naive, fused, rtol=2e-2, atol=2e-2)

@@ -106,7 +106,7 @@ class SpatialMoLELayer(MoLELayer):
         if self.recorder is not None:
             self.recorder.record(self, local, glob, x)
         if self.track_orthogonality:
-            self.last_cosine = self._output_cosines(plain_tokens)
+            self._track(self._output_inner(plain_tokens))
         ho, wo = h.shape[-2:]
         hc = self._expand_rows(coef, h.flatten(2).transpose(1, 2))  # (b, n', R)
         y = F.linear(hc, self.lora_B.to(dtype))  # (b, n', o)
@@ -121,7 +121,7 @@ class SpatialMoLELayer(MoLELayer):
         tokens = x.flatten(2).transpose(1, 2)  # (b, n, c)
         gates = self.gates
         total = torch.zeros_like(out)
-        locals_, globals_ = [], []
+        locals_, globals_, ungated = [], [], []
         for i, name in enumerate(self.expert_names):
             pair = self.expert(name)
             s_i = g_i = None
@@ -134,9 +134,12 @@ class SpatialMoLELayer(MoLELayer):
                     g_i = torch.sigmoid(gates.global_bias[i].to(dtype)).expand(b)
                 locals_.append(s_i)
                 globals_.append(g_i)
+                ungated.append(None)
                 continue
             gated = x * s_i.view(b, 1, h, w) if s_i is not None else x
             y_i = self._lora_conv(pair, gated)  # (b, o, h', w')
+            if self.track_orthogonality:
+                ungated.append(self._lora_conv(pair, x))
             if self.gating.uses_global and g_i is None:  # official variant: pool the expert's own scaled output
                 pooled = self._lora_conv(pair, x).mean((2, 3))  # (b, o)
                 g_i = torch.sigmoid(pooled @ gates.global_weight[i].to(dtype) + gates.global_bias[i].to(dtype))
@@ -151,6 +154,9 @@ class SpatialMoLELayer(MoLELayer):
             local = torch.stack(locals_, -1) if self.gating.uses_local else None
             glob = torch.stack(globals_, -1) if self.gating.uses_global else None
             self.recorder.record(self, local, glob, x)
+        if self.track_orthogonality:
+            flat = torch.stack([torch.zeros_like(out) if u is None else u for u in ungated], 1).flatten(2).float()
+            self._track(flat @ flat.transpose(1, 2))  # (b, e, e) inner products of the ungated outputs
         return out + total
 
     def _lora_conv(self, pair: LoraPair, x: torch.Tensor) -> torch.Tensor:
