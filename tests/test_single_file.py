@@ -152,7 +152,7 @@ def test_bad_single_files_are_named(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}, str(inpaint))
     with pytest.raises(SingleFileError, match="9 input channels"):
         DiffusionModel.from_pretrained(inpaint)
-    with pytest.raises(ModelLoadError, match="no such checkpoint file"):
+    with pytest.raises(FileNotFoundError, match="base model .*missing.safetensors: no such file or folder"):
         DiffusionModel.from_pretrained(tmp_path / "missing.safetensors")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")

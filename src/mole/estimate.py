@@ -536,6 +536,9 @@ def _kind_of(model: str, is_single_file, checkpoint_shapes, detect_kind) -> str:
             return kind
     if is_single_file(model):
         return detect_kind(checkpoint_shapes(model), model)
+    from .models import check_base_name
+
+    check_base_name(model, "model")  # a missing path or non-pipeline folder: worded as in every other command
     raise EstimateError(
         f"model={model!r}: the estimate needs one of {list(KINDS)}, their hub ids {list(PUBLISHED.values())} or a "
         "single-file checkpoint; pass --base KIND"

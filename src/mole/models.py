@@ -48,7 +48,51 @@ def check_base_name(base: str, field: str = "--base") -> str:
         return str(p)
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base or p.suffix.lower() in SUFFIXES:
         raise FileNotFoundError(f"{field} {base}: no such file or folder; check the path (or give a hub id)")
+    if hub_offline() and not hub_cached(base):  # known now, not minutes later when the model loads
+        raise ModelLoadError(hub_unreachable(base, field))
     return base  # a hub id: resolved by diffusers when the model loads
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: the hub will not be asked (huggingface_hub reads it once, at import)."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a dependency of diffusers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cached(repo_id: str) -> bool:
+    """A snapshot of the pipeline `repo_id` (its model_index.json) is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except (ImportError, ValueError):  # an id huggingface_hub refuses is not cached either
+        return False
+
+
+def _not_downloadable(exc: BaseException) -> bool:
+    """diffusers' / huggingface_hub's error for a hub id it neither found cached nor could fetch."""
+    text = str(exc)
+    return any(k in text for k in ("not fully cached", "local_files_only", "outgoing traffic has been disabled",
+                                   "couldn't connect", "Cannot reach", "offline mode"))  # fmt: skip
+
+
+def one_line_cause(exc: BaseException, limit: int = 200) -> str:
+    """A dependency's error in one short line (its first sentence)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hub_unreachable(base: str, field: str) -> str:
+    """The one line for a hub id that is neither cached nor downloadable (offline or the hub unreachable)."""
+    return (f"{field} {base}: not in the local Hugging Face cache and the hub cannot be reached; download it once "
+            f"with network access (huggingface-cli download {base}) or give a local folder / model.safetensors")
 
 
 def check_mole_name(mole: str, field: str = "--mole") -> str:
@@ -117,22 +161,22 @@ class DiffusionModel:
         dtype, or per component for pipeline folders ({"default": torch.bfloat16, "unet": torch.float32})."""
         from diffusers import DiffusionPipeline
 
-        from .mole_tiny import is_mole_tiny, resolve_base
+        from .mole_tiny import is_mole_tiny
 
         name = "mole-tiny" if is_mole_tiny(path) else str(path)
-        path = resolve_base(path)
-        if Path(path).suffix.lower() in SUFFIXES and not Path(path).is_dir():
-            if not Path(path).is_file():
-                raise ModelLoadError(f"base model {str(path)!r}: no such checkpoint file")
+        path = check_base_name(name, "base model")  # the rule every command shares, before anything loads
+        if Path(path).suffix.lower() in SUFFIXES and Path(path).is_file():
             if isinstance(dtype, dict):  # per-component dtypes are for pipeline folders; a file loads in one
                 dtype = torch.float32
             return cls(load_single_file(path, dtype=dtype, tokenizer=tokenizer, config=config), str(path))
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:
+            if not Path(path).exists() and _not_downloadable(exc):  # a hub id: uncached, and the hub unreachable
+                raise ModelLoadError(hub_unreachable(name, "base model")) from None
             raise ModelLoadError(
-                f"base model {str(path)!r} could not be loaded as a diffusers pipeline ({exc}); pass a hub id or a "
-                "folder written by pipeline.save_pretrained()"
+                f"base model {name} could not be loaded as a diffusers pipeline ({one_line_cause(exc)}); give a "
+                "hub id, a folder written by pipeline.save_pretrained() or a model.safetensors"
             ) from None
         return cls(pipe, name)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import expert_files, tokenizer_arg
+from ._common import check_base_arg, check_file, check_mole_arg, expert_files, tokenizer_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ..formats.official import is_official_gate_file
     from ..inference.pipeline import load_pipeline
 
+    check_mole_arg(args.mole)  # every name checked in milliseconds, before the base loads (minutes on SDXL)
+    for path in (expert_files(args.expert) or {}).values():
+        check_file(path, "expert LoRA", "--expert")
+    if args.base is not None:
+        check_base_arg(args.base)
     model = load_pipeline(args.base, device="cpu").denoiser if args.base else None
     if is_official_gate_file(args.mole):
         if model is None:

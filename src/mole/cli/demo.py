@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import logger
+from ._common import check_base_arg, check_mole_arg, logger
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import DemoOptions, run_demo, summary_table
 
+    check_base_arg(args.base)  # the rule every command shares, before any folder is touched
+    check_mole_arg(args.mole)
     opts = DemoOptions(out_dir=args.out or "runs/demo", base=args.base, mole=args.mole, train=args.train,
                        train_steps=args.train_steps, sample_steps=args.steps, rank=args.rank, seeds=args.seeds,
                        seed=args.seed)  # fmt: skip (checked before any folder is touched)

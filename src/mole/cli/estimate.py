@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import finite_float
+from ._common import check_base_arg, finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     kw = {"stage": args.stage, "batch_size": args.batch_size, "resolution": args.resolution,
           "precision": args.precision, "optimizer": args.optimizer, "gradient_checkpointing": args.checkpointing,
           "rank": args.rank, "num_experts": args.experts, "gpus": args.gpus, "strategy": args.strategy}  # fmt: skip
+    from ..full import KINDS, PUBLISHED
+
+    if args.base and args.base not in KINDS and args.base not in PUBLISHED.values():
+        check_base_arg(args.base)  # a path or hub id: the rule every command shares
     if args.config:
         est = estimate_from_config(args.config, **kw)
     elif args.base and args.preset:

@@ -148,6 +148,8 @@ def _cmd_eval_ablation(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--gating {bad}: use local=FILE, global=FILE, both=FILE")
     check_base_arg(args.base)
+    if args.stage1 is not None:
+        check_base_arg(args.stage1, "--stage1")
     for path in [args.mole, *gating.values()]:
         check_mole_arg(path)
     models = ablation_models(args.base, stage1=args.stage1, mole=args.mole, gating=gating,

@@ -17,10 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from ..formats.mole_file import read_mole_file
-    from ..mole_tiny import is_mole_tiny
+    from ..models import check_mole_name
 
-    if not is_mole_tiny(args.file):
-        check_file(args.file, "MoLE .safetensors", "file")
+    path = check_mole_name(args.file, "file")  # the rule every command shares (mole-tiny: its shipped file)
+    check_file(path, "MoLE .safetensors", "file")  # readable
     manifest, tensors = read_mole_file(args.file)
     gates = sum(t.numel() for k, t in tensors.items() if k.startswith("gates."))
     experts = sum(t.numel() for k, t in tensors.items() if k.startswith("experts."))

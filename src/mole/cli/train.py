@@ -34,10 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ..models import check_base_name
     from ..training import annotated_toml, load_config, train
     from ..training.interrupt import TrainingInterrupted
 
     cfg = load_config(args.config, preset=args.preset, overrides=args.set or [])
+    if cfg.model:  # --print-config too: the rule every command shares (milliseconds); none set: train says so
+        check_base_name(cfg.model, "model")
     for key, note in getattr(cfg, "adapted", {}).items():
         if not args.print_config:  # --print-config marks them in the TOML instead
             logging.getLogger("mole").warning("%s=%s: %s", key, _value(cfg, key), note)
