@@ -135,3 +135,19 @@ def test_an_uncached_hub_id_at_load_time_is_one_line_in_cli_terms(monkeypatch):
     text = str(err.value)
     assert text.startswith(f"base model {HUB}: not in the local Hugging Face cache and the hub cannot be reached")
     assert f"huggingface-cli download {HUB}" in text and "local_files_only" not in text and "\n" not in text
+
+
+def test_a_layer_the_model_lacks_names_the_path_and_the_nearest_ones():
+    """Issue 21 item 7: a module path from a file or manifest that the model lacks was torch's internal
+    "UNet2DConditionModel has no attribute `not`" (exit 1); now a LookupError (exit 2) with the nearest paths."""
+    from mole.cli._common import USER_ERRORS
+    from mole.identity import weight_signature
+    from mole.tiny import tiny_unet
+
+    unet = tiny_unet("sd15")
+    with pytest.raises(LookupError) as err:
+        weight_signature(unet, ["conv_in.not"])
+    assert isinstance(err.value, USER_ERRORS)
+    text = str(err.value)
+    assert "'conv_in.not' is not a module of UNet2DConditionModel" in text and "nearest: conv_in" in text
+    assert "has no attribute" not in text

@@ -15,7 +15,7 @@ from mole.cli import main
 from mole.formats.ldm import SingleFileError, checkpoint_shapes, detect_kind, pipeline_to_original, save_single_file
 from mole.identity import structure_hash, weight_signature
 from mole.io import build_manifest
-from mole.models import DiffusionModel, ModelLoadError
+from mole.models import DiffusionModel
 from mole.targets import TARGETS, detect_backbone, target_modules
 from mole.tiny import _tiny_clip_text, random_expert, tiny_clip_tokenizer, tiny_pipeline, tiny_vae
 

@@ -25,7 +25,7 @@ from .formats import MoLEFileError
 from .formats.kohya import kohya_flat_name, uses_sgm_names
 from .formats.mole_file import embedded_experts, read_mole_file
 from .layers.lora import LoraPair
-from .targets import Backbone
+from .targets import Backbone, submodule
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def kohya_lora_state_dict(layers: Mapping[str, LoraPair], model: nn.Module | Non
     sd: dict[str, torch.Tensor] = {}
     for path, pair in layers.items():
         flat = "lora_unet_" + (kohya_flat_name(path, model) if model is not None else path.replace(".", "_"))
-        conv = pair.conv or (model is not None and isinstance(model.get_submodule(path), nn.Conv2d))
+        conv = pair.conv or (model is not None and isinstance(submodule(model, path), nn.Conv2d))
         down, up = LoraPair(pair.down, pair.up, pair.alpha, conv=conv).factors_for_file()
         sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"] = down, up
         sd[f"{flat}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)

@@ -24,7 +24,7 @@ from .formats.mole_file import embedded_experts, read_mole_file
 from .formats.official import EXPERTS, official_gate_tensors
 from .inject import remove_mole
 from .io import load_official, save_mole
-from .targets import Backbone
+from .targets import Backbone, submodule
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def mole_to_official(
             if rec is not None:
                 down = down.reshape(rec["shapes"][f"{flat}.lora_down.weight"])
                 up = up.reshape(rec["shapes"][f"{flat}.lora_up.weight"])
-            elif model is not None and isinstance(model.get_submodule(layer), nn.Conv2d) and down.ndim == 2:
+            elif model is not None and isinstance(submodule(model, layer), nn.Conv2d) and down.ndim == 2:
                 down, up = down[:, :, None, None], up[:, :, None, None]
             sd[f"{flat}.lora_down.weight"], sd[f"{flat}.lora_up.weight"] = down, up
             sd[f"{flat}.alpha"] = torch.tensor(pair.alpha)

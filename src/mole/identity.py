@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .formats import MoLEFileError
+from .targets import submodule
 
 _MOLE_PARAM_MARKERS = (".lora_A", ".lora_B", ".gates.")
 
@@ -68,7 +69,7 @@ def weight_signature(model: nn.Module, layer_paths: Sequence[str], layers: int =
     """A few evenly spaced base weights of the first wrapped layers: tells two models of one architecture apart."""
     values: list[float] = []
     for path in sorted(layer_paths)[:layers]:
-        module = model.get_submodule(path)
+        module = submodule(model, path, "manifest layer")
         w = getattr(module, "base", module).weight.detach().flatten()
         values.extend(float(v) for v in w[spaced_indices(w.numel(), per_layer, w.device)].float().cpu())
     return values

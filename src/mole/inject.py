@@ -21,7 +21,7 @@ from .formats import MoLEFileError
 from .formats.kohya import sgm_to_diffusers
 from .layers import MoLELayer, check_wrappable, layer_dims, mole_layer_for
 from .layers.lora import LoraPair
-from .targets import INJECT_TARGETS, TARGETS, Backbone, compile_targets, detect_backbone, is_target
+from .targets import INJECT_TARGETS, TARGETS, Backbone, compile_targets, detect_backbone, is_target, submodule
 
 logger = logging.getLogger(__name__)
 
@@ -340,4 +340,4 @@ def extract_expert(model: nn.Module, name: str) -> ExpertWeights:
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), attr
+    return (submodule(model, parent_path) if parent_path else model), attr

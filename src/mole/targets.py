@@ -102,3 +102,23 @@ def target_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     """Paths of the Linear / Conv2d modules of `model` the patterns select (the layers an expert may cover)."""
     compiled = compile_targets(patterns)
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and is_target(n, compiled)]
+
+
+class LayerNotFound(LookupError):
+    """A module path from a file or a setting that the model does not have (a user error, not a bug)."""
+
+
+def submodule(model: nn.Module, path: str, what: str = "layer") -> nn.Module:
+    """model.get_submodule(path), but a path the model lacks (from a MoLE / LoRA file, a manifest, a setting) raises
+    LayerNotFound naming the path and the nearest module paths the model has, instead of torch's
+    "<Model> has no attribute `x`"."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        import difflib
+
+        names = [n for n, _ in model.named_modules() if n]
+        near = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+        hint = f"nearest: {', '.join(near)}" if near else f"it has e.g. {', '.join(names[:3])}"
+        raise LayerNotFound(f"{what} {path!r} is not a module of {type(model).__name__} ({hint}); the file or "
+                            "setting was made for another base model, or the name is misspelt") from None

@@ -24,6 +24,7 @@ from torch import nn
 from ..config import MoLEConfig
 from ..experts import ExpertWeights
 from ..layers import layer_dims
+from ..targets import submodule
 from . import MoLEFileError
 from .kohya import _layers_per_block, kohya_lookup, sgm_to_diffusers
 
@@ -126,7 +127,7 @@ def resolve_gate_layers(gates: Mapping[str, Mapping], model: nn.Module, source: 
 def check_gate_shapes(gates: Mapping[str, Mapping], paths: Mapping[str, str], model: nn.Module, source: str) -> None:
     """Every gate tensor has the shape its layer needs (Phi_1: (2, d_in); the scales: (1, d_out))."""
     for flat, path in paths.items():
-        d_in, d_out = layer_dims(model.get_submodule(path))  # a wrapped layer: its base
+        d_in, d_out = layer_dims(submodule(model, path, "gate layer"))  # a wrapped layer: its base
         want = {"Phi_1.weight": (2, d_in), "Phi_1.bias": (2,), "face_scale.weight": (1, d_out),
                 "face_scale.bias": (1,), "hand_scale.weight": (1, d_out), "hand_scale.bias": (1,)}  # fmt: skip
         for param, shape in want.items():
