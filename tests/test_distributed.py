@@ -218,7 +218,9 @@ def test_deepspeed_zero2_and_zero3_train_and_resume_as_ddp(tmp_path, tiny_sd15_d
     assert r["s2_zero2"]["max_diff"] <= 1e-6 and r["s2_zero3"]["max_diff"] <= 1e-6
     assert len(r["s2_zero3"]["files"]) == 2 * 48  # the whole expert, gathered out of ZeRO-3's partitions
     assert r["s2_zres"]["start_step"] == 2 and r["s2_zres"]["max_diff"] <= 1e-6
-    assert r["s2_zres"]["losses"] == r["s2_zero2"]["losses"][2:]
+    # the resumed steps see the same images and noise: losses equal to float32 rounding (ZeRO's reduction order
+    # after a reload may differ in the last bit; a wrong data position or RNG state moves them by > 1e-3)
+    assert r["s2_zres"]["losses"] == pytest.approx(r["s2_zero2"]["losses"][2:], rel=1e-6, abs=0)
     state = json.loads((tmp_path / "s2_zres" / "checkpoints" / "checkpoint-0000004" / "state.json").read_text())
     assert state["layout"] == "zero2" and state["processes"] == 2
 

@@ -138,6 +138,11 @@ _spec.loader.exec_module(mp_same_model)
 # rounding of 0 can take the other sign in a 2-process run, moving that weight by 2 lr in that step. The bound
 # for 4 steps at lr 1e-4 is 8e-4; measured: see STAGE1_TOL's use below
 STAGE1_TOL = 8e-4
+# stage 2 trains a LoRA from lora_B = 0 with AdamW at lr 1e-3: lora_A's gradient starts within rounding of 0,
+# where Adam's m / (sqrt(v) + eps) is sensitive to the last bit of the all-reduced gradient. Measured on two
+# machines: 0 and 2.3e-5 (4.7e-5 of the weights, one lora_A); the bound is a tenth of one step (lr / 10). A rank
+# bug (same noise on every rank, a loss not averaged) moves most weights by about lr.
+TOL = {"stage1": STAGE1_TOL, "stage2": 1e-4, "stage3": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +236,8 @@ def test_two_processes_train_the_same_model_as_one(run, single, two_processes):
     worst = sorted(k for k in w1 if float((w1[k].double() - w2[k].double()).abs().max()) > 1e-5)
     print(f"{run}: max |dw| 1 process x 4 vs 2 processes x 2 after 4 steps = {dw:.3g}; |dw| > 1e-5: {off:.2e} "
           f"of the weights, in {worst[:4]}")
-    assert dw <= (STAGE1_TOL if stage == "stage1" else 1e-5)
-    assert off < (1e-3 if stage == "stage1" else 1e-12)  # stage 1: a few sign flips, not a different model
+    assert dw <= TOL[stage]
+    assert off < (1e-3 if stage != "stage3" else 1e-12)  # a few rounding-sensitive entries, not a different model
     assert result1.probe_loss_last != result1.probe_loss_first  # it trained
     # metrics.jsonl: the loss of every step is the mean over both processes (not process 0's), which is the
     # one-process loss of the same 4 images
