@@ -693,7 +693,8 @@ def test_parse_dotted_errors_name_the_key_and_the_fix():
     from mole.formats.diffusers import parse_dotted
 
     down, up = _ab()
-    with pytest.raises(ExpertLoadError, match=re.escape("f: DoRA adapters (use_dora=True) are not low-rank")):
+    with pytest.raises(ExpertLoadError, match=re.escape("f: DoRA adapters (use_dora = true in the adapter config) are "
+                                                            "not low-rank")):
         parse_dotted({"a.lora_A.weight": down}, "unet", None, {"use_dora": True}, "f")
     with pytest.raises(ExpertLoadError, match=re.escape("f: key 'unet.a.hada_w1_a' is a LoHa (hada_*) tensor, which")):
         parse_dotted({"unet.a.hada_w1_a": down}, "unet", None, {}, "f")

@@ -49,10 +49,10 @@ def test_presets_hold_the_papers_settings():
     "overrides,match",
     [
         (["optim.lr=-1"], r"optim\.lr=-1"),
-        (["optim.name=sgd"], r"optim\.name='sgd' is not valid; use one of \['adamw', 'lion'\]"),
+        (["optim.name=sgd"], r'optim\.name = "sgd" is not valid; use one of adamw, lion$'),
         (["data.resolution=100"], r"data\.resolution=100.*multiple of 8"),
-        (["max_steps=ten"], r"max_steps='ten' must be a whole number"),
-        (["optim.learning_rate=1"], r"unknown option\(s\) optim\.learning_rate"),
+        (["max_steps=ten"], r'max_steps must be a whole number, got "ten"'),
+        (["optim.learning_rate=1"], r"unknown option optim\.learning_rate"),
         (["data.cache_latents=true", "data.random_flip=true"], r"data\.cache_latents.*random_flip"),
         (["mixture.gating=none"], r"mixture\.gating='none'.*stage 3 trains gates"),
         (["stage=2", "expert.name='face.png'"], r"expert\.name='face\.png'"),

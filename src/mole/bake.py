@@ -144,11 +144,11 @@ def bake_mole_file(
     if out.suffix != ".safetensors":
         raise ValueError(f"out={str(out)!r} must end in .safetensors")
     if out.exists() and not overwrite:
-        raise MoLEFileError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise MoLEFileError(f"{out} exists; pass --overwrite to replace it")
     manifest, tensors = read_mole_file(path)
     if model is None and Backbone(manifest["base_model"]["backbone"]) is Backbone.SDXL:
         raise MoLEFileError(f"{path}: naming SDXL layers the kohya way needs the base model; pass model= (--base)")
-    experts = embedded_experts(manifest, tensors, str(path))
+    experts = embedded_experts(manifest, tensors, str(path), model)
     if not experts:
         raise MoLEFileError(f"{path} embeds no experts; bake needs the experts in the file")
     layers, report = bake_layers(experts, weights, rank=rank)

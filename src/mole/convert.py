@@ -93,7 +93,7 @@ def mole_to_official(
         flat_of = {p: kohya_flat_name(p, model) if model is not None else p.replace(".", "_")
                    for p in manifest["layers"]}  # fmt: skip
     gate_tensors = official_gate_tensors(tensors, names, flat_of, source)
-    experts = embedded_experts(manifest, tensors, source)
+    experts = embedded_experts(manifest, tensors, source, model)
     missing = [n for n in EXPERTS if n not in experts]
     if missing:
         raise MoLEFileError(f"{source} does not embed experts {missing}; the official layout needs both LoRA files")

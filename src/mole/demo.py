@@ -78,7 +78,7 @@ def _checks(model, mole_file: str, out: Path, seed: int) -> dict:
     cond = model.encode_text([PROMPTS["face"][0], PROMPTS["hand"][0]])
     t = torch.tensor(500)
     manifest, tensors = read_mole_file(mole_file)
-    experts = embedded_experts(manifest, tensors, mole_file)
+    experts = embedded_experts(manifest, tensors, mole_file, unet)
     kohya_hand = save_expert(experts["hand"], out / "hand_kohya.safetensors", ExpertFormat.KOHYA)
     from .formats.lora import load_expert
 

@@ -213,7 +213,7 @@ def check_base(model: nn.Module, manifest: dict, source: str, strict: bool = Tru
         )
     if not strict:
         return
-    fix = ("Load the right base model, or pass --no-strict-base (strict_base=False in Python) if you mean to move "
+    fix = ("Load the right base model, or pass --no-strict-base if you mean to move "
            "the gates to a fine-tuned copy")  # fmt: skip
     names = [n for n, _ in _plain_param_shapes(model)]
     differing: set[int] = set()

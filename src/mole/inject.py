@@ -17,13 +17,28 @@ from torch import nn
 
 from .config import MoLEConfig
 from .experts import ExpertLoadError, ExpertWeights, KeyNaming, layers_fingerprint, validate_expert_name
-from .formats import MoLEFileError
+from .formats import FileLayerNotFound, MoLEFileError
 from .formats.kohya import sgm_to_diffusers
 from .layers import MoLELayer, check_wrappable, layer_dims, mole_layer_for
 from .layers.lora import LoraPair
-from .targets import INJECT_TARGETS, TARGETS, Backbone, compile_targets, detect_backbone, is_target, submodule
+from .targets import (
+    FILE_FIX,
+    INJECT_TARGETS,
+    TARGETS,
+    Backbone,
+    LayerNotFound,
+    compile_targets,
+    detect_backbone,
+    is_target,
+    layer_not_found,
+    submodule,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class ExpertLayerNotFound(ExpertLoadError, LayerNotFound):
+    """An expert's weights name a layer the model does not have (another base model, or a damaged file)."""
 
 
 class MoLEInjectError(ValueError):
@@ -70,14 +85,10 @@ def resolve_layers(expert: ExpertWeights, model: nn.Module) -> dict[str, LoraPai
         probe = key if expert.naming is KeyNaming.DOTTED else sgm_to_diffusers(key, lpb)
         path = lookup.get(probe)
         if path is None:
-            import difflib
-
-            close = difflib.get_close_matches(probe, list(lookup), n=1)
-            hint = f"; closest module is {lookup[close[0]]!r}" if close else ""
-            raise ExpertLoadError(
-                f"expert {expert.name!r} ({expert.source}): layer {key!r} is not a module of this "
-                f"{type(model).__name__}{hint}. Was the expert trained for another base model?"
-            )
+            names = list(modules) if expert.naming is KeyNaming.DOTTED else list(lookup)
+            what = f"expert {expert.name!r} ({expert.source}): layer"
+            raise layer_not_found(key, [n for n in names if n], type(model).__name__, what, FILE_FIX,
+                                  ExpertLayerNotFound)  # fmt: skip
         out[path] = pair
     return out
 
@@ -246,6 +257,9 @@ def load_gate_state_dict(
             expected[f"gates.{path}.{pname}"] = (p, order)
     missing = sorted(set(expected) - file_keys)
     unexpected = sorted(file_keys - set(expected))
+    for key in unexpected:  # a gate at a layer the model lacks: name it and the nearest paths
+        layer = key[len("gates.") :].rpartition(".")[0]
+        submodule(model, layer, f"{source}: gate key {key!r}: layer", FILE_FIX, FileLayerNotFound)
     if missing or unexpected:
         raise MoLEFileError(
             f"{source} does not match the model's MoLE layers: missing keys {missing[:5]}"

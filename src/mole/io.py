@@ -177,7 +177,7 @@ def load_mole(
     backbone = Backbone(manifest["base_model"]["backbone"])
     if not gates:
         check_base(model, manifest, source, strict_base)
-        chosen = _fixed_experts(manifest, tensors, experts, source)
+        chosen = _fixed_experts(manifest, tensors, experts, source, model)
         if replace and has_mole(model):
             remove_mole(model)
         inject_mole(model, list(chosen.values()), MoLEConfig(gating="none"), backbone=backbone)
@@ -205,7 +205,7 @@ def load_mole(
         load_gate_state_dict(model, tensors, names, source)
         return model
     check_base(model, manifest, source, strict_base)
-    chosen, passed = _choose_experts(manifest, tensors, experts, source)
+    chosen, passed = _choose_experts(manifest, tensors, experts, source, model)
     if replace and has_mole(model):
         remove_mole(model)
     inject_mole(model, [chosen[n] for n in names], config, backbone=backbone)
@@ -225,7 +225,8 @@ def load_mole(
     return model
 
 
-def _choose_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, source: str) -> tuple[dict, set]:
+def _choose_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, source: str,
+                    model: nn.Module) -> tuple[dict, set]:  # fmt: skip
     """The expert of each name the file gates: the one passed, else the one the file embeds; and the passed names."""
     given_list = list(given.values()) if isinstance(given, Mapping) else list(given or [])
     given_by_name = {e.name: e for e in given_list}
@@ -233,7 +234,7 @@ def _choose_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, 
     extra = sorted(set(given_by_name) - set(names))
     if extra:
         raise MoLEFileError(f"experts {extra} were passed but {source} has gates only for {names}")
-    stored = embedded_experts(manifest, tensors, source)
+    stored = embedded_experts(manifest, tensors, source, model)
     chosen = {}
     for name in names:
         if name in given_by_name:
@@ -247,10 +248,10 @@ def _choose_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, 
     return chosen, set(given_by_name)
 
 
-def _fixed_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, source: str) -> dict:
+def _fixed_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], given, source: str, model: nn.Module) -> dict:
     """The experts for fixed-weight mixing: the embedded ones, each replaced by a passed expert of its name."""
     given = list(given.values()) if isinstance(given, Mapping) else list(given or [])
-    chosen = embedded_experts(manifest, tensors, source)
+    chosen = embedded_experts(manifest, tensors, source, model)
     names = [e["name"] for e in manifest["experts"]]
     unknown = sorted({e.name for e in given} - set(names))
     if unknown:

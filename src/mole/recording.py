@@ -99,7 +99,8 @@ class GateRecorder:
         for step in self.steps:
             vals = [r.local_gate.mean(1) for r in step.values() if r.local_gate is not None]
             if not vals:
-                raise ValueError("no local gates were recorded (gating='global', or keep_local=False)")
+                raise ValueError("no local gates were recorded (the file's gating is global: it has no local gates, "
+                                 "or the local maps were not kept)")
             out.append(torch.stack(vals).mean(0))
         return torch.stack(out)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -108,17 +109,34 @@ class LayerNotFound(LookupError):
     """A module path from a file or a setting that the model does not have (a user error, not a bug)."""
 
 
-def submodule(model: nn.Module, path: str, what: str = "layer") -> nn.Module:
+FILE_FIX = "the file was made for another base model (pass the --base it was trained on) or is damaged"
+
+
+def nearest_paths(path: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """The module paths among `names` closest to `path` (difflib), best first."""
+    import difflib
+
+    return difflib.get_close_matches(path, list(names), n=n, cutoff=0.6)
+
+
+def layer_not_found(
+    path: str, names: Sequence[str], where: str, what: str = "layer", fix: str | None = None, cls=LayerNotFound
+) -> LayerNotFound:
+    """The one wording of a module path that is not among `names` (the paths `where` has), with the nearest ones."""
+    near = nearest_paths(path, names)
+    hint = f"nearest: {', '.join(near)}" if near else f"it has e.g. {', '.join(list(names)[:3])}"
+    fix = fix or "the file or setting was made for another base model, or the name is misspelt"
+    return cls(f"{what} {path!r} is not a module of {where} ({hint}); {fix}")
+
+
+def submodule(
+    model: nn.Module, path: str, what: str = "layer", fix: str | None = None, cls=LayerNotFound
+) -> nn.Module:
     """model.get_submodule(path), but a path the model lacks (from a MoLE / LoRA file, a manifest, a setting) raises
     LayerNotFound naming the path and the nearest module paths the model has, instead of torch's
     "<Model> has no attribute `x`"."""
     try:
         return model.get_submodule(path)
     except AttributeError:
-        import difflib
-
         names = [n for n, _ in model.named_modules() if n]
-        near = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
-        hint = f"nearest: {', '.join(near)}" if near else f"it has e.g. {', '.join(names[:3])}"
-        raise LayerNotFound(f"{what} {path!r} is not a module of {type(model).__name__} ({hint}); the file or "
-                            "setting was made for another base model, or the name is misspelt") from None
+        raise layer_not_found(path, names, type(model).__name__, what, fix, cls) from None

@@ -97,7 +97,7 @@ def load_eval_config(path: str | Path, overrides: dict | None = None) -> EvalOpt
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"eval config {path} is not valid TOML: {exc}") from None
     data.update(overrides or {})
-    return build_dataclass(EvalOptions, data, "")
+    return build_dataclass(EvalOptions, data, "", cli="")
 
 
 def repeat_prompts(benchmark: list[dict], n: int, repeat: int, seed: int) -> list[dict]:

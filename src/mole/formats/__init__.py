@@ -15,9 +15,15 @@ Only the error types live here.
 
 from __future__ import annotations
 
+from ..targets import LayerNotFound
+
 
 class MoLEFileError(ValueError):
     """A MoLE file does not fit the model or is malformed; the message names the key or expert."""
+
+
+class FileLayerNotFound(MoLEFileError, LayerNotFound):
+    """A MoLE / gate file names a layer the model (or the file's own layer list) does not have."""
 
 
 class ModelLoadError(ValueError):

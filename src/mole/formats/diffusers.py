@@ -76,7 +76,8 @@ _DOTTED = re.compile(
 
 def parse_dotted(state, component, adapter, config, source):
     if config.get("use_dora"):
-        raise ExpertLoadError(f"{source}: DoRA adapters (use_dora=True) are not low-rank experts MoLE can mix")
+        raise ExpertLoadError(f"{source}: DoRA adapters (use_dora = true in the adapter config) are not low-rank "
+                              "experts MoLE can mix")
     downs: dict[str, dict[str, torch.Tensor]] = {}
     ups: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}

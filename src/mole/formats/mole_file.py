@@ -18,10 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..experts import ExpertWeights, KeyNaming
 from ..layers.lora import LoraPair
-from . import MoLEFileError
+from ..targets import FILE_FIX, layer_not_found, submodule
+from . import FileLayerNotFound, MoLEFileError
 from .common import read_safetensors
 
 FORMAT = "mole-diffusion"
@@ -80,26 +82,52 @@ def read_mole_file(path: str | Path, tensors: bool = True) -> tuple[dict, dict[s
     return manifest, tensors
 
 
-def embedded_experts(manifest: dict, tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, ExpertWeights]:
-    """Rebuild the experts stored in a MoLE file."""
+_PARTS = ("lora_A", "lora_B", "alpha")
+
+
+def embedded_experts(
+    manifest: dict, tensors: Mapping[str, torch.Tensor], source: str, model: nn.Module | None = None
+) -> dict[str, ExpertWeights]:
+    """Rebuild the experts stored in a MoLE file: every ``experts.<name>.<layer>.<part>`` tensor, none dropped.
+
+    A layer `model` lacks (or, without a model, one the manifest does not list) is LayerNotFound naming it and the
+    nearest paths; an expert the manifest does not name, a part other than lora_A / lora_B / alpha, or fewer layers
+    than the manifest records is a MoLEFileError (a damaged file)."""
+    names = [info["name"] for info in manifest["experts"]]
+    found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        if not key.startswith("experts."):
+            continue
+        rest, _, part = key[len("experts.") :].rpartition(".")
+        name, _, layer = rest.partition(".")
+        if name not in names or part not in _PARTS or not layer:
+            raise MoLEFileError(f"{source}: tensor {key!r} is not experts.<one of {names}>.<layer>."
+                                f"<{' | '.join(_PARTS)}>; the file is damaged")  # fmt: skip
+        found.setdefault(name, {}).setdefault(layer, {})[part] = t
+    listed = list(manifest.get("layers") or [])
     out = {}
     for info in manifest["experts"]:
         name = info["name"]
         prefix = f"experts.{name}."
         layers = {}
-        for layer in manifest["layers"]:
-            a = tensors.get(f"{prefix}{layer}.lora_A")
-            if a is None:
-                continue
-            b = tensors.get(f"{prefix}{layer}.lora_B")
-            alpha = tensors.get(f"{prefix}{layer}.alpha")
-            if b is None or alpha is None:
-                raise MoLEFileError(f"{source}: key {prefix}{layer}.lora_B or .alpha is missing")
-            for part, t in (("lora_A", a), ("lora_B", b), ("alpha", alpha)):
-                if not torch.isfinite(t).all():
+        for layer, parts in sorted(found.get(name, {}).items()):
+            where = f"expert {name!r} in {source}: layer"
+            if model is not None:
+                submodule(model, layer, where, FILE_FIX, FileLayerNotFound)
+            elif layer not in listed:
+                raise layer_not_found(layer, listed, f"the layers {source} lists", where, FILE_FIX, FileLayerNotFound)
+            missing = [p for p in _PARTS if p not in parts]
+            if missing:
+                raise MoLEFileError(f"{source}: key {prefix}{layer}.{missing[0]} is missing")
+            for part in _PARTS:
+                if not torch.isfinite(parts[part]).all():
                     raise MoLEFileError(f"{source}: {prefix}{layer}.{part} holds NaN/Inf values; the file is damaged "
                                         "or came from a diverged run")  # fmt: skip
-            layers[layer] = LoraPair(a, b, float(alpha))
+            layers[layer] = LoraPair(parts["lora_A"], parts["lora_B"], float(parts["alpha"]))
+        recorded = info.get("num_layers")
+        if layers and isinstance(recorded, int) and len(layers) != recorded:
+            raise MoLEFileError(f"{source}: expert {name!r} has weights for {len(layers)} layers, its manifest "
+                                f"records {recorded}; the file is damaged or truncated")  # fmt: skip
         if layers:
             out[name] = ExpertWeights(name, layers, KeyNaming.DOTTED, source=info.get("source", source))
     return out

@@ -24,8 +24,8 @@ from torch import nn
 from ..config import MoLEConfig
 from ..experts import ExpertWeights
 from ..layers import layer_dims
-from ..targets import submodule
-from . import MoLEFileError
+from ..targets import FILE_FIX, layer_not_found, submodule
+from . import FileLayerNotFound, MoLEFileError
 from .kohya import _layers_per_block, kohya_lookup, sgm_to_diffusers
 
 EXPERTS = ("face", "hand")  # the official code's two experts, in the order of Phi_1's rows
@@ -116,10 +116,9 @@ def resolve_gate_layers(gates: Mapping[str, Mapping], model: nn.Module, source: 
     for flat in gates:
         path = lookup.get(flat) or lookup.get(sgm_to_diffusers(flat, lpb))
         if path is None:
-            raise MoLEFileError(
-                f"{source}: key {gate_key(flat, 'Phi_1.weight')!r} names layer {flat!r}, which is not a module of "
-                f"this {type(model).__name__}. Was the gate file trained for another base model?"
-            )
+            what = f"{source}: key {gate_key(flat, 'Phi_1.weight')!r}: layer"
+            names = [n for n in lookup if n]
+            raise layer_not_found(flat, names, type(model).__name__, what, FILE_FIX, FileLayerNotFound)
         out[flat] = path
     return out
 

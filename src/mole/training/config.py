@@ -435,7 +435,9 @@ def _cpu_batch_notes(cfg: TrainConfig) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str, cli: str = "--set") -> Any:
+    """cls from a TOML table; every unknown key below it is reported at once (with the nearest valid key), then the
+    values are checked, each error in CLI / TOML terms. cli: the flag that sets a key ("" where there is none)."""
     if not isinstance(data, dict):
         name = prefix.rstrip(".") or "config"
         hint = ""
@@ -443,25 +445,18 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
             hint = f"; for the folder write {name}.path = {data!r} (--set {name}.path={data}, or [{name}] path = ...)"
         elif isinstance(data, list) and all(isinstance(d, dict) for d in data):  # [[data]] where [data] is meant
             hint = f"; write [{name}] (one pair of brackets), not [[{name}]] (a list of tables)"
-        raise TrainConfigError(f"{name} must be a table, got {data!r}{hint}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+        raise TrainConfigError(f"{name} must be a table of options ([{name}] in the TOML), got "
+                               f"{shown(data, name)}{hint}")  # fmt: skip
+    unknown = unknown_keys(cls, data, prefix)
     if unknown:
-        import difflib
-
-        def near(u: str) -> str:
-            match = difflib.get_close_matches(u, sorted(known), n=1, cutoff=0.6)
-            return f"{prefix}{u} (did you mean {prefix}{match[0]}?)" if match else f"{prefix}{u}"
-
-        raise TrainConfigError(
-            f"unknown option(s) {', '.join(near(u) for u in unknown)}; known options here: {sorted(known)}"
-        )
+        raise TrainConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                               f"{'; --print-config lists every option' if cli else ''}")  # fmt: skip
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
             continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name], prefix + f.name)
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], prefix + f.name, cli)
     try:
         return cls(**kwargs)
     except MoLEConfigError:
@@ -470,56 +465,142 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         raise TrainConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
+def _table_type(tp: Any) -> tuple[str, Any] | None:
+    """("one", cls) for a dataclass field (optional too), ("list" / "dict", cls) for a list / table of them."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _table_type(inner[0]) if len(inner) == 1 else None
+    if is_dataclass(tp):
+        return "one", tp
+    if origin is list and args and is_dataclass(args[0]):
+        return "list", args[0]
+    if origin is dict and len(args) == 2 and is_dataclass(args[1]):
+        return "dict", args[1]
+    return None
+
+
+def unknown_keys(cls: type, data: Any, prefix: str = "") -> list[str]:
+    """Every key of `data` (nested tables and [[lists]] of tables included) that `cls` does not have, in dotted
+    form, each with the nearest valid key: ["optim.lrr (did you mean optim.lr?)", "foo"]."""
+    import difflib
+
+    if not isinstance(data, dict) or not is_dataclass(cls):
+        return []
+    hints = typing.get_type_hints(cls)
+    known = sorted(f.name for f in fields(cls))
+    out = []
+    for key in data:
+        if key not in known:
+            match = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            out.append(f"{prefix}{key} (did you mean {prefix}{match[0]}?)" if match else f"{prefix}{key}")
+            continue
+        table = _table_type(hints[key])
+        if table is None:
+            continue
+        kind, sub = table
+        value = data[key]
+        if kind == "one":
+            out += unknown_keys(sub, value, f"{prefix}{key}.")
+        elif kind == "list" and isinstance(value, list):
+            for i, item in enumerate(value):
+                out += unknown_keys(sub, item, f"{prefix}{key}[{i}].")
+        elif kind == "dict" and isinstance(value, dict):
+            for k, item in value.items():
+                out += unknown_keys(sub, item, f"{prefix}{key}.{k}.")
+    return out
+
+
+def shown(value: Any, name: str) -> str:
+    """A value as TOML writes it, for messages: a table as its dotted keys, e.g. "a table (model.not = 1)"."""
+
+    def toml(v: Any) -> str:
+        try:
+            return _toml_value(v)
+        except TypeError:
+            return str(v)
+
+    if isinstance(value, dict):
+        inner = ", ".join(f"{name}.{k} = {toml(v)}" for k, v in list(value.items())[:3])
+        return f"a table ({inner}{', ...' if len(value) > 3 else ''})" if value else "an empty table"
+    if isinstance(value, (list, tuple)):
+        return f"a list ({toml(list(value))})"
+    return toml(value)
+
+
+_TEXT = {  # what a text option holds, by its name, for "must be ..." messages
+    "model": ("a model name or path (mole-tiny, a hub id, a folder or a .safetensors file)", "PATH"),
+    "base": ("a model name or path (mole-tiny, a hub id, a folder or a .safetensors file)", "PATH"),
+    "mole": ("a MoLE file (or mole-tiny)", "FILE"),
+    "resume": ('"latest", "none" or a checkpoint folder', "latest"),
+    "output_dir": ("a folder path", "FOLDER"),
+    "out_dir": ("a folder path", "FOLDER"),
+    "path": ("a path", "PATH"),
+}
+
+
+def _must(name: str, what: str, value: Any, cli: str, example: str = "VALUE") -> TrainConfigError:
+    """The one wording of a value of the wrong type: the option, what it holds, what was given, and the fix."""
+    fix = ""
+    if isinstance(value, dict):  # --set model.not=1 (or [model] in the TOML) where model is one value
+        fix = (f"; set {name} itself" + (f" ({cli} {name}={example})" if cli else f" ({name} = ...)")
+               + ", not a key below it")
+    return TrainConfigError(f"{name} must be {what}, got {shown(value, name)}{fix}")
+
+
+def _coerce(tp: Any, value: Any, name: str, cli: str = "--set") -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if type(None) in args and (value is None or (value == UNSET and inner[0] is not str)):
             return None
-        return _coerce(inner[0], value, name)
+        return _coerce(inner[0], value, name, cli)
     if is_dataclass(tp):
-        return build_dataclass(tp, value, name + ".")
+        return build_dataclass(tp, value, name + ".", cli)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
-        except ValueError:
-            allowed = [m.value for m in tp]
-            raise TrainConfigError(f"{name}={value!r} is not valid; use one of {allowed}") from None
+        except (ValueError, TypeError):
+            allowed = ", ".join(str(m.value) for m in tp)
+            raise TrainConfigError(f"{name} = {shown(value, name)} is not valid; use one of {allowed}") from None
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise TrainConfigError(f"{name}={value!r} must be a list of {len(args)} numbers")
-        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            raise _must(name, f"a list of {len(args)} numbers (e.g. [0.9, 0.99])", value, cli)
+        return tuple(_coerce(a, v, f"{name}[{i}]", cli) for i, (a, v) in enumerate(zip(args, value)))
     if origin is list:
         if not isinstance(value, list):
-            hint = ""
             if isinstance(value, dict) and is_dataclass(args[0]):  # [models] where [[models]] is meant
-                hint = f": write [[{name}]] (two pairs of brackets) for each entry, not [{name}]"
-            raise TrainConfigError(f"{name}={value!r} must be a list{hint}")
-        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+                raise TrainConfigError(f"{name} must be a list of tables, got {shown(value, name)}: write "
+                                       f"[[{name}]] (two pairs of brackets) for each entry, not [{name}]")  # fmt: skip
+            raise _must(name, "a list", value, cli)
+        return [_coerce(args[0], v, f"{name}[{i}]", cli) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TrainConfigError(f"{name}={value!r} must be a table (e.g. {{face = 'face.safetensors'}})")
-        return {str(k): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
+            raise TrainConfigError(f"{name} must be a table (e.g. {name} = {{face = \"face.safetensors\"}}), "
+                                   f"got {shown(value, name)}")  # fmt: skip
+        return {str(k): _coerce(args[1], v, f"{name}.{k}", cli) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise TrainConfigError(f"{name}={value!r} must be true or false")
+            raise _must(name, "true or false", value, cli, "true")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TrainConfigError(f"{name}={value!r} must be a number")
+            raise _must(name, "a number", value, cli, "1e-4")
         if not math.isfinite(value):
-            raise TrainConfigError(f"{name}={value!r} must be a finite number (nan / inf are not settings)")
+            raise TrainConfigError(f"{name} = {shown(value, name)} must be a finite number (nan / inf are not "
+                                   "settings)")  # fmt: skip
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TrainConfigError(f"{name}={value!r} must be a whole number")
+            raise _must(name, "a whole number", value, cli, "1")
         return value
     if tp is str:
         if name == "resume" and value is False:  # resume = false: start fresh, as resume = "none"
             return None
         if not isinstance(value, (str, Path)):
-            raise TrainConfigError(f"{name}={value!r} must be a string")
+            what, example = _TEXT.get(name.rsplit(".", 1)[-1].split("[")[0], ("text", "TEXT"))
+            raise _must(name, what, value, cli, example)
         return str(value)
     return value
 
