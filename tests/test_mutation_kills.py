@@ -340,6 +340,70 @@ def test_routing_is_reported_as_the_global_gate_when_the_layer_has_none():
     assert [glob.tolist() for _, glob in layer.recorder.calls] == [w.tolist(), w.tolist()]
 
 
+def _stage_model(base, pairs, cfg, recipe, seed=0):
+    """base in bf16 with the experts injected, then a stage's fp32 recipe on top (src/mole/training/stages.py):
+    'gates': the gates trained in fp32 (stage 3); 'router': also an fp32 router's weights (stage 4, InstructMoLE);
+    'experts': fp32 expert factors, frozen. The gates are set to random values (still in their dtype)."""
+    from mole import ExpertWeights, gate_parameters, inject_mole
+    from mole.inject import expert_parameters
+
+    model = nn.Sequential(base.to(torch.bfloat16))
+    experts = [ExpertWeights(n, {"0": p}) for n, p in pairs.items()]
+    inject_mole(model, experts, cfg, seed=seed)
+    for p in gate_parameters(model) if recipe in ("gates", "router") else expert_parameters(model):
+        p.data = p.data.float()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model[0].gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def _linear_literal(layer, pairs, x, routing=None):
+    """F(X) + sum_i r_i g_i E_i(X * s_i) in fp32 from the layer's weights, E_i = B_i A_i alpha_i / r_i written out."""
+    tokens = x.float()
+    base, gates = layer.base, layer.gates
+    out = tokens @ base.weight.float().t() + base.bias.float()
+    for i, name in enumerate(layer.expert_names):
+        pair = pairs[name]
+        a, b = pair.down.to(torch.bfloat16).float(), pair.up.to(torch.bfloat16).float()  # as the bf16 base holds them
+        s = torch.ones(tokens.shape[:2])
+        g = torch.ones(tokens.shape[0])
+        if layer.gating in (Gating.LOCAL, Gating.BOTH):
+            s = torch.sigmoid(tokens @ gates.local_weight[i].float() + gates.local_bias[i].float())
+        if layer.gating in (Gating.GLOBAL, Gating.BOTH):
+            g = torch.sigmoid(tokens.mean(1) @ gates.global_weight[i].float() + gates.global_bias[i].float())
+        if routing is not None:
+            g = g * routing[:, i]
+        out = out + ((tokens * s[..., None]) @ a.t() @ b.t()) * (pair.alpha / pair.rank) * g[:, None, None]
+    return out
+
+
+@pytest.mark.parametrize("gating", ["both", "global", "local", "none"])
+@pytest.mark.parametrize("recipe", ["gates", "router", "experts"])
+def test_bf16_linear_layer_with_fp32_gates_router_or_experts_is_the_literal_formula(gating, recipe):
+    # kills: the casts to the input's dtype dropped (`dtype = None` in _coefficients: an fp32 gate projection or
+    # coefficient meets bf16 tokens, RuntimeError), the merged kernel given fp32 factors (`lora_B.to(None)`)
+    torch.manual_seed(0)
+    d, ranks, n = 24, (8, 8), 64  # global gating at 64 tokens runs the merged kernel (one coefficient per sample)
+    g = torch.Generator().manual_seed(3)
+    pairs = {f"e{i}": LoraPair(torch.randn(r, d, generator=g) * 0.3, torch.randn(d, r, generator=g) * 0.3,
+                               alpha=2.0 + i) for i, r in enumerate(ranks)}  # fmt: skip
+    model = _stage_model(nn.Linear(d, d), pairs, MoLEConfig(gating=gating, targets=["0"]), recipe)
+    layer = model[0]
+    routing = torch.tensor([[0.7, 0.3], [0.2, 1.1]]) if recipe == "router" else None
+    layer.routing = routing
+    x = torch.randn(2, n, d).bfloat16()
+    want = _linear_literal(layer, pairs, x, routing)
+    for fused in (True, False):
+        layer.fused = fused
+        for grad in (False, True):  # inference kernels, and the training path (the gates require grad)
+            with torch.set_grad_enabled(grad):
+                y = model(x)
+            assert y.dtype == torch.bfloat16, (fused, grad)
+            torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=3e-2)
+
+
 # ---------------------------------------------------------------------------------------------------- layers/fused
 
 
