@@ -5,7 +5,9 @@ Each test names the mutant class it kills; every expected value is a literal or 
 
 from __future__ import annotations
 
+import copy
 import re
+import zlib
 
 import pytest
 import torch
@@ -338,6 +340,70 @@ def test_routing_is_reported_as_the_global_gate_when_the_layer_has_none():
         layer.track_orthogonality = True
         layer(torch.randn(2, 5, 8))  # the stacked path
     assert [glob.tolist() for _, glob in layer.recorder.calls] == [w.tolist(), w.tolist()]
+
+
+def _stage_model(base, pairs, cfg, recipe, seed=0):
+    """base in bf16 with the experts injected, then a stage's fp32 recipe on top (src/mole/training/stages.py):
+    'gates': the gates trained in fp32 (stage 3); 'router': also an fp32 router's weights (stage 4, InstructMoLE);
+    'experts': fp32 expert factors, frozen. The gates are set to random values (still in their dtype)."""
+    from mole import ExpertWeights, gate_parameters, inject_mole
+    from mole.inject import expert_parameters
+
+    model = nn.Sequential(base.to(torch.bfloat16))
+    experts = [ExpertWeights(n, {"0": p}) for n, p in pairs.items()]
+    inject_mole(model, experts, cfg, seed=seed)
+    for p in gate_parameters(model) if recipe in ("gates", "router") else expert_parameters(model):
+        p.data = p.data.float()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model[0].gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def _linear_literal(layer, pairs, x, routing=None):
+    """F(X) + sum_i r_i g_i E_i(X * s_i) in fp32 from the layer's weights, E_i = B_i A_i alpha_i / r_i written out."""
+    tokens = x.float()
+    base, gates = layer.base, layer.gates
+    out = tokens @ base.weight.float().t() + base.bias.float()
+    for i, name in enumerate(layer.expert_names):
+        pair = pairs[name]
+        a, b = pair.down.to(torch.bfloat16).float(), pair.up.to(torch.bfloat16).float()  # as the bf16 base holds them
+        s = torch.ones(tokens.shape[:2])
+        g = torch.ones(tokens.shape[0])
+        if layer.gating in (Gating.LOCAL, Gating.BOTH):
+            s = torch.sigmoid(tokens @ gates.local_weight[i].float() + gates.local_bias[i].float())
+        if layer.gating in (Gating.GLOBAL, Gating.BOTH):
+            g = torch.sigmoid(tokens.mean(1) @ gates.global_weight[i].float() + gates.global_bias[i].float())
+        if routing is not None:
+            g = g * routing[:, i]
+        out = out + ((tokens * s[..., None]) @ a.t() @ b.t()) * (pair.alpha / pair.rank) * g[:, None, None]
+    return out
+
+
+@pytest.mark.parametrize("gating", ["both", "global", "local", "none"])
+@pytest.mark.parametrize("recipe", ["gates", "router", "experts"])
+def test_bf16_linear_layer_with_fp32_gates_router_or_experts_is_the_literal_formula(gating, recipe):
+    # kills: the casts to the input's dtype dropped (`dtype = None` in _coefficients: an fp32 gate projection or
+    # coefficient meets bf16 tokens, RuntimeError), the merged kernel given fp32 factors (`lora_B.to(None)`)
+    torch.manual_seed(0)
+    d, ranks, n = 24, (8, 8), 64  # global gating at 64 tokens runs the merged kernel (one coefficient per sample)
+    g = torch.Generator().manual_seed(3)
+    pairs = {f"e{i}": LoraPair(torch.randn(r, d, generator=g) * 0.3, torch.randn(d, r, generator=g) * 0.3,
+                               alpha=2.0 + i) for i, r in enumerate(ranks)}  # fmt: skip
+    model = _stage_model(nn.Linear(d, d), pairs, MoLEConfig(gating=gating, targets=["0"]), recipe)
+    layer = model[0]
+    routing = torch.tensor([[0.7, 0.3], [0.2, 1.1]]) if recipe == "router" else None
+    layer.routing = routing
+    x = torch.randn(2, n, d).bfloat16()
+    want = _linear_literal(layer, pairs, x, routing)
+    for fused in (True, False):
+        layer.fused = fused
+        for grad in (False, True):  # inference kernels, and the training path (the gates require grad)
+            with torch.set_grad_enabled(grad):
+                y = model(x)
+            assert y.dtype == torch.bfloat16, (fused, grad)
+            torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=3e-2)
 
 
 # ---------------------------------------------------------------------------------------------------- layers/fused
@@ -1006,3 +1072,108 @@ def test_spatial_naive_path_runs_bf16_with_fp32_gates(source):
         naive = layer(x)
     assert naive.dtype == torch.bfloat16
     torch.testing.assert_close(naive, fused, rtol=2e-2, atol=2e-2)
+
+
+def _gate_init_literal(path, seed, e, fan_in):
+    """torch.nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from crc32(path) seeded with `seed`:
+    local weight, local bias, global weight, global bias (gating 'both', global gate from the input)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(path.encode(), seed))
+    bound = 1.0 / fan_in**0.5
+    return [torch.empty(shape).uniform_(-bound, bound, generator=gen) for shape in ((e, fan_in), (e,)) * 2]
+
+
+def test_spatial_gates_are_seeded_by_the_run_seed_and_the_layer_path():
+    # kills: the seed not passed on (SpatialMoLELayer.__init__ to MoLELayer, mole_layer_for to the layer: a run's
+    # --seed ignored on LoCon layers), the defaults path='' / seed=0 changed (the init of files trained before
+    # the seed existed)
+    from mole import ExpertWeights, inject_mole
+    from mole.layers import SpatialMoLELayer, mole_layer_for
+
+    pairs = {n: LoraPair(torch.ones(2, 3, 3, 3), torch.ones(5, 2, 1, 1), 2.0) for n in ("a", "b")}
+    cfg = MoLEConfig(gating="both", targets=["0"])
+    model = inject_mole(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1)),
+                        [ExpertWeights(n, {"0": p}) for n, p in pairs.items()], cfg, seed=7)  # fmt: skip
+    default = mole_layer_for(nn.Conv2d(3, 5, 3), ["a", "b"], pairs, cfg)
+    direct = SpatialMoLELayer(nn.Conv2d(3, 5, 3), ["a", "b"], pairs, cfg)
+    for layer, path, seed in ((model[0], "0", 7), (default, "", 0), (direct, "", 0)):
+        assert layer.path == path
+        gates = layer.gates
+        got = [gates.local_weight, gates.local_bias, gates.global_weight, gates.global_bias]
+        for g, want in zip(got, _gate_init_literal(path, seed, 2, 3)):
+            torch.testing.assert_close(g.detach(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["input", "expert_output"])
+@pytest.mark.parametrize("recipe", ["gates", "router", "experts"])
+def test_bf16_spatial_layer_with_fp32_gates_router_or_experts_is_the_literal_formula(source, recipe):
+    # kills: a cast to the input's dtype dropped where the operand is fp32 under bf16 mixed precision: the fp32
+    # alpha/r buffers (`coef.to(None)`: RuntimeError in the up GEMM), an fp32 router's weights (RuntimeError on
+    # the fused path, an fp32 output on the naive one), fp32 expert factors (`lora_A.to(None)`, `lora_B.to(None)`,
+    # the naive path's down / up)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    pairs = {n: LoraPair(torch.randn(r, 3, 3, 3, generator=g) * 0.5, torch.randn(5, r, 1, 1, generator=g) * 0.5,
+                         alpha=1.0 + k) for k, (n, r) in enumerate((("a", 2), ("b", 3)))}  # fmt: skip
+    cfg = MoLEConfig(gating="both", global_source=source, targets=["0"])
+    model = _stage_model(nn.Conv2d(3, 5, 3, padding=1), pairs, cfg, recipe)
+    layer = model[0]
+    routing = torch.tensor([[0.7, 0.3], [0.2, 1.1]]) if recipe == "router" else None
+    layer.routing = routing
+    x = torch.randn(2, 3, 4, 5).bfloat16()
+    ref = copy.deepcopy(layer).float()  # the same weights in fp32, read by the literal formula only
+    rounded = {n: LoraPair(p.down.bfloat16().float(), p.up.bfloat16().float(), p.alpha) for n, p in pairs.items()}
+    want, _, _ = _spatial_literal(ref, rounded, x.float(), routing=routing)
+    with torch.no_grad():
+        for fused in (True, False):
+            layer.fused = fused
+            y = model(x)
+            assert y.dtype == torch.bfloat16, fused
+            torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_record_gates_lays_a_spatial_layers_local_gates_on_its_input_grid(fused):
+    # kills: the recorder given no layer or no input (record_gates on a LoCon layer: AttributeError; it keys by the
+    # layer's path and lays the local gates on the input's grid), the router's weights reported in place of a
+    # global gate the layer has (fused path)
+    from mole import ExpertWeights, inject_mole, record_gates
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    pairs = {n: LoraPair(torch.randn(2, 3, 3, 3, generator=g), torch.randn(5, 2, 1, 1, generator=g), 2.0)
+             for n in ("a", "b")}  # fmt: skip
+    base = nn.Conv2d(3, 5, 3, stride=2, padding=1)  # the output grid (2, 3) is not the input's (4, 5)
+    model = inject_mole(nn.Sequential(base), [ExpertWeights(n, {"0": p}) for n, p in pairs.items()],
+                        MoLEConfig(gating="both", targets=["0"]))  # fmt: skip
+    layer = model[0]
+    with torch.no_grad():
+        for p in layer.gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    routing = torch.tensor([[0.7, 0.3], [0.2, 0.9]])
+    layer.routing = routing
+    layer.fused = fused
+    x = torch.randn(2, 3, 4, 5)
+    want, local, glob = _spatial_literal(layer, pairs, x, routing=routing)
+    with torch.no_grad(), record_gates(model) as rec:
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec.local_map(0, "0"), local.transpose(1, 2).reshape(2, 2, 4, 5))
+    torch.testing.assert_close(rec.global_gates()[0, 0], glob)  # the gates, not the router's weights
+
+
+@pytest.mark.parametrize("gating", ["both", "local"])
+def test_spatial_fused_path_runs_one_down_conv_for_every_expert(monkeypatch, gating):
+    # kills: the ungated down activations computed when nothing needs them (`and` for `or` in needs_plain, or
+    # `needs_plain or plain is None`: one more conv over the input, the same values)
+    torch.manual_seed(0)
+    layer, _ = _spatial(("a", "b"), (2, 2), MoLEConfig(gating=gating))  # equal ranks: one grouped conv
+    x = torch.randn(2, 3, 4, 5)
+    with torch.no_grad():
+        layer.fused = False
+        want = layer(x)
+        layer.fused = True
+        calls = []
+        real = torch.nn.functional.conv2d
+        monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # the base conv, and every expert's down-conv in one grouped conv
