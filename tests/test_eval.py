@@ -280,6 +280,28 @@ def test_run_reports_mean_and_standard_error_and_resumes(tmp_path, eval_setup):
     assert third["summary"] == report["summary"]
 
 
+def test_a_damaged_image_is_set_aside_once_generated_and_scored_again(tmp_path, eval_setup, caplog):
+    """An image of an earlier run that no longer decodes (cut short on disk) is not scored as if present: it is kept
+    as NAME.unreadable.png, warned once, drawn again from its seed and rescored; the report counts it once."""
+    scorer = Brightness()
+    first = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
+    [img] = (tmp_path / "images" / "base").rglob("r0/00001_*.png")
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 3])
+    with caplog.at_level("WARNING", logger="mole"):
+        again = run_eval(_opts(eval_setup, tmp_path), scorers={"bright": scorer})
+    assert again["run"] == {"generated": 1, "scored": 1}
+    warned = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warned) == 1 and img.name in warned[0].getMessage()
+    assert img.with_suffix(".unreadable.png").read_bytes() == data[: len(data) // 3]
+    assert img.read_bytes() == data  # the same seed draws the same image
+    assert len(again["per_image"]["base"]) == 6  # the damaged image's old score is gone, its new one counted once
+    for model, metrics in first["summary"].items():  # rows now in another order: equal up to summation rounding
+        for m, v in metrics.items():
+            assert again["summary"][model][m]["mean"] == pytest.approx(v["mean"], rel=1e-12)
+            assert again["summary"][model][m]["n_images"] == v["n_images"]
+
+
 def test_eval_cache_is_keyed_by_what_changes_the_images(tmp_path, eval_setup):
     """Other steps, sampler or MoLE file: new images and scores, never the cached ones; the old ones come back."""
     scorer = Brightness()

@@ -174,6 +174,24 @@ def read_scores(path: Path) -> list[dict]:
     return rows
 
 
+def _set_aside_unreadable(paths: list[Path]) -> set[str]:
+    """Images of an earlier run that no longer decode (damaged on disk): each is renamed to NAME.unreadable.png
+    (kept, not deleted), warned once, and generated and scored again; returns their paths."""
+    bad = set()
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, ValueError, SyntaxError):  # PIL's decode errors
+            aside = path.with_suffix(".unreadable.png")
+            path.replace(aside)
+            logger.warning("%s cannot be read (damaged); kept as %s, generated and scored again", path, aside.name)
+            bad.add(str(path))
+    return bad
+
+
 def _generate_missing(opts: EvalOptions, spec: ModelSpec, jobs: list[tuple[Path, str, int]], bar=None) -> int:
     missing = [j for j in jobs if not j[0].is_file()]
     if not missing:
@@ -235,7 +253,14 @@ def run_eval(opts: EvalOptions, scorers: dict[str, Scorer] | None = None) -> dic
                 jobs.append((path, rec["prompt"], image_seed(opts.seed, r, i)))
                 keys.append((r, i, rec))
         score_file = out / "scores" / spec.name / f"{key}.jsonl"
-        done = {(row["repeat"], row["index"], row["scorer"], row.get("path")) for row in read_scores(score_file)}
+        rows = read_scores(score_file)
+        redo = _set_aside_unreadable([j[0] for j in jobs])
+        if redo and rows:  # the damaged images' old scores go: they are scored again from the new images
+            rows = [row for row in rows if row.get("path") not in redo]
+            tmp = score_file.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(score_file)
+        done = {(row["repeat"], row["index"], row["scorer"], row.get("path")) for row in rows}
         todo = {sname: [(j, k) for j, k in zip(jobs, keys) if (k[0], k[1], sname, str(j[0])) not in done]
                 for sname in scorers}  # fmt: skip
         plans.append((spec, jobs, todo, score_file))
