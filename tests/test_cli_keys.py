@@ -86,3 +86,13 @@ def test_eval_type_errors_are_in_toml_terms(caplog, tmp_path):
     assert line.startswith("models[0].base must be a model name or path") and "got a table (models[0].base.not = 1)" \
         in line, line  # fmt: skip
     assert "--set" not in line and not any(p in line for p in PYTHON), line
+
+
+def test_an_unknown_expert_weight_names_the_files_experts_in_cli_terms(caplog, tmp_path):
+    out = tmp_path / "g"
+    argv = ["generate", "--base", "mole-tiny", "--mole", "mole-tiny", "--experts", "eye=1", "--prompt", "a face",
+            "--steps", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    line = _error(caplog)
+    assert line == "no expert named eye in this MoLE file; its experts are face, hand (e.g. --experts face=1)", line
+    assert not out.exists()

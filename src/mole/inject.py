@@ -293,7 +293,8 @@ def set_expert_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
     state = mole_state(model)
     unknown = sorted(set(weights) - set(state.expert_names))
     if unknown:
-        raise MoLEInjectError(f"no experts named {unknown}; the model's experts are {state.expert_names}")
+        raise MoLEInjectError(f"no expert named {', '.join(unknown)} in this MoLE file; its experts are "
+                              f"{', '.join(state.expert_names)} (e.g. --experts {state.expert_names[0]}=1)")
     for layer in mole_layers(model).values():
         for name, w in weights.items():
             layer.expert_weight[layer.expert_names.index(name)] = float(w)
