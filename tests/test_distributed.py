@@ -20,7 +20,7 @@ def test_distributed_setting_is_validated_in_one_line():
     with pytest.raises(TrainConfigError) as err:
         load_config(overrides=[*BASE, "distributed=fsdp"])
     msg = str(err.value)
-    assert "\n" not in msg and "distributed='fsdp'" in msg
+    assert "\n" not in msg and 'distributed = "fsdp"' in msg
     assert all(c in msg for c in ("ddp", "fsdp2", "zero2", "zero3"))
     # the setting survives the TOML written beside every checkpoint
     cfg = load_config(overrides=[*BASE, "distributed=zero3"])

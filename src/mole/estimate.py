@@ -328,7 +328,7 @@ def largest_unit(module: nn.Module, nbytes) -> int:
 
 def _validate_strategy(gpus: int, strategy: str) -> None:
     if strategy not in STRATEGIES:
-        raise EstimateError(f"strategy={strategy!r} is not valid; use one of {list(STRATEGIES)}")
+        raise EstimateError(f"strategy={strategy!r} is not valid; use one of {', '.join(map(str, STRATEGIES))}")
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise EstimateError(f"gpus={gpus!r} is not valid; use a whole number of devices, at least 1")
 
@@ -349,7 +349,8 @@ def _validate(kind: str, stage: int, batch_size: int, resolution: int, precision
     from .full import KINDS
 
     if kind not in KINDS:
-        raise EstimateError(f"kind={kind!r} has no shipped config; use one of {list(KINDS)} (or --base a folder)")
+        raise EstimateError(f"kind={kind!r} has no shipped config; use one of {', '.join(map(str, KINDS))} "
+                            "(or --base a folder)")
     if stage not in (1, 2, 3):
         raise EstimateError(f"stage={stage!r} is not valid; use 1 (fine-tune), 2 (expert) or 3 (mixture)")
     if batch_size < 1:
@@ -357,9 +358,9 @@ def _validate(kind: str, stage: int, batch_size: int, resolution: int, precision
     if resolution < 64 or resolution % 8:
         raise EstimateError(f"resolution={resolution} is not valid; use a multiple of 8, at least 64")
     if precision not in PRECISIONS:
-        raise EstimateError(f"precision={precision!r} is not valid; use one of {list(PRECISIONS)}")
+        raise EstimateError(f"precision={precision!r} is not valid; use one of {', '.join(map(str, PRECISIONS))}")
     if optimizer not in OPTIMIZER_STATES:
-        raise EstimateError(f"optimizer={optimizer!r} is not valid; use one of {list(OPTIMIZER_STATES)}")
+        raise EstimateError(f"optimizer={optimizer!r} is not valid; use one of {', '.join(map(str, OPTIMIZER_STATES))}")
 
 
 def estimate_memory(
@@ -496,7 +497,7 @@ def estimate_for_preset(base: str, preset: str, **overrides) -> MemoryEstimate:
     from .training.config import PRESETS, TrainConfig, merge
 
     if preset not in PRESETS:
-        raise EstimateError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+        raise EstimateError(f"preset={preset!r} is unknown; use one of {', '.join(sorted(PRESETS))}")
     kind = _kind_of(str(base), is_single_file, checkpoint_shapes, detect_kind)
     data = merge(PRESETS[preset], {"model": base, "data": {"resolution": NATIVE_RESOLUTION[kind]}})
     return estimate_for_train_config(TrainConfig.from_dict(data), **overrides)
@@ -540,7 +541,8 @@ def _kind_of(model: str, is_single_file, checkpoint_shapes, detect_kind) -> str:
 
     check_base_name(model, "model")  # a missing path or non-pipeline folder: worded as in every other command
     raise EstimateError(
-        f"model={model!r}: the estimate needs one of {list(KINDS)}, their hub ids {list(PUBLISHED.values())} or a "
+        f"model={model!r}: the estimate needs one of {', '.join(map(str, KINDS))}, their hub ids "
+        f"{', '.join(map(str, PUBLISHED.values()))} or a "
         "single-file checkpoint; pass --base KIND"
     )
 

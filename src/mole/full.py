@@ -43,7 +43,7 @@ TOKENIZERS = {"sd15": ("tokenizer",), "sd21": ("tokenizer",), "sdxl": ("tokenize
 def check_kind(kind: str) -> str:
     kind = getattr(kind, "value", kind)  # a mole.targets.Backbone works too
     if kind not in PUBLISHED:
-        raise ValueError(f"kind={kind!r} has no shipped full-size config; use one of {list(KINDS)}")
+        raise ValueError(f"kind={kind!r} has no shipped full-size config; use one of {', '.join(map(str, KINDS))}")
     return kind
 
 

@@ -213,7 +213,7 @@ class Studio:
             raise ValueError(f"guidance scale {guidance_scale!r}: use a number from 0 to 100, e.g. 7.5")
         checked["guidance_scale"] = g
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {scheduler!r} is unknown; use one of {sorted(SCHEDULERS)}")
+            raise ValueError(f"scheduler {scheduler!r} is unknown; use one of {', '.join(sorted(SCHEDULERS))}")
         checked["scheduler"] = scheduler
         clean = {}
         for name, w in (weights or {}).items():

@@ -84,7 +84,7 @@ DRAWERS = {
 def write_synthetic_set(folder: str | Path, kind: str, count: int, size: int = 64, seed: int = 0) -> Path:
     """Write `count` drawn images of `kind` (face, hand, scene) with .txt captions into `folder`."""
     if kind not in DRAWERS:
-        raise ValueError(f"kind={kind!r}: use one of {sorted(DRAWERS)}")
+        raise ValueError(f"kind={kind!r}: use one of {', '.join(sorted(DRAWERS))}")
     draw, caption = DRAWERS[kind]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ BUILDERS = {"coco": coco_human_prompts, "diffusiondb": diffusiondb_human_prompts
 def build_benchmark(kind: str, source: str | Path, out: str | Path, limit: int | None = None, seed: int = 0) -> Path:
     """Write <out> (jsonl) and <out>.meta.json; `limit` samples that many prompts with `seed` (None keeps all)."""
     if kind not in BUILDERS:
-        raise ValueError(f"kind={kind!r}: use one of {sorted(BUILDERS)}")
+        raise ValueError(f"kind={kind!r}: use one of {', '.join(sorted(BUILDERS))}")
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"prompt source {source} does not exist")

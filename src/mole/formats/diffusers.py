@@ -32,7 +32,8 @@ def find_weights(path: Path, name: str) -> tuple[Path, dict]:
     found = [path / f for f in _PEFT_WEIGHT_FILES if (path / f).is_file()]
     if not found:
         raise ExpertLoadError(
-            f"expert {name!r}: folder {path} holds none of {list(_PEFT_WEIGHT_FILES)}; pass the .safetensors file"
+            f"expert {name!r}: folder {path} holds none of {', '.join(map(str, _PEFT_WEIGHT_FILES))}; "
+            "pass the .safetensors file"
         )
     config: dict = {}
     cfg_file = path / "adapter_config.json"

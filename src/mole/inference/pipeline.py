@@ -59,7 +59,7 @@ class SamplingOptions:
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype={self.dtype!r}: use auto, fp32, fp16 or bf16")
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={self.scheduler!r} is unknown; use one of {sorted(SCHEDULERS)}")
+            raise ValueError(f"scheduler={self.scheduler!r} is unknown; use one of {', '.join(sorted(SCHEDULERS))}")
         for h in (self.height, self.width):
             if h is not None and (h < 8 or h % 8):
                 raise ValueError(f"height/width={h}: use a positive multiple of 8")
@@ -175,7 +175,7 @@ def load_pipeline(base: str | Path, dtype: torch.dtype = torch.float32, device: 
 
 def set_scheduler(pipe, name: str) -> None:
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler={name!r} is unknown; use one of {sorted(SCHEDULERS)}")
+        raise ValueError(f"scheduler={name!r} is unknown; use one of {', '.join(sorted(SCHEDULERS))}")
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])

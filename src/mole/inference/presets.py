@@ -24,5 +24,5 @@ GENERATE_PRESETS: dict[str, dict] = {
 
 def generate_preset(name: str) -> dict:
     if name not in GENERATE_PRESETS:
-        raise ValueError(f"preset={name!r} is unknown; use one of {sorted(GENERATE_PRESETS)}")
+        raise ValueError(f"preset={name!r} is unknown; use one of {', '.join(sorted(GENERATE_PRESETS))}")
     return dict(GENERATE_PRESETS[name])

@@ -105,7 +105,7 @@ class InstructConfig:
                    "layer_reduce": ("sum", "mean")}  # fmt: skip
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"instruct.{key}={getattr(self, key)!r}: use one of {list(allowed)}")
+                raise ValueError(f"instruct.{key}={getattr(self, key)!r}: use one of {', '.join(map(str, allowed))}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"instruct.condition_dropout={self.condition_dropout}: use 0 <= p < 1 (official 0.05)")
         if self.shared_rank < 0:

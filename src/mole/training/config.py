@@ -300,7 +300,7 @@ def load_config(
     data: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise TrainConfigError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+            raise TrainConfigError(f"preset={preset!r} is unknown; use one of {', '.join(sorted(PRESETS))}")
         data = merge(data, PRESETS[preset])
     explicit: set[str] = set()  # what the config file and --set give: kept (a conflict is marked, not adapted)
     if path is not None:
