@@ -168,10 +168,15 @@ def read_scores(path: Path) -> list[dict]:
             bad += 1
     if bad:
         logger.warning("%s: dropped %d unreadable line(s) (an interrupted write); they are scored again", path, bad)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        _rewrite_scores(path, rows)
     return rows
+
+
+def _rewrite_scores(path: Path, rows: list[dict]) -> None:
+    """Replace a score file by `rows`, atomically (a crash leaves the old file or the new one, never half)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def _set_aside_unreadable(paths: list[Path]) -> set[str]:
@@ -257,9 +262,7 @@ def run_eval(opts: EvalOptions, scorers: dict[str, Scorer] | None = None) -> dic
         redo = _set_aside_unreadable([j[0] for j in jobs])
         if redo and rows:  # the damaged images' old scores go: they are scored again from the new images
             rows = [row for row in rows if row.get("path") not in redo]
-            tmp = score_file.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tmp.replace(score_file)
+            _rewrite_scores(score_file, rows)
         done = {(row["repeat"], row["index"], row["scorer"], row.get("path")) for row in rows}
         todo = {sname: [(j, k) for j, k in zip(jobs, keys) if (k[0], k[1], sname, str(j[0])) not in done]
                 for sname in scorers}  # fmt: skip
