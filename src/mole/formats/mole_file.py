@@ -105,6 +105,7 @@ def embedded_experts(
                                 f"<{' | '.join(_PARTS)}>; the file is damaged")  # fmt: skip
         found.setdefault(name, {}).setdefault(layer, {})[part] = t
     listed = list(manifest.get("layers") or [])
+    listed_set = set(listed)  # membership per layer; `listed` keeps the order for the nearest-path hint
     out = {}
     for info in manifest["experts"]:
         name = info["name"]
@@ -114,7 +115,7 @@ def embedded_experts(
             where = f"expert {name!r} in {source}: layer"
             if model is not None:
                 submodule(model, layer, where, FILE_FIX, FileLayerNotFound)
-            elif layer not in listed:
+            elif layer not in listed_set:
                 raise layer_not_found(layer, listed, f"the layers {source} lists", where, FILE_FIX, FileLayerNotFound)
             missing = [p for p in _PARTS if p not in parts]
             if missing:
