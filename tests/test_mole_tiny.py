@@ -80,6 +80,8 @@ def test_pretrain_runs_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "a" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "a" / "loss.png").is_file() and (tmp_path / "a" / "samples" / "final.png").is_file()
     assert len((tmp_path / "a" / "losses.jsonl").read_text().splitlines()) == 4
+    cfg = {c: json.loads((tmp_path / "a" / "pipeline" / c / "config.json").read_text()) for c in ("vae", "unet")}
+    assert cfg["vae"]["latent_channels"] == 8 == cfg["unet"]["in_channels"] == cfg["unet"]["out_channels"]  # v2
 
     # a run stopped after step 3 (a checkpoint exists at step 2), then resumed
     def stop(phase, step, total, loss):
@@ -99,6 +101,8 @@ def test_pretrain_runs_checkpoints_and_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(PretrainError, match="changed options"):
         pretrain(PretrainOptions(out=str(tmp_path / "b"), resume=True, **{**common, "batch_size": 3}))
+    with pytest.raises(PretrainError, match="latent_channels"):  # another latent space: never mixed with the old
+        pretrain(PretrainOptions(out=str(tmp_path / "b"), resume=True, **{**common, "latent_channels": 4}))
     shutil.rmtree(tmp_path / "b")
 
 

@@ -1,7 +1,7 @@
 """The mole-tiny architecture: a standard StableDiffusionPipeline, small enough to train on two CPU cores.
 
-    64x64 px  --VAE (f=4)-->  4x16x16 latents  --UNet (SD1.5 layout, conv proj_in/out, 3 levels, attention at
-    8x8 and 4x4)-->  epsilon
+    64x64 px  --VAE (f=4)-->  Cx16x16 latents (C: 4 in v1, 8 in v2)  --UNet (SD1.5 layout, conv proj_in/out,
+    3 levels, attention at 8x8 and 4x4)-->  epsilon
     captions  --CLIP BPE tokenizer (the real merges, vocabulary pruned to the corpus)-->  2-layer CLIP text encoder
 
 Every component is a diffusers / transformers class with a plain config, so the saved folder loads with
@@ -64,23 +64,23 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
-def build_vae(seed: int = 0):
+def build_vae(seed: int = 0, latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=RESOLUTION,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
     )  # fmt: skip
 
 
-def build_unet(seed: int = 0):
+def build_unet(seed: int = 0, latent_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=RESOLUTION // 4, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
         block_out_channels=(32, 64, 128),  # attention at 8x8 and 4x4: 4.2 M parameters, ~0.5 s a batch of 32
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
