@@ -214,3 +214,19 @@ def test_inspect_records_the_conditional_half_of_cfg(tmp_path, tiny_mole):
     for j, layer in enumerate(data["layers"]):
         for e, name in enumerate(data["experts"]):
             assert abs(data["global_per_layer"][layer][name][0] - float(g[0, j, 0, e])) < 1e-5, (layer, name)
+
+
+def test_grid_writes_each_rows_label_above_it_and_checks_the_count():
+    from mole.inference.plot import grid
+
+    cells = [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue", "red", "green", "blue")]
+    plain = np.asarray(grid(cells, cols=3, min_cell=32))
+    sheet = np.asarray(grid(cells, cols=3, min_cell=32, row_labels=["first prompt", "second prompt"]))
+    assert sheet.shape[0] == plain.shape[0] + 2 * 14 and sheet.shape[1] == plain.shape[1]
+    for r in range(2):  # the strip above each row holds dark text; the cells below it are the images, moved down
+        y = 4 + r * (32 + 4 + 14)
+        strip = sheet[y : y + 14]
+        assert (strip.min(axis=2) < 100).sum() > 20
+        assert tuple(sheet[y + 14 + 16, 4 + 16]) == (255, 0, 0)
+    with pytest.raises(ValueError, match="3 row_labels for 2 rows"):
+        grid(cells, cols=3, row_labels=["a", "b", "c"])

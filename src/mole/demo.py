@@ -155,14 +155,15 @@ def run_demo(opts: DemoOptions) -> dict:
                 detect[(mode, kind)] = detection_rates(detector, imgs)
     load_mole_weights(model.pipe, mole_file, MixMode.NONE)
     # side by side: one row per (kind, prompt) at the first seed, columns base | fixed | MoLE
-    cells, labels = [], []
+    cells, labels, rows = [], [], []
     for kind, prompts in PROMPTS.items():
         for k, p in enumerate(prompts):
+            rows.append(f'{kind}: "{p}" (seed {seeds[0]})')
             for mode in MODES:
                 cells.append(images[(mode, kind)][k])
-                labels.append(f"{MODE_LABEL[mode]}: {p[:22]}")
+                labels.append(MODE_LABEL[mode])
     compare = out / "compare.png"
-    grid(cells, cols=len(MODES), labels=labels).save(compare)
+    grid(cells, cols=len(MODES), labels=labels, row_labels=rows, min_cell=160).save(compare)
     for (mode, kind), imgs in images.items():
         folder = out / "images" / MODE_LABEL[mode].replace(" ", "_").replace(":", "")
         folder.mkdir(parents=True, exist_ok=True)

@@ -95,23 +95,36 @@ def overlay(
 
 
 def grid(
-    images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None = None, pad: int = 4, min_cell: int = 128
+    images: Sequence[Image.Image],
+    cols: int,
+    labels: Sequence[str] | None = None,
+    pad: int = 4,
+    min_cell: int = 128,
+    row_labels: Sequence[str] | None = None,
 ) -> Image.Image:
     """Images in rows of `cols` (cells of the first image's size, enlarged to at least `min_cell` px so tiny images
-    stay visible), with an optional caption under each."""
+    stay visible), with an optional caption under each and an optional line of text above each row (the whole row's
+    width: e.g. the prompt the row was generated from)."""
     if not images:
         raise ValueError("grid needs at least one image")
+    rows = (len(images) + cols - 1) // cols
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"grid: {len(row_labels)} row_labels for {rows} rows of {cols}; give one label per row")
     w, h = images[0].size
     if min(w, h) < min_cell:
         scale = min_cell / min(w, h)
         w, h = round(w * scale), round(h * scale)
     lab = 14 if labels else 0
-    rows = (len(images) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad + lab) + pad), "white")
+    top = 14 if row_labels else 0
+    width = cols * (w + pad) + pad
+    sheet = Image.new("RGB", (width, rows * (h + pad + lab + top) + pad), "white")
     d = ImageDraw.Draw(sheet)
     for k, im in enumerate(images):
         r, c = divmod(k, cols)
-        x, y = pad + c * (w + pad), pad + r * (h + pad + lab)
+        x, y = pad + c * (w + pad), pad + r * (h + pad + lab + top) + top
+        if row_labels and c == 0:
+            d.text((pad, y - top + 1), row_labels[r][: max(4, (width - 2 * pad) // 6)], fill=(0, 0, 0),
+                   font=_font(11))  # fmt: skip
         sheet.paste(im.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x, y))
         if labels:
             d.text((x, y + h + 1), labels[k][: max(4, w // 5)], fill=(0, 0, 0), font=_font(10))
