@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="CLIP tokenizer folder (vocab.json, merges.txt)")
     p.add_argument("--work", default="runs/mole-tiny-build")
     p.add_argument("--vae-steps", type=int, default=2400)
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--expert-steps", type=int, default=600)
     p.add_argument("--gate-steps", type=int, default=400)
     p.add_argument("--rank", type=int, default=16)

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--data", required=True, help="data root laid out like ../shared/data (faces/, hands/, scenes/)")
     pre.add_argument("--tokenizer", required=True, help="CLIP tokenizer folder (vocab.json, merges.txt)")
     pre.add_argument("--out", default="runs/mole-tiny")
-    pre.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps (default: 5000)")
+    pre.add_argument("--steps", type=int, default=3200, help="UNet + text encoder steps (default: 3200)")
     pre.add_argument("--vae-steps", type=int, default=2400, help="VAE steps (default: 2400)")
     pre.add_argument("--latent-channels", type=int, default=8, help="VAE latent channels (default: 8; v1 had 4)")
     pre.add_argument("--vae-edge-weight", type=float, default=1.0,

@@ -46,7 +46,7 @@ class PretrainOptions:
     tokenizer: str  # a folder with CLIP's vocab.json + merges.txt
     out: str = "runs/mole-tiny"
     vae_steps: int = 2400  # mole-tiny v2 (v1: 600 steps, 4 latent channels, no edge term; steps 2200)
-    steps: int = 5000
+    steps: int = 3200
     batch_size: int = 32
     vae_batch_size: int = 16
     lr: float = 3e-4
