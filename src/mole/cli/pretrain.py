@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._common import finite_float
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser("pretrain", help="train a small text-to-image base from scratch (how mole-tiny is made)")
@@ -14,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--steps", type=int, default=3200, help="UNet + text encoder steps (default: 3200)")
     pre.add_argument("--vae-steps", type=int, default=2400, help="VAE steps (default: 2400)")
     pre.add_argument("--latent-channels", type=int, default=8, help="VAE latent channels (default: 8; v1 had 4)")
-    pre.add_argument("--vae-edge-weight", type=float, default=1.0,
+    pre.add_argument("--vae-edge-weight", type=finite_float, default=1.0,
                      help="weight of the VAE's image-gradient L1 term (default: 1.0; 0 = v1's objective)")
     pre.add_argument("--batch-size", type=int, default=32)
     pre.add_argument("--checkpoint-every", type=int, default=250)
