@@ -22,8 +22,8 @@ COMMANDS = {
     "mole": "{demo,pretrain,train,generate,inspect,eval,data,convert,bake,ui,estimate,info,tiny}",
     "mole demo": "--out --overwrite --base --mole --train --train-steps --rank --steps --seeds --seed --json",
     "mole pretrain": (
-        "--data --tokenizer --out --steps --vae-steps --latent-channels --vae-edge-weight --batch-size --checkpoint-every --sample-every --seed "
-        "--resume --overwrite"
+        "--data --tokenizer --out --steps --vae-steps --latent-channels --vae-edge-weight --batch-size "
+        "--checkpoint-every --sample-every --seed --resume --overwrite"
     ),
     "mole train": "--config --preset --set --print-config --tokenizer --overwrite --accept-changes --json",
     "mole generate": (
