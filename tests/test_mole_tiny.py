@@ -28,6 +28,9 @@ def test_mole_tiny_loads_by_name_and_draws_real_images():
     model = DiffusionModel.from_pretrained("mole-tiny")
     assert model.name == "mole-tiny" and model.denoiser.dtype == torch.float32
     assert type(model.pipe).__name__ == "StableDiffusionPipeline"
+    # v2: 8-channel latents (v1 had 4: its VAE halved what the detectors found on real faces)
+    assert model.pipe.vae.config.latent_channels == 8 == model.denoiser.config.in_channels
+    assert model.denoiser.config.out_channels == 8
     model.pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=8, guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
     base = np.asarray(model.pipe("a close-up photo of a face", **kw).images[0], dtype=np.float32)
