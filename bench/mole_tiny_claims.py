@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     n_cell = n_det * len(FACE_TEST_PROMPTS)
     shipped = {
-        "source": f"bench/mole_tiny_claims.py --build {args.build} --out {args.out} (bench/RESULTS.md)",
+        # the command, not this machine's folders: the file ships inside the package
+        "source": "bench/mole_tiny_claims.py --build BUILD (BUILD: build_mole_tiny.py's --work; bench/RESULTS.md)",
         "date": time.strftime("%Y-%m-%d"),
         "images_per_cell": n_cell,
         "note": f"held-out prompts: {len(FACE_TEST_PROMPTS)} face, {len(HAND_TEST_PROMPTS)} hand, {len(scene_prompts)} "
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                              for kind, metric in (("face", "face_rate"), ("hand", "hand_rate"), ("scene", "face_rate"))}
                       for name in ("base", "fixed 1:1", "MoLE")},
     }  # fmt: skip
-    (out / "shipped_claims.json").write_text(json.dumps(shipped, indent=2))
+    (out / "shipped_claims.json").write_text(json.dumps(shipped, indent=2) + "\n")
     (out / "claims.json").write_text(json.dumps(results, indent=2))
     (out / "claims.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
