@@ -403,31 +403,64 @@ def evaluate(model, held, text, sample_steps: int, seeds: list[int], routing: In
     return out
 
 
+def held_split(n: int, size: int, split: str) -> torch.Tensor:
+    """Indices of `size` of the n held-out images: test = the first `size` of a seed-0 permutation (the reported
+    numbers), val = the next `size` (disjoint from test: for choosing settings such as the learning rate)."""
+    first = {"test": 0, "val": size}[split]
+    if first + size > n:
+        raise ValueError(f"--held {size}: {split} needs {first + size} held-out images, there are {n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[first : first + size]
+
+
 def mean_se(v) -> tuple[float, float]:
     a = np.asarray(v, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/instruct-claim")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny step counts")
     ap.add_argument("--base-steps", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every method without a --method-lr")
+    ap.add_argument("--method-lr", action="append", default=[], metavar="METHOD=LR",
+                    help="one method's learning rate (repeatable), e.g. instruct-moe=3e-3: chosen on --split val")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="test: the reported held-out images; val: a disjoint held-out set, for choosing settings")
     ap.add_argument("--scale", type=int, default=2, help="rank scale: instruct-moe experts 2*scale, shared 4*scale")
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--sample-seeds", type=int, default=2)
     ap.add_argument("--sample-steps", type=int, default=12)
     ap.add_argument("--held", type=int, default=96, help="held-out images per task")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.base_steps, args.steps, args.train_seeds, args.sample_seeds, args.held = 40, 20, 1, 1, 16
         args.sample_steps = 4
+    lrs = {m: args.lr for m in METHODS}
+    for item in args.method_lr:
+        m, _, v = item.partition("=")
+        if m not in METHODS:
+            ap.error(f"--method-lr {item!r}: the method must be one of {METHODS}")
+        try:
+            lrs[m] = float(v)
+        except ValueError:
+            ap.error(f"--method-lr {item!r}: the learning rate must be a number, e.g. {m}=3e-3")
+        if not (math.isfinite(lrs[m]) and lrs[m] > 0):
+            ap.error(f"--method-lr {item!r}: the learning rate must be a positive number")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    # a rerun resumes only the same settings: results of other settings are never mixed into one table
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "train_seeds")}  # seeds: added
+    changed = {k: (results["config"].get(k), v) for k, v in config.items()
+               if "config" in results and results["config"].get(k) != v}  # fmt: skip
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+        ap.error(f"{res_path} holds results of other settings ({diff}): pass a new --out, or delete it to start again")
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
 
@@ -439,15 +472,16 @@ def main() -> None:
 
     text = TextEncoder(0)
     data = build_data(out / "data.pt")
-    g = torch.Generator().manual_seed(0)
-    held = data["held"][torch.randperm(data["held"].shape[0], generator=g)[: args.held]]
-    log(f"data: {data['train'].shape[0]} training images, {held.shape[0]} held-out of {data['held'].shape[0]}")
+    try:
+        held = data["held"][held_split(data["held"].shape[0], args.held, args.split)]
+    except ValueError as e:
+        ap.error(str(e))
+    log(f"data: {data['train'].shape[0]} training images, {held.shape[0]} held-out ({args.split}) "
+        f"of {data['held'].shape[0]}")  # fmt: skip
     counts = matched_ranks(args.scale, 0)
     for m, (r, c) in counts.items():
         log(f"{m}: ranks {r}, {c} trainable parameters")
-    res_path = out / "results.json"
-    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    results["config"] = {k: v for k, v in vars(args).items()}
+    results["config"], results["lr"] = config, lrs
     results["params"] = {m: c for m, (r, c) in counts.items()}
     results["ranks"] = {m: r for m, (r, c) in counts.items()}
     sample_seeds = list(range(args.sample_seeds))
@@ -464,7 +498,7 @@ def main() -> None:
             if key in results:
                 continue
             model, ad, secs = train_method(method, base_state, data["train"], counts[method][0], args.steps,
-                                           args.batch, seed, text, args.lr, log)  # fmt: skip
+                                           args.batch, seed, text, lrs[method], log)  # fmt: skip
             results[key] = evaluate(model, held, text, args.sample_steps, sample_seeds, ad.im)
             results[key]["train_seconds"] = secs
             res_path.write_text(json.dumps(results))

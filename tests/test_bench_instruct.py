@@ -60,3 +60,33 @@ def test_tokens_are_four_by_four_patches_in_raster_order():
     assert torch.equal(t[0, 1], x[0, :, 0:4, 4:8].reshape(-1))  # token 1: row 0, second patch; channels first
     assert torch.equal(t[0, 8], x[0, :, 4:8, 0:4].reshape(-1))
     assert torch.equal(ic.unpatchify(t), x)
+
+
+def test_the_validation_split_is_disjoint_from_the_reported_test_images():
+    test, val = ic.held_split(476, 96, "test"), ic.held_split(476, 96, "val")
+    assert len(test) == len(val) == 96 and not set(test.tolist()) & set(val.tolist())
+    # test is the selection the reported table used: the first 96 of a seed-0 permutation
+    assert test.tolist() == torch.randperm(476, generator=torch.Generator().manual_seed(0))[:96].tolist()
+    with pytest.raises(ValueError, match="--held 300: val needs 600"):
+        ic.held_split(476, 300, "val")
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys):
+    import json
+
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"steps": 600, "lr": 1e-3}}))
+    with pytest.raises(SystemExit) as e:
+        ic.main(["--out", str(tmp_path), "--steps", "1500"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "steps: 600 there, 1500 now" in err and "pass a new --out" in err
+    assert not (tmp_path / "log.txt").exists()  # refused before it wrote anything
+
+
+@pytest.mark.parametrize("item, says", [("loraa=1e-3", "the method must be one of"),
+                                        ("lora=fast", "must be a number"), ("lora=-1", "positive")])  # fmt: skip
+def test_bad_method_learning_rates_are_refused_with_the_value(tmp_path, capsys, item, says):
+    with pytest.raises(SystemExit):
+        ic.main(["--out", str(tmp_path), "--method-lr", item])
+    err = capsys.readouterr().err
+    assert item in err and says in err
