@@ -239,8 +239,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- methods
-def instruct_config(method: str, shared_rank: int, rank: int, experts: int, top_k: int) -> InstructConfig:
-    small_router = dict(resampler_dim=64, resampler_depth=1, resampler_heads=2)
+def instruct_config(method: str, shared_rank: int, rank: int, experts: int, top_k: int,
+                    router_dim: int = 64) -> InstructConfig:  # fmt: skip
+    small_router = dict(resampler_dim=router_dim, resampler_depth=1, resampler_heads=2)
     return InstructConfig(variant="official", num_experts=experts, top_k=top_k, rank=rank, alpha=float(rank),
                           shared_rank=shared_rank, shared_alpha=float(shared_rank),
                           token_routing=method == "token-moe", **small_router)  # fmt: skip
@@ -263,7 +264,8 @@ class Adapter:
                 p.requires_grad_(True)
             self.groups = [{"params": params, "lr": lr}]
         else:
-            cfg = instruct_config(method, ranks["shared"], ranks["expert"], ranks["experts"], ranks["top_k"])
+            cfg = instruct_config(method, ranks["shared"], ranks["expert"], ranks["experts"], ranks["top_k"],
+                                  ranks["router_dim"])  # fmt: skip
             self.im = InstructMoLE(model, cfg, text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, seed=seed, total_steps=steps)
             # official: gate lr 5e-5 beside the experts' 1e-4; kept as that ratio at this run's lr
             self.groups = self.im.param_groups(lr)
@@ -278,14 +280,14 @@ class Adapter:
         return self.im.aux_loss(step)[0] if self.im is not None else torch.zeros(())
 
 
-def method_ranks(scale: int) -> dict[str, dict]:
+def method_ranks(scale: int, router_dim: int = 64) -> dict[str, dict]:
     """Ranks per method at one budget: instruct-moe sets it (4 experts of rank 2*scale, top 2, shared rank 4*scale);
     token-moe and lora match its count with their shared-LoRA / LoRA ranks (solved by counting on the real model)."""
-    return {"experts": 4, "top_k": 2, "expert": 2 * scale, "shared": 4 * scale}
+    return {"experts": 4, "top_k": 2, "expert": 2 * scale, "shared": 4 * scale, "router_dim": router_dim}
 
 
-def matched_ranks(scale: int, seed: int) -> dict[str, dict]:
-    base = method_ranks(scale)
+def matched_ranks(scale: int, seed: int, router_dim: int = 64) -> dict[str, dict]:
+    base = method_ranks(scale, router_dim)
     counts = {}
 
     def count(method, ranks):
@@ -430,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=("test", "val"), default="test",
                     help="test: the reported held-out images; val: a disjoint held-out set, for choosing settings")
     ap.add_argument("--scale", type=int, default=2, help="rank scale: instruct-moe experts 2*scale, shared 4*scale")
+    ap.add_argument("--router-dim", type=int, default=64,
+                    help="width of instruct-moe's Perceiver router (2 heads): the router counts in the budget")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the methods to train")
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--sample-seeds", type=int, default=2)
     ap.add_argument("--sample-steps", type=int, default=12)
@@ -455,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     # a rerun resumes only the same settings: results of other settings are never mixed into one table
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "train_seeds")}  # seeds: added
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "train_seeds", "methods")}
     changed = {k: (results["config"].get(k), v) for k, v in config.items()
                if "config" in results and results["config"].get(k) != v}  # fmt: skip
     if changed:
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(e))
     log(f"data: {data['train'].shape[0]} training images, {held.shape[0]} held-out ({args.split}) "
         f"of {data['held'].shape[0]}")  # fmt: skip
-    counts = matched_ranks(args.scale, 0)
+    counts = matched_ranks(args.scale, 0, args.router_dim)
     for m, (r, c) in counts.items():
         log(f"{m}: ranks {r}, {c} trainable parameters")
     results["config"], results["lr"] = config, lrs
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         res_path.write_text(json.dumps(results))
     base_state = base.state_dict()
     for seed in range(args.train_seeds):
-        for method in METHODS:
+        for method in args.methods:
             key = f"{method}/s{seed}"
             if key in results:
                 continue
