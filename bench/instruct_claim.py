@@ -59,6 +59,7 @@ INSTRUCTIONS = {
     "edges": ("turn these edges into a photo", "draw a photo from the edge map"),
 }
 METHODS = ("lora", "token-moe", "instruct-moe")
+ROUTER_DIM = 64  # instruct-moe's Perceiver router width (--router-dim)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -240,7 +241,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- methods
 def instruct_config(method: str, shared_rank: int, rank: int, experts: int, top_k: int,
-                    router_dim: int = 64) -> InstructConfig:  # fmt: skip
+                    router_dim: int = ROUTER_DIM) -> InstructConfig:  # fmt: skip
     small_router = dict(resampler_dim=router_dim, resampler_depth=1, resampler_heads=2)
     return InstructConfig(variant="official", num_experts=experts, top_k=top_k, rank=rank, alpha=float(rank),
                           shared_rank=shared_rank, shared_alpha=float(shared_rank),
@@ -280,13 +281,13 @@ class Adapter:
         return self.im.aux_loss(step)[0] if self.im is not None else torch.zeros(())
 
 
-def method_ranks(scale: int, router_dim: int = 64) -> dict[str, dict]:
+def method_ranks(scale: int, router_dim: int) -> dict[str, dict]:
     """Ranks per method at one budget: instruct-moe sets it (4 experts of rank 2*scale, top 2, shared rank 4*scale);
     token-moe and lora match its count with their shared-LoRA / LoRA ranks (solved by counting on the real model)."""
     return {"experts": 4, "top_k": 2, "expert": 2 * scale, "shared": 4 * scale, "router_dim": router_dim}
 
 
-def matched_ranks(scale: int, seed: int, router_dim: int = 64) -> dict[str, dict]:
+def matched_ranks(scale: int, seed: int, router_dim: int) -> dict[str, dict]:
     base = method_ranks(scale, router_dim)
     counts = {}
 
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=("test", "val"), default="test",
                     help="test: the reported held-out images; val: a disjoint held-out set, for choosing settings")
     ap.add_argument("--scale", type=int, default=2, help="rank scale: instruct-moe experts 2*scale, shared 4*scale")
-    ap.add_argument("--router-dim", type=int, default=64,
+    ap.add_argument("--router-dim", type=int, default=ROUTER_DIM,
                     help="width of instruct-moe's Perceiver router (2 heads): the router counts in the budget")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the methods to train")
     ap.add_argument("--train-seeds", type=int, default=1)
