@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mole.cli._common import finite_float
 from mole.config import MoLEConfig
 from mole.inject import expert_parameters, inject_mole
 from mole.instruct import InstructConfig, InstructMoLE, SharedLoRA, fresh_experts
@@ -420,6 +421,14 @@ def mean_se(v) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
+def learning_rate(text: str) -> float:
+    """argparse type: a positive, finite learning rate (nan, inf, 0 and negatives are refused, naming the value)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number; give a learning rate such as 1e-3")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/instruct-claim")
@@ -427,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base-steps", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every method without a --method-lr")
+    ap.add_argument("--lr", type=learning_rate, default=1e-3,
+                    help="learning rate of every method without a --method-lr")  # fmt: skip
     ap.add_argument("--method-lr", action="append", default=[], metavar="METHOD=LR",
                     help="one method's learning rate (repeatable), e.g. instruct-moe=3e-3: chosen on --split val")
     ap.add_argument("--split", choices=("test", "val"), default="test",
@@ -451,11 +461,9 @@ def main(argv: list[str] | None = None) -> None:
         if m not in METHODS:
             ap.error(f"--method-lr {item!r}: the method must be one of {METHODS}")
         try:
-            lrs[m] = float(v)
-        except ValueError:
-            ap.error(f"--method-lr {item!r}: the learning rate must be a number, e.g. {m}=3e-3")
-        if not (math.isfinite(lrs[m]) and lrs[m] > 0):
-            ap.error(f"--method-lr {item!r}: the learning rate must be a positive number")
+            lrs[m] = learning_rate(v)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"--method-lr {item!r}: {e} (e.g. {m}=3e-3)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     # a rerun resumes only the same settings: results of other settings are never mixed into one table

@@ -83,10 +83,23 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys
     assert not (tmp_path / "log.txt").exists()  # refused before it wrote anything
 
 
-@pytest.mark.parametrize("item, says", [("loraa=1e-3", "the method must be one of"),
-                                        ("lora=fast", "must be a number"), ("lora=-1", "positive")])  # fmt: skip
+@pytest.mark.parametrize("item, says", [("loraa=1e-3", "the method must be one of"), ("lora=fast", "not a number"),
+                                        ("lora=-1", "positive"), ("lora=0", "positive"),
+                                        ("lora=nan", "not a finite number")])  # fmt: skip
 def test_bad_method_learning_rates_are_refused_with_the_value(tmp_path, capsys, item, says):
     with pytest.raises(SystemExit):
         ic.main(["--out", str(tmp_path), "--method-lr", item])
     err = capsys.readouterr().err
     assert item in err and says in err
+    assert not (tmp_path / "log.txt").exists()
+
+
+@pytest.mark.parametrize("value, says", [("nan", "not a finite number"), ("inf", "not a finite number"),
+                                         ("0", "positive"), ("-1e-3", "positive")])  # fmt: skip
+def test_a_bad_shared_learning_rate_is_refused_with_the_value(tmp_path, capsys, value, says):
+    with pytest.raises(SystemExit) as e:
+        ic.main(["--out", str(tmp_path), f"--lr={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert repr(value) in err and says in err
+    assert not (tmp_path / "log.txt").exists()
