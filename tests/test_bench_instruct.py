@@ -103,3 +103,19 @@ def test_a_bad_shared_learning_rate_is_refused_with_the_value(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert repr(value) in err and says in err
     assert not (tmp_path / "log.txt").exists()
+
+
+def test_the_paired_table_gives_the_s_e_across_training_seeds_and_pairs_only_common_seeds():
+    def run(value: float) -> dict:
+        return {t: {"psnr": [value, value], "ssim": [0.5, 0.5]} for t in ic.TASKS}
+
+    # instruct-moe leads lora by 1 dB on seed 0 and ties on seed 1; lora's seed 2 has no instruct-moe partner
+    results = {"params": {}, "lora/s0": run(10.0), "lora/s1": run(10.0), "lora/s2": run(30.0),
+               "instruct-moe/s0": run(11.0), "instruct-moe/s1": run(10.0)}  # fmt: skip
+    row = next(r for r in ic.table(results).splitlines() if r.startswith("| instruct-moe - lora"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # pooled over 2 seeds x 2 (image, sampling) pairs: diffs 1, 1, 0, 0 -> 0.50 +- 0.577 / 2
+    assert cells[4] == "+0.50 ± 0.29"
+    # per training seed: 1 and 0 -> 0.50 +- 0.707 / sqrt(2)
+    assert cells[6] == "+0.50 ± 0.50 (n = 2)"
+    assert not any(r.startswith("| instruct-moe - token-moe") for r in ic.table(results).splitlines())
