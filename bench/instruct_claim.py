@@ -551,25 +551,25 @@ def table(results: dict) -> str:
         return np.concatenate([np.asarray(results[f"instruct-moe/s{s}"][task][metric])
                                - np.asarray(results[f"{other}/s{s}"][task][metric]) for s in seeds_])  # fmt: skip
 
-    header = ["", "Paired differences (same held-out image, sampling seed and training seed), mean ± s.e.; the last "
-              "column: the mean of each training seed, s.e. across those seeds:", "",
-              "| difference | " + " | ".join(f"{t} PSNR dB" for t in TASKS)
-              + " | average PSNR dB | average SSIM | average PSNR dB, across training seeds |",
-              "|---|" + "---|" * (len(TASKS) + 3)]  # fmt: skip
+    paired = []
     for other in ("lora", "token-moe"):
         # pairs need the same training seeds on both sides: a partial run pairs only the seeds both have
         common = [s for s in seeds if f"instruct-moe/s{s}" in results and f"{other}/s{s}" in results]
         if not common:
             continue
-        rows += header
-        header = []
         cells = ["{:+.2f} ± {:.2f}".format(*mean_se(diff(other, "psnr", t, common))) for t in TASKS]
         for metric in ("psnr", "ssim"):
             d = np.mean([diff(other, metric, t, common) for t in TASKS], 0)
             cells.append(("{:+.2f} ± {:.2f}" if metric == "psnr" else "{:+.4f} ± {:.4f}").format(*mean_se(d)))
         per_seed = [float(np.mean([diff(other, "psnr", t, [s]) for t in TASKS])) for s in common]
         cells.append("{:+.2f} ± {:.2f} (n = {})".format(*mean_se(per_seed), len(common)) if len(common) > 1 else "-")
-        rows.append(f"| instruct-moe - {other} | " + " | ".join(cells) + " |")
+        paired.append(f"| instruct-moe - {other} | " + " | ".join(cells) + " |")
+    if paired:
+        rows += ["", "Paired differences (same held-out image, sampling seed and training seed), mean ± s.e.; the last "
+                 "column: the mean of each training seed, s.e. across those seeds:", "",
+                 "| difference | " + " | ".join(f"{t} PSNR dB" for t in TASKS)
+                 + " | average PSNR dB | average SSIM | average PSNR dB, across training seeds |",
+                 "|---|" + "---|" * (len(TASKS) + 3), *paired]  # fmt: skip
     routed = [k for k in results if k.startswith("instruct-moe/") and "routing" in results[k][TASKS[0]]]
     if routed:
         rows.append("")
